@@ -1,0 +1,313 @@
+"""The Sparrow draft: an EAGLE-style single decoder layer over text positions (method.md section 2).
+
+    z_t = FC([norm(e_t) ; h_{t-1}])            e: frozen target embedding, h: target top state (or the draft's own)
+    s_t = norm_out(DecoderLayer(z_t))          the draft's state, trained to match the target's top state
+    logits_t = target LM head (s_t)            frozen, shared with the target
+
+The decoder layer is of the target's family (RMSNorm, RoPE / mRoPE, GQA, SwiGLU, qkv bias). In training
+(IVSB) the layer-m visual states, through `visual_proj`, precede the text positions; at inference:
+- mode "sparrow" (VATA): the draft's sequence and KV cache hold TEXT positions only; positions are renumbered
+  compactly (`position_mode="compact"`) or kept absolute (the target's, with a gap); an optional `window` keeps
+  only the last `window` committed text entries visible.
+- mode "eagle" (MSD/EAGLE baseline): every prompt position, visual ones included, with the target's positions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import folded_sdpa
+from .errors import SparrowError
+
+DRAFT_CONFIG = "config.json"
+DRAFT_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class DraftConfig:
+    """Shape of the draft (copied from the target's text config) and how it runs.
+
+    mode: "sparrow" (text positions only, VATA) | "eagle" (all positions).
+    position_mode: "compact" (text entries renumbered 0, 1, ...) | "absolute" (the target's positions).
+    window: None (all committed text entries visible) or the number of most recent committed entries visible.
+    mid_layer: the target layer m whose visual states IVSB uses in training (HF `hidden_states[m]`).
+    """
+
+    family: str
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    mrope_section: list[int] | None = None
+    qkv_bias: bool = True
+    target_num_layers: int = 0
+    mid_layer: int = 0
+    mode: str = "sparrow"
+    position_mode: str = "compact"
+    window: int | None = None
+    training: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in ("sparrow", "eagle"):
+            raise SparrowError(f"draft mode must be 'sparrow' or 'eagle', got {self.mode!r}")
+        if self.position_mode not in ("compact", "absolute"):
+            raise SparrowError(f"position_mode must be 'compact' or 'absolute', got {self.position_mode!r}")
+        if self.window is not None and self.window < 1:
+            raise SparrowError(f"window must be a positive number of text tokens or None, got {self.window}")
+
+    @classmethod
+    def from_target(cls, target, **overrides) -> "DraftConfig":
+        tc = target.text_config
+        heads = tc.num_attention_heads
+        rope = getattr(tc, "rope_parameters", None) or {}
+        kw = dict(family=target.family, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+                  num_attention_heads=heads, num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
+                  head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads, vocab_size=tc.vocab_size,
+                  rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+                  rope_theta=float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))),
+                  mrope_section=list(rope["mrope_section"]) if rope.get("mrope_section") else None,
+                  target_num_layers=tc.num_hidden_layers, mid_layer=target.default_mid_layer())
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer of the Qwen2 family: RMSNorm -> GQA attention (qkv bias, RoPE) -> RMSNorm ->
+    SwiGLU MLP, with residuals. Attention runs over a caller-supplied key/value history and mask."""
+
+    def __init__(self, c: DraftConfig):
+        super().__init__()
+        h, d = c.hidden_size, c.head_dim
+        self.c = c
+        self.q_proj = nn.Linear(h, c.num_attention_heads * d, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(h, c.num_key_value_heads * d, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(h, c.num_key_value_heads * d, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.num_attention_heads * d, h, bias=False)
+        self.gate_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, h, bias=False)
+        self.input_layernorm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        if c.mrope_section:  # which position axis (t, h, w) drives each frequency
+            axis = torch.repeat_interleave(torch.arange(3), torch.tensor(c.mrope_section))
+        else:
+            axis = torch.zeros(d // 2, dtype=torch.long)
+        self.register_buffer("freq_axis", axis, persistent=False)
+
+    def rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (3, B, q) -> cos, sin (B, 1, q, D). mRoPE: frequency j rotates by the position on axis freq_axis[j]."""
+        freqs = pos.to(torch.float32).unsqueeze(-1) * self.inv_freq  # (3, B, q, D/2)
+        freqs = freqs.gather(0, self.freq_axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def project_kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, q, H), pos (3, B, q) -> q (B, Hq, q, D), k, v (B, Hkv, q, D), RoPE applied."""
+        b, q, _ = x.shape
+        d = self.c.head_dim
+        hn = self.input_layernorm(x)
+        qs = self.q_proj(hn).view(b, q, -1, d).transpose(1, 2)
+        ks = self.k_proj(hn).view(b, q, -1, d).transpose(1, 2)
+        vs = self.v_proj(hn).view(b, q, -1, d).transpose(1, 2)
+        cos, sin = self.rope(pos, x.dtype)
+        return qs * cos + rotate_half(qs) * sin, ks * cos + rotate_half(ks) * sin, vs
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x (B, q, H), attn (B, Hq, q, D) -> layer output (B, q, H)."""
+        b, _, q, _ = attn.shape
+        x = x + self.o_proj(attn.transpose(1, 2).reshape(b, q, -1))
+        hn = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(hn)) * self.up_proj(hn))
+
+
+class DraftCache:
+    """The draft's own KV cache (batch 1): `committed` entries, then temporary tree entries up to `length`."""
+
+    def __init__(self, c: DraftConfig, capacity: int, device, dtype):
+        self.k = torch.zeros(1, c.num_key_value_heads, capacity, c.head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.capacity, self.committed, self.length = capacity, 0, 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        q = k.shape[2]
+        if self.length + q > self.capacity:
+            raise RuntimeError(f"draft cache capacity {self.capacity} exceeded")
+        self.k[:, :, self.length : self.length + q] = k
+        self.v[:, :, self.length : self.length + q] = v
+        self.length += q
+
+    def rollback(self) -> None:
+        """Drop the temporary (tree) entries."""
+        self.length = self.committed
+
+
+class SparrowDraft(nn.Module):
+    """EAGLE-style draft of one decoder layer (method.md section 2). See the module docstring.
+
+    The target's token embedding and LM head are used frozen through `attach(target)`; they are not part of
+    the draft's parameters or of its saved weights.
+    """
+
+    def __init__(self, config: DraftConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.config = config
+        self.embed_norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
+        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.visual_proj = nn.Linear(h, h, bias=True)  # IVSB: layer-m visual states -> draft input (training)
+        self.layer = DecoderLayer(config)
+        self.norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
+        self._frozen = None  # (embed_tokens, lm_head) of the target
+        with torch.no_grad():
+            self.visual_proj.weight.copy_(torch.eye(h))
+            self.visual_proj.bias.zero_()
+
+    # ---- target coupling ----
+    def attach(self, target) -> "SparrowDraft":
+        """Use `target`'s frozen embedding and LM head; check that the draft was made for this target.
+        Raises SparrowError naming the first mismatch (family, hidden size, vocabulary)."""
+        c, tc = self.config, target.text_config
+        for name, mine, theirs in (("family", c.family, target.family), ("hidden size", c.hidden_size,
+                                   tc.hidden_size), ("vocabulary size", c.vocab_size, tc.vocab_size)):
+            if mine != theirs:
+                raise SparrowError(f"draft was made for another target: {name} {mine} != target's {theirs}; "
+                                   f"train or init a draft for this target (sparrow init-draft --target ...)")
+        self._frozen = (target.embed_tokens, target.lm_head)
+        return self.to(device=target.device, dtype=target.dtype)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._frozen[0](ids)
+
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        return self._frozen[1](states)
+
+    # ---- inputs ----
+    def fuse(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """z = FC([norm(e) ; h]): embeds (..., H), hidden (..., H) -> (..., H)."""
+        return self.fc(torch.cat((self.embed_norm(embeds), hidden), dim=-1))
+
+    # ---- training forward (full sequence, causal) ----
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training / full-sequence forward. x (B, q, H) draft inputs (fused text z and projected visual states),
+        pos (3, B, q) positions, attn_mask None (causal) or (B, 1, q, q) bool. Returns states (B, q, H)."""
+        qs, ks, vs = self.layer.project_kv(x, pos)
+        if attn_mask is None:
+            attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, enable_gqa=True)
+        return self.norm(self.layer.finish(x, attn))
+
+    # ---- inference step over the cache ----
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: DraftCache, tree_mask: torch.Tensor | None,
+             commit: bool) -> torch.Tensor:
+        """Run q new entries after the cache.
+
+        x: (q, H) fused inputs; pos: (3, q) positions; tree_mask: (q, length - committed + q) bool mask over the
+        uncommitted (tree) entries and the new ones, or None for a catch-up (causal among the new ones, no
+        uncommitted entries); commit: keep the new entries (catch-up on accepted tokens) or hold them as
+        temporary tree entries. Returns states (q, H).
+        Window: a catch-up entry sees the `window` most recent entries up to itself; a tree node sees the last
+        `window` committed entries and its ancestors. Without a window everything committed is visible.
+        """
+        q, dev = x.shape[0], x.device
+        qs, ks, vs = self.layer.project_kv(x.unsqueeze(0), pos.unsqueeze(1))
+        c0 = cache.length  # cache index of the first new entry
+        cache.append(ks, vs)
+        w = self.config.window
+        if tree_mask is None and c0 == 0 and w is None and q > 1:  # the prompt pass: plain causal attention
+            attn = F.scaled_dot_product_attention(qs, cache.k[:, :, :q], cache.v[:, :, :q], is_causal=True,
+                                                  enable_gqa=True)
+        else:
+            start = 0 if w is None else max(0, cache.committed - w)
+            if tree_mask is None:  # catch-up: causal over the new entries (and a sliding band with a window)
+                cols = torch.arange(start, cache.length, device=dev)
+                rows = torch.arange(c0, c0 + q, device=dev).unsqueeze(1)
+                allowed = cols <= rows
+                if w is not None:
+                    allowed &= cols > rows - w
+                mask = allowed.view(1, 1, q, -1) if q > 1 or w is not None else None
+            else:
+                n_old = cache.committed - start
+                mask = torch.ones(1, 1, q, n_old + tree_mask.shape[1], dtype=torch.bool, device=dev)
+                mask[0, 0, :, n_old:] = tree_mask
+            attn = folded_sdpa(qs, cache.k[:, :, start : cache.length], cache.v[:, :, start : cache.length], mask,
+                               None)
+        if commit:
+            cache.committed = cache.length
+        return self.norm(self.layer.finish(x.unsqueeze(0), attn))[0]
+
+    # ---- persistence ----
+    def save(self, path: str) -> None:
+        """Write config.json + model.safetensors (atomically: a temporary name, then rename)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = os.path.join(path, DRAFT_WEIGHTS + ".tmp")
+        save_file(state, tmp, metadata={"format": "pt", "kind": "sparrow-draft"})
+        os.replace(tmp, os.path.join(path, DRAFT_WEIGHTS))
+        cfg = {"kind": "sparrow-draft", **asdict(self.config)}
+        tmp = os.path.join(path, DRAFT_CONFIG + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=2)
+        os.replace(tmp, os.path.join(path, DRAFT_CONFIG))
+
+
+def init_draft(target, seed: int = 0, **overrides) -> SparrowDraft:
+    """An untrained draft for `target` (random layer and FC, identity visual projection), attached to it.
+    `overrides` set `DraftConfig` fields (mode, position_mode, window, mid_layer...)."""
+    cfg = DraftConfig.from_target(target, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        draft = SparrowDraft(cfg)
+        std = getattr(target.text_config, "initializer_range", 0.02)
+        for mod in draft.modules():
+            if isinstance(mod, nn.Linear) and mod is not draft.visual_proj:
+                nn.init.normal_(mod.weight, std=std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+    return draft.attach(target)
+
+
+def load_draft(path: str, target, **overrides) -> SparrowDraft:
+    """Load a saved draft and attach it to `target`. `overrides` change run-time fields (mode, position_mode,
+    window). Raises SparrowError when the path is not a draft or the draft was made for another target."""
+    from safetensors.torch import load_file
+
+    cfg_file = os.path.join(path, DRAFT_CONFIG)
+    if not os.path.isfile(cfg_file) or not os.path.isfile(os.path.join(path, DRAFT_WEIGHTS)):
+        raise SparrowError(f"{path}: not a Sparrow draft (needs {DRAFT_CONFIG} and {DRAFT_WEIGHTS}); "
+                           "make one with sparrow init-draft or sparrow train-draft")
+    raw = json.load(open(cfg_file))
+    if raw.pop("kind", None) != "sparrow-draft":
+        raise SparrowError(f"{path}: {DRAFT_CONFIG} is not a Sparrow draft config")
+    raw.update(overrides)
+    try:
+        cfg = DraftConfig(**raw)
+    except TypeError as e:
+        raise SparrowError(f"{path}: draft config does not fit this version of sparrow ({e})") from None
+    draft = SparrowDraft(cfg)
+    draft.attach(target)  # checks family/sizes before touching weights
+    state = load_file(os.path.join(path, DRAFT_WEIGHTS))
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SparrowError(f"{path}: draft weights do not match its config (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return draft.to(device=target.device, dtype=target.dtype)

@@ -1,0 +1,275 @@
+"""The target interface: everything downstream of `targets/` sees a model family only through `Target`.
+
+A `Target` wraps a HF `...ForConditionalGeneration` model through its public forward (no copied modeling code):
+- `prepare(...)` builds the exact inputs that `model.generate(**inputs)` accepts (family-specific);
+- `prefill(inputs, cache)` runs the prompt with the video, returning the last logits and the top hidden states
+  (optionally the middle layer m and the input embeddings, via hooks);
+- `forward(tokens, depths, tree_mask, cache)` verifies a token tree in one forward pass (4D mask, explicit
+  positions, mRoPE for Qwen), appending its entries to the cache; `KVCache.accept` keeps the accepted path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import ATTN_IMPLEMENTATION, KVCache
+from ..errors import SparrowError
+
+
+@dataclass
+class Prefill:
+    """What the target's prompt pass returns (batch 1, prompt length L, hidden size H, vocabulary V).
+
+    logits: (V,) next-token logits at the last prompt position.
+    hidden_top: (L, H) top hidden states (after the final norm: the LM head input).
+    hidden_mid: (L, H) hidden states at layer m (HF `hidden_states[m]`), or None.
+    input_embeds: (L, H) the language model's input embeddings (video features scattered in), or None.
+    positions: (3, L) int64 target positions (3 mRoPE axes; all equal for 1D-RoPE families).
+    visual_mask: (L,) bool, True at visual (video/image placeholder) positions.
+    """
+
+    logits: torch.Tensor
+    hidden_top: torch.Tensor
+    hidden_mid: torch.Tensor | None
+    input_embeds: torch.Tensor | None
+    positions: torch.Tensor
+    visual_mask: torch.Tensor
+
+
+class Target:
+    """A loaded target video LLM (batch size 1). Subclasses implement `prepare` and `prompt_positions`."""
+
+    family: str = ""
+    uses_mrope: bool = False
+
+    def __init__(self, model, tokenizer, path: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.path = path
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+        self.rope_delta = 0  # set by prefill: position of a new token = cache length + rope_delta
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ---- sizes and special tokens (all from the checkpoint's config) ----
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def max_positions(self) -> int:
+        return self.text_config.max_position_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """EOS ids as the target's own `generate` uses them (generation_config, else config, else tokenizer)."""
+        for src in (getattr(self.model, "generation_config", None), self.config, self.text_config):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else list(eos)
+        return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+
+    @property
+    def language_model(self):
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def embed_tokens(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def visual_token_ids(self) -> list[int]:
+        ids = [getattr(self.config, k, None) for k in ("video_token_id", "image_token_id", "video_token_index",
+                                                       "image_token_index")]
+        return sorted({i for i in ids if i is not None})
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(L,) bool: True where `input_ids` (L,) holds a visual placeholder token."""
+        return torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
+
+    def default_mid_layer(self) -> int:
+        """Layer m of the method (DECISION m = L // 2, method.md section 2)."""
+        return self.num_layers // 2
+
+    # ---- family-specific ----
+    def prepare(self, video=None, prompt: str = "", **kwargs) -> dict:
+        raise NotImplementedError
+
+    def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:
+        """Target positions of the prompt, (3, L) int64, and rope_delta (new token position = index + delta)."""
+        raise NotImplementedError
+
+    def position_ids(self, pos: torch.Tensor) -> torch.Tensor:
+        """Model-ready position ids for positions pos (q,): (3, 1, q) for mRoPE families, else (1, q)."""
+        return pos.view(1, 1, -1).expand(3, 1, -1) if self.uses_mrope else pos.view(1, -1)
+
+    def chat_template(self) -> str | None:
+        """The checkpoint's chat template (processor's chat_template.json/.jinja first, then the tokenizer's)."""
+        if self.path:
+            for name in ("chat_template.jinja", "chat_template.json"):
+                f = os.path.join(self.path, name)
+                if os.path.exists(f):
+                    text = open(f, encoding="utf-8").read()
+                    return json.loads(text)["chat_template"] if name.endswith(".json") else text
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def check_length(self, prompt_len: int, max_new_tokens: int = 0) -> None:
+        """Raises SparrowError when the prompt (plus room for new tokens) does not fit the target's context."""
+        if prompt_len + max_new_tokens > self.max_positions:
+            raise SparrowError(
+                f"prompt is {prompt_len} tokens (+{max_new_tokens} new) but the target's context is "
+                f"{self.max_positions}; use fewer frames, a lower --max-pixels or fewer --max-new-tokens"
+            )
+
+    # ---- the forward passes ----
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.num_layers, capacity)
+
+    @torch.inference_mode()
+    def prefill(self, inputs: dict, cache: KVCache, mid_layer: int | None = None,
+                capture_embeds: bool = False, all_logits: bool = False) -> Prefill:
+        """Run the prompt (with its video) through the target, filling `cache`.
+
+        Args:
+            inputs: the dict from `prepare` (batch 1).
+            cache: an empty `KVCache` with room for the prompt.
+            mid_layer: also return HF `hidden_states[mid_layer]` (the output of decoder layer mid_layer - 1).
+            capture_embeds: also return the language model's input embeddings.
+            all_logits: return logits (L, V) for every position instead of the last one (training uses it).
+        Returns: `Prefill`. Also sets `self.rope_delta`.
+        """
+        input_ids = inputs["input_ids"]
+        if input_ids.shape[0] != 1:
+            raise SparrowError(f"batch size must be 1, got {input_ids.shape[0]}; run one video at a time")
+        positions, self.rope_delta = self.prompt_positions(inputs)
+        grabbed, hooks = {}, []
+        if mid_layer is not None:
+            if not 1 <= mid_layer <= self.num_layers:
+                raise SparrowError(f"middle layer must be in 1..{self.num_layers}, got {mid_layer}")
+
+            def grab_mid(_mod, _args, output):
+                grabbed["mid"] = (output[0] if isinstance(output, tuple) else output)[0]
+
+            hooks.append(self.language_model.layers[mid_layer - 1].register_forward_hook(grab_mid))
+        if capture_embeds:
+            def grab_embeds(_mod, _args, kwargs):
+                grabbed["embeds"] = kwargs["inputs_embeds"][0]
+
+            hooks.append(self.language_model.register_forward_pre_hook(grab_embeds, with_kwargs=True))
+        try:
+            kwargs = {k: v for k, v in inputs.items() if k != "position_ids"}
+            out = self.model.model(**kwargs, position_ids=self._prompt_position_ids(positions),
+                                   past_key_values=cache, use_cache=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        hidden = out.last_hidden_state[0]
+        logits = self.lm_head(hidden if all_logits else hidden[-1])
+        return Prefill(logits=logits.float(), hidden_top=hidden, hidden_mid=grabbed.get("mid"),
+                       input_embeds=grabbed.get("embeds"), positions=positions,
+                       visual_mask=self.visual_mask(input_ids[0]))
+
+    def _prompt_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions.unsqueeze(1) if self.uses_mrope else positions[:1]
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, depths: torch.Tensor | None, tree_mask: torch.Tensor | None,
+                cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over q new tokens appended after the cache (decode: q = 1; verify: a token tree).
+
+        Args:
+            tokens: (q,) int64 token ids; tokens[0] is the tree root (the last accepted token).
+            depths: (q,) int64 depth of each token below the root (position = cache length + depth + rope_delta);
+                None means a chain (0..q-1).
+            tree_mask: (q, q) bool ancestor mask (True = may attend; the diagonal is True), or None for causal.
+            cache: the target `KVCache`; the q entries are appended at [n, n + q).
+        Returns: logits (q, V) float32 and top hidden states (q, H).
+        Source: tree attention of SpecInfer / Medusa / EAGLE (one target pass over the whole draft tree).
+        """
+        n, q = cache.length, tokens.shape[0]
+        if depths is None:
+            depths = torch.arange(q, device=tokens.device)
+        pos = n + self.rope_delta + depths
+        mask = None
+        if tree_mask is not None and q > 1:
+            mask = torch.ones(1, 1, q, n + q, dtype=torch.bool, device=tokens.device)
+            mask[0, 0, :, n:] = tree_mask
+        out = self.model.model(input_ids=tokens.view(1, q), position_ids=self.position_ids(pos),
+                               attention_mask=mask, past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[0]
+        return self.lm_head(hidden).float(), hidden
+
+
+FAMILIES: dict[str, type[Target]] = {}
+
+
+def register_family(*model_types: str):
+    def deco(cls):
+        for t in model_types:
+            FAMILIES[t] = cls
+        return cls
+
+    return deco
+
+
+def load_target(path: str, dtype: str | torch.dtype | None = None, device: str | None = None) -> Target:
+    """Load a local HF checkpoint as a `Target`; the family is detected from config.json `model_type`.
+
+    Args:
+        path: a directory with config.json, weights (safetensors), tokenizer and chat template.
+        dtype: "float32" | "bfloat16" | "float16" | torch dtype; default: the checkpoint's (CPU: float32).
+        device: "cpu", "cuda", ...; default cuda when available else cpu.
+    Raises: SparrowError for a missing path/config or an unsupported family.
+    """
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise SparrowError(f"{path}: no config.json there; give the directory of a HF checkpoint")
+    model_type = json.load(open(cfg_path)).get("model_type")
+    if model_type not in FAMILIES:
+        raise SparrowError(f"{path}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return FAMILIES[model_type](model.to(device), tokenizer, path)
+
+
+def wrap_model(model, tokenizer, path: str | None = None) -> Target:
+    """Wrap an already-built HF model (e.g. from config, for tests) as a `Target`, switching it to the
+    "sparrow" attention implementation. Raises SparrowError for an unsupported family."""
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise SparrowError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return FAMILIES[model_type](model, tokenizer, path)

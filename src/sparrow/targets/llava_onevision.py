@@ -1,0 +1,90 @@
+"""LLaVA-OneVision targets (SigLIP vision tower + Qwen2 language model, 1D RoPE).
+
+Video layout as the HF LLaVA-OneVision video processor produces it: every frame resized to the vision tower's
+square `image_size` (bicubic), rescaled 1/255, normalised with mean = std = 0.5 (SigLIP);
+pixel_values_videos (1, T, 3, S, S). Placeholders: T * ceil(g / 2)^2 + 1 `<video>` tokens with g = S / patch
+(each frame's patch grid is pooled 2x, plus one newline embedding per video).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SparrowError
+from ..video import Video, load_video
+from .base import Target, register_family
+from .qwen_vl import _processor_settings
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+LLAVA_CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<video>\n{% elif part['type'] == 'image' %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@register_family("llava_onevision")
+class LlavaOneVisionTarget(Target):
+    """LLaVA-OneVision (1D positions; rope_delta 0)."""
+
+    uses_mrope = False
+    family = "llava_onevision"
+
+    def __init__(self, model, tokenizer, path=None):
+        super().__init__(model, tokenizer, path)
+        vc = self.config.vision_config
+        s = _processor_settings(path)
+        self.size = int(vc.image_size)
+        self.grid = vc.image_size // vc.patch_size
+        self.mean = np.array(s.get("image_mean", SIGLIP_MEAN), dtype=np.float32)
+        self.std = np.array(s.get("image_std", SIGLIP_STD), dtype=np.float32)
+
+    def preprocess_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """frames (T, H, W, 3) uint8 -> pixel_values_videos (1, T, 3, S, S) float32."""
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise SparrowError(f"video has zero frames (frames array of shape {frames.shape}); give a non-empty clip")
+        s = self.size
+        if frames.shape[1:3] != (s, s):
+            frames = np.stack([np.asarray(Image.fromarray(f).resize((s, s), Image.BICUBIC)) for f in frames])
+        x = (frames.astype(np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))[None]
+
+    def prepare(self, video: str | Video | np.ndarray | None = None, prompt: str = "",
+                num_frames: int | None = None, fps: float | None = None, max_pixels: int | None = None,
+                min_pixels: int | None = None, system: str | None = None) -> dict:
+        """Build HF inputs (input_ids, attention_mask and, with a video, pixel_values_videos (1, T, 3, S, S)).
+        max_pixels/min_pixels do not apply (frames are resized to the vision tower's size). See
+        `QwenVLTarget.prepare` for the other arguments. Raises SparrowError for bad videos."""
+        template = self.chat_template() or LLAVA_CHATML
+        content = ([{"type": "video"}] if video is not None else []) + [{"type": "text", "text": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+        out = {}
+        if video is not None:
+            if isinstance(video, str):
+                video = load_video(video, num_frames=num_frames, fps=fps)
+            frames = video if isinstance(video, np.ndarray) else video.frames
+            pixels = self.preprocess_frames(frames)
+            pad = self.tokenizer.convert_ids_to_tokens(self.config.video_token_index)
+            if text.count(pad) != 1:
+                raise SparrowError(f"chat template rendered {text.count(pad)} {pad} tokens for one video; fix the template")
+            n = pixels.shape[1] * math.ceil(self.grid / 2) ** 2 + 1
+            text = text.replace(pad, pad * n)
+            out["pixel_values_videos"] = pixels.to(self.dtype)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **out}
+        self.check_length(ids.shape[1])
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:
+        ids = inputs["input_ids"]
+        return torch.arange(ids.shape[1], device=ids.device).expand(3, -1), 0

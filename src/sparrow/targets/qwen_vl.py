@@ -1,0 +1,157 @@
+"""Qwen2-VL and Qwen2.5-VL targets: video preprocessing (numpy/PIL), chat prompt, mRoPE positions.
+
+The pixel layout reproduces the HF Qwen2-VL video processor (which needs torchvision, unavailable here):
+smart_resize to multiples of patch * merge, rescale 1/255, CLIP mean/std, pad the frame count to a multiple of the
+temporal patch by repeating the last frame, patches ordered (t, h/m, w/m, m, m, C, tp, p, p). One placeholder
+token per merged patch: t * h * w / m^2. Qwen2.5-VL adds `second_per_grid_ts` = temporal_patch / sampled fps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SparrowError
+from ..video import Video, load_video
+from .base import Target, register_family
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VIDEO_MIN_PIXELS = 128 * 28 * 28  # HF Qwen2-VL video processor defaults
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+# ChatML, as Qwen-VL checkpoints render it; used only when a checkpoint ships no chat template
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen-VL's resize rule (from transformers): sides multiple of `factor`, area within [min, max] pixels."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    try:
+        return hf_smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as e:
+        raise SparrowError(f"frame size {height}x{width} cannot be resized for this model ({e})") from None
+
+
+def _processor_settings(path: str | None) -> dict:
+    """Preprocessing settings from the checkpoint (video_preprocessor_config.json, then preprocessor_config.json)."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        f = os.path.join(path, name) if path else None
+        if f and os.path.isfile(f):
+            return json.load(open(f))
+    return {}
+
+
+def _pixel_bounds(settings: dict, max_pixels: int | None, min_pixels: int | None) -> tuple[int, int]:
+    size = settings.get("size") or {}
+    lo = min_pixels or settings.get("min_pixels") or size.get("shortest_edge") or VIDEO_MIN_PIXELS
+    hi = max_pixels or settings.get("max_pixels") or size.get("longest_edge") or VIDEO_MAX_PIXELS
+    return int(min(lo, hi)), int(hi)
+
+
+@register_family("qwen2_vl", "qwen2_5_vl")
+class QwenVLTarget(Target):
+    """Qwen2-VL / Qwen2.5-VL (mRoPE with 3 axes; `rope_delta` shifts the positions of new text tokens)."""
+
+    uses_mrope = True
+
+    def __init__(self, model, tokenizer, path=None):
+        super().__init__(model, tokenizer, path)
+        self.family = self.config.model_type
+        vc = self.config.vision_config
+        s = _processor_settings(path)
+        self.patch = int(s.get("patch_size", vc.patch_size))
+        self.temporal_patch = int(s.get("temporal_patch_size", vc.temporal_patch_size))
+        self.merge = int(s.get("merge_size", vc.spatial_merge_size))
+        self.mean = np.array(s.get("image_mean", CLIP_MEAN), dtype=np.float32)
+        self.std = np.array(s.get("image_std", CLIP_STD), dtype=np.float32)
+        self.settings = s
+
+    def preprocess_frames(self, frames: np.ndarray, max_pixels: int | None = None,
+                          min_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames (T, H, W, 3) uint8 -> pixel_values_videos (t*h*w, 3*tp*p*p) float32, video_grid_thw (1, 3)."""
+        if frames.ndim != 4 or frames.shape[0] == 0:
+            raise SparrowError(f"video has zero frames (frames array of shape {frames.shape}); give a non-empty clip")
+        lo, hi = _pixel_bounds(self.settings, max_pixels, min_pixels)
+        factor = self.patch * self.merge
+        rh, rw = smart_resize(frames.shape[1], frames.shape[2], factor, lo, hi)
+        if (rh, rw) != frames.shape[1:3]:
+            frames = np.stack([np.asarray(Image.fromarray(f).resize((rw, rh), Image.BICUBIC)) for f in frames])
+        x = (frames.astype(np.float32) / 255.0 - self.mean) / self.std  # (T, H, W, C)
+        x = x.transpose(0, 3, 1, 2)  # (T, C, H, W)
+        tp, p, m = self.temporal_patch, self.patch, self.merge
+        if x.shape[0] % tp:
+            x = np.concatenate([x, np.repeat(x[-1:], tp - x.shape[0] % tp, axis=0)])
+        gt, gh, gw = x.shape[0] // tp, rh // p, rw // p
+        x = x.reshape(gt, tp, 3, gh // m, m, p, gw // m, m, p)
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 3 * tp * p * p)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([[gt, gh, gw]])
+
+    def prepare(self, video: str | Video | np.ndarray | None = None, prompt: str = "",
+                num_frames: int | None = None, fps: float | None = None, max_pixels: int | None = None,
+                min_pixels: int | None = None, system: str | None = None) -> dict:
+        """Build the HF forward/generate inputs for one video (or none) and a user prompt.
+
+        Args:
+            video: a path (file or frame directory), a `Video`, a uint8 array (T, H, W, 3), or None (text only).
+            prompt: the user's question.
+            num_frames / fps: frame sampling (see `sparrow.video.load_video`).
+            max_pixels / min_pixels: bounds of each frame's area after resizing.
+            system: optional system message.
+        Returns: dict with input_ids (1, L), attention_mask (1, L), mm_token_type_ids (1, L) and, with a video,
+            pixel_values_videos (N, C*tp*p*p), video_grid_thw (1, 3) and (Qwen2.5-VL) second_per_grid_ts (1,).
+        Raises: SparrowError for bad videos and settings.
+        """
+        template = self.chat_template() or CHATML_TEMPLATE
+        content = ([{"type": "video"}] if video is not None else []) + [{"type": "text", "text": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True)
+        out = {}
+        if video is not None:
+            if isinstance(video, str):
+                video = load_video(video, num_frames=num_frames, fps=fps)
+            if isinstance(video, np.ndarray):
+                video = Video(frames=video, fps=2.0, indices=np.arange(len(video)), total_frames=len(video))
+            pixels, grid = self.preprocess_frames(video.frames, max_pixels, min_pixels)
+            pad = self.tokenizer.convert_ids_to_tokens(self.config.video_token_id)
+            if text.count(pad) != 1:
+                raise SparrowError(f"chat template rendered {text.count(pad)} {pad} tokens for one video; fix the template")
+            text = text.replace(pad, pad * int(grid.prod() // self.merge**2))
+            out.update(pixel_values_videos=pixels.to(self.dtype), video_grid_thw=grid)
+            if self.family == "qwen2_5_vl":
+                out["second_per_grid_ts"] = torch.tensor([self.temporal_patch / video.fps])
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        types = torch.zeros_like(ids)
+        types[ids == self.config.video_token_id] = 2
+        types[ids == self.config.image_token_id] = 1
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types, **out}
+        self.check_length(ids.shape[1])
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:
+        ids = inputs["input_ids"]
+        if inputs.get("video_grid_thw") is None and inputs.get("image_grid_thw") is None:
+            return torch.arange(ids.shape[1], device=ids.device).expand(3, -1), 0
+        kwargs = {k: inputs[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+                  if inputs.get(k) is not None}
+        if self.family == "qwen2_vl":
+            kwargs.pop("second_per_grid_ts", None)
+        pos, delta = self.model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"], **kwargs)
+        return pos[:, 0], int(delta.view(-1)[0])

@@ -1,0 +1,121 @@
+"""EAGLE-2 dynamic draft tree, built with tensor ops (no per-node Python loops).
+
+Source: EAGLE-2 (Li et al., 2024), "dynamic draft trees": expand the top-k children of each of the k frontier
+nodes, score candidates by cumulative log-probability, keep the best k as the next frontier, and after `depth`
+levels keep the best `total_tokens` candidates over all depths. Cumulative log-probabilities never increase
+along a path, so the kept set is closed under ancestors (ties are broken towards earlier candidates, which
+include every parent).
+
+Node 0 is the root: the last accepted token (already decided, not a draft). Nodes are ordered parents first,
+and siblings in descending draft probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class TreeConfig:
+    """top_k: children per expanded node and frontier width; depth: levels below the root (max accepted
+    draft tokens per cycle); tokens: draft nodes kept (the target verifies tokens + 1 including the root)."""
+
+    top_k: int = 8
+    depth: int = 5
+    tokens: int = 30
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.depth < 1 or self.tokens < 1:
+            raise ValueError(f"tree top-k, depth and tokens must be >= 1, got {self.top_k}, {self.depth}, {self.tokens}")
+
+
+@dataclass
+class Tree:
+    """A draft tree of n = 1 + N nodes (root first).
+
+    tokens: (n,) int64 token ids; parents: (n,) int64 parent index (-1 for the root); depths: (n,) int64;
+    mask: (n, n) bool, mask[i, j] = j is i or an ancestor of i; paths: (leaves, max_depth + 1) int64 node
+    indices root-to-leaf, -1 after the leaf.
+    """
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    depths: torch.Tensor
+    mask: torch.Tensor
+    paths: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> Tree:
+    """Build depths, the ancestor mask and root-to-leaf paths from tokens (n,) and parents (n,) (parents[0] = -1,
+    parents[i] < i). Pointer jumping: max-depth vectorised steps."""
+    n, dev = tokens.shape[0], tokens.device
+    ar = torch.arange(n, device=dev)
+    mask = torch.eye(n, dtype=torch.bool, device=dev)
+    depths = torch.zeros(n, dtype=torch.long, device=dev)
+    anc = parents.clone()
+    while bool((anc >= 0).any()):
+        live = anc >= 0
+        mask[ar[live], anc[live]] = True
+        depths += live.long()
+        anc = torch.where(live, parents[anc.clamp(min=0)], anc)
+    is_parent = torch.zeros(n, dtype=torch.bool, device=dev)
+    is_parent[parents[parents >= 0]] = True
+    leaves = ar[~is_parent]
+    paths = torch.full((leaves.shape[0], int(depths.max()) + 1), -1, dtype=torch.long, device=dev)
+    rows, cols = mask[leaves].nonzero(as_tuple=True)
+    paths[rows, depths[cols]] = cols
+    return Tree(tokens=tokens, parents=parents, depths=depths, mask=mask, paths=paths)
+
+
+def chain_tree(tokens: torch.Tensor) -> Tree:
+    """A chain root -> t1 -> t2 ... (tokens (n,))."""
+    n = tokens.shape[0]
+    return tree_from_parents(tokens, torch.arange(-1, n - 1, device=tokens.device))
+
+
+Expand = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def build_tree(root_token: int, root_logp: torch.Tensor, expand: Expand, cfg: TreeConfig) -> Tree:
+    """EAGLE-2 dynamic tree.
+
+    Args:
+        root_token: the last accepted token (node 0).
+        root_logp: (V,) draft log-probabilities of the root's children.
+        expand: expand(frontier_tokens (k,), parent_slot (k,) | None) -> (k, V) draft log-probabilities of each
+            frontier node's children. parent_slot[i] is the index, in the previous frontier, of node i's parent
+            (None for the first frontier, whose parent is the root). Called depth - 1 times.
+        cfg: top_k, depth, tokens.
+    Returns: a `Tree` of 1 + min(tokens, candidates) nodes.
+    """
+    k, dev = min(cfg.top_k, root_logp.shape[-1]), root_logp.device
+    score, tok = root_logp.topk(k)
+    scores, toks, parents = [score], [tok], [torch.full((k,), -1, device=dev)]
+    front_id, front_score, front_tok, parent_slot = torch.arange(k, device=dev), score, tok, None
+    offset = k
+    for _ in range(cfg.depth - 1):
+        child_lp, child_tok = expand(front_tok, parent_slot).topk(k, dim=-1)  # (k, k)
+        cum = (front_score.unsqueeze(1) + child_lp).flatten()
+        scores.append(cum)
+        toks.append(child_tok.flatten())
+        parents.append(front_id.repeat_interleave(k))
+        sel = cum.topk(k).indices
+        front_id, front_score, front_tok, parent_slot = offset + sel, cum[sel], child_tok.flatten()[sel], sel // k
+        offset += k * k
+    scores, toks, parents = torch.cat(scores), torch.cat(toks), torch.cat(parents)
+    n = min(cfg.tokens, scores.shape[0])
+    keep = torch.sort(scores, descending=True, stable=True).indices[:n].sort().values  # parents before children
+    lookup = torch.full((scores.shape[0] + 1,), -1, dtype=torch.long, device=dev)
+    lookup[keep + 1] = torch.arange(1, n + 1, device=dev)
+    lookup[0] = 0  # candidate parent -1 (the root) -> node 0
+    node_parent = lookup[parents[keep] + 1]
+    if bool((node_parent < 0).any()):
+        raise RuntimeError("draft tree lost an ancestor (non-monotone scores: NaN in the draft's logits?)")
+    tokens = torch.cat((torch.tensor([root_token], device=dev), toks[keep]))
+    return tree_from_parents(tokens, torch.cat((torch.tensor([-1], device=dev), node_parent)))

@@ -1,0 +1,93 @@
+"""Accepting a verified draft tree: greedy and lossless speculative sampling.
+
+Greedy: a node is accepted when its token equals the target's argmax at its parent and its parent is accepted;
+the longest accepted root-to-leaf path wins, plus the bonus token (the target's argmax after the last accepted
+node). Output equals the target's own greedy decoding.
+
+Sampling: recursive rejection sampling over siblings with a deterministic (top-k) draft (SpecInfer; EAGLE's
+tree sampling). At node u with target distribution p (after temperature / top-k / top-p, as HF applies them)
+and children x_1..x_m: accept x_i with probability p(x_i) / (1 - p(x_1) - ... - p(x_{i-1})), i.e. p with the
+rejected siblings zeroed and renormalised; if every child is rejected, sample the bonus token from that
+residual. The emitted token is distributed exactly as p, whatever the draft proposes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tree import Tree
+
+
+@dataclass
+class Sampling:
+    """temperature 0 = greedy. top_k 0 / top_p 1.0 = off. Applied in HF's order: temperature, top-k, top-p."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def warp_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """logits (..., V) -> probabilities (..., V) float32 after temperature, top-k and top-p, with the same
+    semantics as transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (ties at the
+    top-k threshold kept; top-p keeps the smallest set whose mass exceeds top_p, at least one token)."""
+    x = logits.float() / s.temperature
+    if s.top_k and s.top_k < x.shape[-1]:
+        kth = torch.topk(x, s.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_x, idx = torch.sort(x, descending=False, dim=-1)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= 1 - s.top_p
+        remove[..., -1:] = False
+        x = x.masked_fill(remove.scatter(-1, idx, remove), float("-inf"))
+    return x.softmax(dim=-1)
+
+
+def sample(probs: torch.Tensor, gen: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def accept_greedy(tree: Tree, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """tree with n nodes, target logits (n, V) -> (accepted node indices (a,) starting with the root, bonus token).
+    Vectorised over all root-to-leaf paths."""
+    pred = logits.argmax(dim=-1)  # (n,)
+    paths = tree.paths  # (leaves, D+1)
+    valid = paths[:, 1:] >= 0
+    child = paths[:, 1:].clamp(min=0)
+    match = valid & (tree.tokens[child] == pred[paths[:, :-1].clamp(min=0)])
+    lengths = match.long().cumprod(dim=1).sum(dim=1)
+    best = int(lengths.argmax())
+    accepted = paths[best, : int(lengths[best]) + 1]
+    return accepted, int(pred[accepted[-1]])
+
+
+def accept_sampling(tree: Tree, logits: torch.Tensor, s: Sampling,
+                    gen: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    """Lossless recursive rejection sampling down the tree (loop over depth, vectorised over siblings).
+    tree (n nodes), logits (n, V) -> (accepted node indices starting with the root, bonus token)."""
+    probs = warp_probs(logits, s)
+    node, accepted = 0, [0]
+    while True:
+        p = probs[node]
+        kids = (tree.parents == node).nonzero(as_tuple=True)[0]
+        if kids.numel() == 0:
+            return torch.tensor(accepted, device=logits.device), sample(p, gen)
+        pk = p[tree.tokens[kids]]
+        remaining = (1.0 - (pk.cumsum(0) - pk)).clamp(min=1e-20)
+        u = torch.rand(kids.shape[0], generator=gen, device=p.device)
+        hit = (u < pk / remaining).nonzero(as_tuple=True)[0]
+        if hit.numel():
+            node = int(kids[hit[0]])
+            accepted.append(node)
+            continue
+        residual = p.clone()
+        residual[tree.tokens[kids]] = 0.0
+        total = residual.sum()
+        return torch.tensor(accepted, device=logits.device), sample(residual / total if total > 0 else p, gen)

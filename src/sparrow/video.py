@@ -1,0 +1,163 @@
+"""Video decoding and frame sampling (PyAV), shared by every target family.
+
+A video is a file in any container/codec that FFmpeg decodes (mp4, mkv, webm, avi; H.264, H.265, VP9, MPEG-4...)
+or a directory of image files (sorted by name, one frame each). Frames are sampled uniformly, either a fixed
+count (`num_frames`) or a rate (`fps`), as the Qwen-VL and LLaVA video processors do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SparrowError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+DEFAULT_DIR_FPS = 2.0  # frame rate assumed for a directory of frames (no timing metadata there)
+
+
+@dataclass
+class Video:
+    """Sampled frames of one video.
+
+    frames: uint8 array (T, H, W, 3), RGB, in time order.
+    fps: the rate of the sampled frames in frames per second (T / duration); used for Qwen2.5-VL's
+        `second_per_grid_ts` (temporal patch size / fps).
+    indices: (T,) indices of the sampled frames among all decoded frames.
+    total_frames: number of frames in the source.
+    """
+
+    frames: np.ndarray
+    fps: float
+    indices: np.ndarray
+    total_frames: int
+
+
+def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: float | None) -> np.ndarray:
+    """Uniformly spaced frame indices.
+
+    Args:
+        total: frames in the source (> 0).
+        source_fps: the source's frame rate (frames per second).
+        num_frames: exact count to sample (takes precedence); must not exceed `total`.
+        fps: sampling rate in frames per second (at least one frame); used when `num_frames` is None.
+    Returns: int64 array (T,), increasing.
+    Raises: SparrowError when more frames are asked than the video has, or a count/rate is not positive.
+    """
+    if num_frames is not None:
+        if num_frames <= 0:
+            raise SparrowError(f"--num-frames must be positive, got {num_frames}")
+        if num_frames > total:
+            raise SparrowError(
+                f"asked for {num_frames} frames but the video has only {total}; use --num-frames {total} or fewer"
+            )
+        count = num_frames
+    elif fps is not None:
+        if fps <= 0:
+            raise SparrowError(f"--fps must be positive, got {fps}")
+        count = max(1, min(total, int(round(total / source_fps * fps))))
+    else:
+        count = total
+    # centre of each of `count` equal segments, as uniform samplers in the field do (never the same frame twice)
+    return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64).clip(0, total - 1)
+
+
+def _load_frame_dir(path: str) -> tuple[list[np.ndarray], float]:
+    from PIL import Image
+
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
+    if not names:
+        raise SparrowError(f"{path}: directory holds no image files ({', '.join(IMAGE_SUFFIXES)}); give a video file")
+    frames = []
+    for n in names:
+        try:
+            with Image.open(os.path.join(path, n)) as im:
+                frames.append(np.asarray(im.convert("RGB")))
+        except OSError as e:
+            raise SparrowError(f"{os.path.join(path, n)}: not a readable image ({e})") from None
+    if len({f.shape for f in frames}) != 1:
+        raise SparrowError(f"{path}: frames have different sizes; resize them to one size first")
+    return frames, DEFAULT_DIR_FPS
+
+
+def _decode_all(path: str) -> tuple[list, float]:
+    import av
+
+    try:
+        container = av.open(path)
+    except (av.error.InvalidDataError, av.error.ValueError, UnicodeDecodeError) as e:
+        raise SparrowError(f"{path}: not a video file FFmpeg can read ({e}); give an mp4/mkv/webm/avi") from None
+    except av.error.FFmpegError as e:
+        raise SparrowError(f"{path}: cannot open video ({e})") from None
+    with container:
+        if not container.streams.video:
+            raise SparrowError(f"{path}: file has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        frames = []
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame)  # kept in its decoded (YUV) form; only sampled frames become RGB arrays
+        except av.error.FFmpegError as e:
+            if not frames:
+                raise SparrowError(f"{path}: video is corrupt or truncated ({e})") from None
+            # a truncated tail: keep the frames that decoded, as players do
+    if not frames:
+        raise SparrowError(f"{path}: video has zero decodable frames (corrupt, truncated or empty)")
+    if fps <= 0:
+        fps = DEFAULT_DIR_FPS
+    return frames, fps
+
+
+def _rgb(frame) -> np.ndarray:
+    return frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="rgb24")
+
+
+def load_video(path: str, num_frames: int | None = None, fps: float | None = None) -> Video:
+    """Decode a video (file or directory of frames) and sample frames uniformly.
+
+    Args:
+        path: video file or directory of images.
+        num_frames: sample exactly this many frames (uniform over the whole video).
+        fps: or sample at this rate (frames per second); with neither, every frame is kept.
+    Returns: a `Video` with frames (T, H, W, 3) uint8.
+    Raises: SparrowError for a missing path, a file that is not a video, a corrupt/truncated file with no
+        decodable frame, zero frames, or more frames requested than the video has.
+    """
+    if not os.path.exists(path):
+        raise SparrowError(f"{path}: no such file or directory")
+    frames, source_fps = _load_frame_dir(path) if os.path.isdir(path) else _decode_all(path)
+    idx = sample_indices(len(frames), source_fps, num_frames, fps)
+    sampled = np.stack([_rgb(frames[i]) for i in idx])
+    duration = len(frames) / source_fps
+    return Video(frames=sampled, fps=len(idx) / duration, indices=idx, total_frames=len(frames))
+
+
+def write_video(path: str, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264", crf: int = 23) -> None:
+    """Write uint8 frames (T, H, W, 3) RGB to a video file with PyAV (H.264 mp4 by default).
+
+    H and W are rounded down to even numbers (yuv420p needs them). Raises SparrowError for an empty clip.
+    """
+    import av
+
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[0] == 0 or frames.shape[-1] != 3:
+        raise SparrowError(f"write_video needs frames of shape (T>0, H, W, 3), got {frames.shape}")
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    from fractions import Fraction
+
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        if codec in ("libx264", "libx265"):
+            stream.options = {"crf": str(crf)}
+        for f in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
