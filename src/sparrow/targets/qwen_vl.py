@@ -153,5 +153,11 @@ class QwenVLTarget(Target):
                   if inputs.get(k) is not None}
         if self.family == "qwen2_vl":
             kwargs.pop("second_per_grid_ts", None)
-        pos, delta = self.model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"], **kwargs)
-        return pos[:, 0], int(delta.view(-1)[0])
+        pos = self.model.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"], **kwargs)[0][:, 0]
+        last = pos[:, -1]
+        if bool((last != last[0]).any()):
+            raise SparrowError("the prompt must end with text (the chat template's assistant header), not a video")
+        # New tokens continue from the last prompt position on all three axes, as HF generate does. (transformers
+        # 5.x places text after a video at start + max(h, w) / merge, so the largest video position can exceed
+        # the last text position and get_rope_index's own delta, max + 1 - L, would disagree with generate.)
+        return pos, int(last[0]) + 1 - ids.shape[1]

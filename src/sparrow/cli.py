@@ -1,0 +1,153 @@
+"""Command line: `sparrow generate | init-draft | make-tiny | demo`.
+
+Bad input prints one line `sparrow: error: ...` and exits with code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import SparrowError
+
+
+def _add_video_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video", help="video file (mp4/mkv/webm/avi...) or directory of frames; omit for text only")
+    p.add_argument("--prompt", default="Describe the video.", help="the user's question")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--num-frames", type=int, help="sample this many frames uniformly")
+    g.add_argument("--fps", type=float, help="or sample at this rate (frames per second)")
+    p.add_argument("--max-pixels", type=int, help="upper bound of each frame's area after resizing (Qwen-VL)")
+    p.add_argument("--min-pixels", type=int, help="lower bound of each frame's area after resizing (Qwen-VL)")
+
+
+def _add_tree_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tree-top-k", type=int, default=8, help="children per expanded node / frontier width (8)")
+    p.add_argument("--tree-depth", type=int, default=5, help="draft levels below the root (5)")
+    p.add_argument("--tree-tokens", type=int, default=30, help="draft tokens verified per cycle (30)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sparrow", description="Lossless speculative decoding for video LLMs (Sparrow).")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt about a video with speculative decoding")
+    g.add_argument("--target", required=True, help="local HF checkpoint directory of the target")
+    g.add_argument("--draft", help="draft directory (from init-draft / train-draft); not needed for --method ar")
+    _add_video_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--method", choices=["sparrow", "eagle", "ar"], default="sparrow")
+    g.add_argument("--position-mode", choices=["compact", "absolute"], help="override the draft's position mode")
+    g.add_argument("--window", type=int, help="override the draft's text window (sparrow mode)")
+    _add_tree_args(g)
+    g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    i = sub.add_parser("init-draft", help="write an untrained draft for a target")
+    i.add_argument("--target", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--mode", choices=["sparrow", "eagle"], default="sparrow")
+    i.add_argument("--position-mode", choices=["compact", "absolute"], default="compact")
+    i.add_argument("--window", type=int, default=None)
+    i.add_argument("--mid-layer", type=int, default=None, help="target layer m for IVSB (default L // 2)")
+
+    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (tests, benchmarks)")
+    t.add_argument("--family", choices=["qwen2_5_vl", "qwen2_vl", "llava_onevision"], default="qwen2_5_vl")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--layers", type=int, default=4)
+    return ap
+
+
+def _summary(out) -> str:
+    s = out.stats
+    return (f"[{s.method}] visual tokens {s.visual_tokens} | new tokens {s.new_tokens} | tau {s.tau:.2f} | "
+            f"prefill {s.prefill_s:.3f}s | decode {s.decode_s:.3f}s | {s.tokens_per_s:.1f} tok/s")
+
+
+def cmd_generate(a) -> int:
+    from . import TreeConfig, generate, load_draft, load_target
+
+    target = load_target(a.target, dtype=a.dtype, device=a.device)
+    draft = None
+    if a.method != "ar":
+        if not a.draft:
+            raise SparrowError(f"--method {a.method} needs --draft PATH (or use --method ar)")
+        overrides = {k: v for k, v in (("position_mode", a.position_mode), ("window", a.window)) if v is not None}
+        draft = load_draft(a.draft, target, **overrides)
+    if a.video is not None and not os.path.exists(a.video):
+        raise SparrowError(f"{a.video}: no such file or directory")
+    inputs = target.prepare(video=a.video, prompt=a.prompt, num_frames=a.num_frames, fps=a.fps,
+                            max_pixels=a.max_pixels, min_pixels=a.min_pixels)
+    tree = TreeConfig(top_k=a.tree_top_k, depth=a.tree_depth, tokens=a.tree_tokens)
+    printed = []
+
+    def stream(ids):
+        printed.extend(ids)
+        text = target.tokenizer.decode(printed, skip_special_tokens=True)
+        shown = stream.shown
+        if len(text) > shown and not text.endswith("\ufffd"):
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            stream.shown = len(text)
+
+    stream.shown = 0
+    out = generate(target, draft, inputs, max_new_tokens=a.max_new_tokens, method=a.method,
+                   temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, tree=tree, stop=a.stop, seed=a.seed,
+                   on_tokens=None if a.json else stream)
+    if a.json:
+        print(json.dumps(out.to_dict()))
+    else:
+        sys.stdout.write(out.text[stream.shown:] + "\n")
+        print(_summary(out), file=sys.stderr)
+    return 0
+
+
+def cmd_init_draft(a) -> int:
+    from . import init_draft, load_target
+
+    target = load_target(a.target, device="cpu")
+    kw = dict(mode=a.mode, position_mode=a.position_mode, window=a.window)
+    if a.mid_layer is not None:
+        kw["mid_layer"] = a.mid_layer
+    init_draft(target, seed=a.seed, **kw).save(a.out)
+    print(f"wrote an untrained {a.mode} draft for {a.target} to {a.out}")
+    return 0
+
+
+def cmd_make_tiny(a) -> int:
+    from .tiny import make_tiny_target
+
+    make_tiny_target(a.out, a.family, seed=a.seed, hidden=a.hidden, layers=a.layers)
+    print(f"wrote a tiny random {a.family} checkpoint to {a.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        return {"generate": cmd_generate, "init-draft": cmd_init_draft, "make-tiny": cmd_make_tiny}[a.command](a)
+    except SparrowError as e:
+        print(f"sparrow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparrow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

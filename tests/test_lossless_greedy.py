@@ -1,0 +1,114 @@
+"""Greedy speculative decoding must equal the target's own HF `generate(do_sample=False)` token for token."""
+
+import pytest
+import torch
+
+import sparrow
+from conftest import FAMILIES, clip, fit_draft, get_target, hf_greedy, prepare
+
+TREES = {
+    "chain": sparrow.TreeConfig(top_k=1, depth=6, tokens=6),
+    "small": sparrow.TreeConfig(top_k=3, depth=3, tokens=8),
+    "wide": sparrow.TreeConfig(top_k=8, depth=5, tokens=30),
+    "deep-wide": sparrow.TreeConfig(top_k=10, depth=8, tokens=60),
+}
+MODES = [  # (method, draft config overrides)
+    ("sparrow", {}),
+    ("sparrow", {"position_mode": "absolute"}),
+    ("sparrow", {"window": 4}),
+    ("eagle", {}),
+]
+CASES = [(f, s, n) for f in FAMILIES for s in (0, 1) for n in (2, 16)] + [
+    ("qwen2_5_vl", 2, 64), ("llava_onevision", 2, 64), ("qwen2_vl", 0, 0), ("qwen2_5_vl", 0, 0),
+    ("llava_onevision", 0, 0)]
+
+
+@pytest.mark.parametrize("family,seed,frames", CASES)
+def test_greedy_equals_hf(ckpt_dir, family, seed, frames):
+    target = get_target(ckpt_dir, family, seed)
+    inputs = prepare(target, clip(frames, seed=seed) if frames else None)
+    ref = hf_greedy(target, inputs, 48)
+    fitted = fit_draft(target, inputs, ref, seed=seed)
+    random_draft = sparrow.init_draft(target, seed=seed + 7)
+    taus = []
+    for name, tree in TREES.items():
+        for method, over in MODES:
+            for draft in (fitted, random_draft):
+                for k, v in over.items():
+                    setattr(draft.config, k, v)
+                out = sparrow.generate(target, draft, inputs, max_new_tokens=48, method=method, tree=tree)
+                for k in over:
+                    setattr(draft.config, k, {"position_mode": "compact", "window": None}[k])
+                assert out.token_ids == ref, f"{name} {method} {over}: speculative output differs from HF greedy"
+                assert sum(out.stats.accept_lengths) == len(ref) - 1
+                if draft is fitted:
+                    taus.append(out.stats.tau)
+    ar = sparrow.generate(target, None, inputs, max_new_tokens=48, method="ar")
+    assert ar.token_ids == ref and ar.stats.tau == 1.0
+    assert max(taus) > 2.5, "the fitted draft never got accepted deeply: the test would not exercise accept paths"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eos_inside_an_accepted_run(ckpt_dir, family):
+    """EOS handling: generation stops at the first EOS (kept), even when it sits inside an accepted draft run."""
+    target = get_target(ckpt_dir, family, 0)
+    inputs = prepare(target, clip(4))
+    ref = hf_greedy(target, inputs, 40)
+    draft = fit_draft(target, inputs, ref)
+    gc = target.model.generation_config
+    old = gc.eos_token_id
+    try:
+        for pos in (0, 5, 17):
+            gc.eos_token_id = ref[pos]
+            expect = hf_greedy(target, inputs, 40)
+            assert expect == ref[: ref.index(ref[pos]) + 1]
+            for method in ("sparrow", "eagle", "ar"):
+                out = sparrow.generate(target, draft, inputs, max_new_tokens=40, method=method)
+                assert out.token_ids == expect and out.stats.stop_reason == "eos"
+    finally:
+        gc.eos_token_id = old
+
+
+def test_stop_strings_match_hf(ckpt_dir):
+    target = get_target(ckpt_dir, "qwen2_5_vl", 0)
+    inputs = prepare(target, clip(4))
+    ref = hf_greedy(target, inputs, 40)
+    draft = fit_draft(target, inputs, ref)
+    stop = target.tokenizer.decode(ref[9:11])
+    expect = target.model.generate(**inputs, max_new_tokens=40, do_sample=False, stop_strings=[stop],
+                                   tokenizer=target.tokenizer)[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(expect) < 40
+    out = sparrow.generate(target, draft, inputs, max_new_tokens=40, stop=[stop])
+    assert out.token_ids == expect and out.stats.stop_reason == "stop_string"
+
+
+def test_long_video_many_visual_tokens(ckpt_dir):
+    """A longer clip (64 frames at 112x112: 512 visual tokens) through both draft modes."""
+    target = get_target(ckpt_dir, "qwen2_5_vl", 0)
+    inputs = target.prepare(clip(64, 112, 112), "Describe the video.", max_pixels=112 * 112, min_pixels=28 * 28)
+    assert int(target.visual_mask(inputs["input_ids"][0]).sum()) == 512
+    ref = hf_greedy(target, inputs, 32)
+    draft = fit_draft(target, inputs, ref)
+    for method in ("sparrow", "eagle"):
+        out = sparrow.generate(target, draft, inputs, max_new_tokens=32, method=method)
+        assert out.token_ids == ref
+        assert out.stats.visual_tokens == 512
+
+
+def test_sparrow_draft_cache_holds_text_only(ckpt_dir):
+    """VATA: in sparrow mode the draft's KV cache never holds a visual position; in eagle mode it holds all."""
+    from sparrow.generate import DraftRunner
+
+    target = get_target(ckpt_dir, "qwen2_5_vl", 0)
+    inputs = prepare(target, clip(16))
+    L = inputs["input_ids"].shape[1]
+    n_vis = int(target.visual_mask(inputs["input_ids"][0]).sum())
+    cache = target.new_cache(L + 8)
+    pre = target.prefill(inputs, cache, capture_embeds=True)
+    draft = sparrow.init_draft(target)
+    tree = sparrow.TreeConfig()
+    for method, expected in (("sparrow", L - n_vis), ("eagle", L)):
+        runner = DraftRunner(draft, target, pre, method, 8, tree)
+        runner.prefill(inputs["input_ids"][0], pre, 5)
+        assert runner.cache.committed == expected  # prompt entries 1..L-1 kept + the first new token
+    assert n_vis > 0
