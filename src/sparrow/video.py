@@ -87,10 +87,10 @@ def _decode_all(path: str) -> tuple[list, float]:
 
     try:
         container = av.open(path)
-    except (av.error.InvalidDataError, av.error.ValueError, UnicodeDecodeError) as e:
-        raise SparrowError(f"{path}: not a video file FFmpeg can read ({e}); give an mp4/mkv/webm/avi") from None
-    except av.error.FFmpegError as e:
-        raise SparrowError(f"{path}: cannot open video ({e})") from None
+    except av.error.InvalidDataError:
+        raise SparrowError(f"{path}: not a video file FFmpeg can read (or corrupt); give an mp4/mkv/webm/avi") from None
+    except (av.error.FFmpegError, UnicodeDecodeError) as e:
+        raise SparrowError(f"{path}: cannot open video ({type(e).__name__}: {e})") from None
     with container:
         if not container.streams.video:
             raise SparrowError(f"{path}: file has no video stream")

@@ -1,0 +1,99 @@
+"""The command line: generate / init-draft end to end, --json output, and one-line errors (exit code 2)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sparrow.cli import main
+from sparrow.tiny import make_tiny_target
+from sparrow.video import write_video
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    paths = {
+        "target": make_tiny_target(str(d / "t"), "qwen2_5_vl", seed=0, init_std=0.1),
+        "other": make_tiny_target(str(d / "o"), "qwen2_5_vl", seed=0, hidden=96, heads=4, kv_heads=2),
+        "other_family": make_tiny_target(str(d / "f"), "qwen2_vl", seed=0),
+        "short": make_tiny_target(str(d / "s"), "qwen2_5_vl", seed=0, max_positions=64),
+        "video": str(d / "clip.mp4"), "draft": str(d / "draft"), "other_draft": str(d / "od"),
+        "family_draft": str(d / "fd"), "text": str(d / "notes.txt"), "broken": str(d / "broken.mp4"),
+    }
+    frames = (np.random.RandomState(0).rand(12, 56, 56, 3) * 255).astype(np.uint8)
+    write_video(paths["video"], frames, fps=4)
+    data = open(paths["video"], "rb").read()
+    open(paths["broken"], "wb").write(data[: len(data) // 3])
+    open(paths["text"], "w").write("not a video\n")
+    assert main(["init-draft", "--target", paths["target"], "--out", paths["draft"]]) == 0
+    assert main(["init-draft", "--target", paths["other"], "--out", paths["other_draft"]]) == 0
+    assert main(["init-draft", "--target", paths["other_family"], "--out", paths["family_draft"]]) == 0
+    return paths
+
+
+def gen_args(env, **over):
+    a = {"--target": env["target"], "--draft": env["draft"], "--video": env["video"], "--num-frames": "8",
+         "--max-pixels": str(56 * 56), "--max-new-tokens": "12"}
+    a.update(over)
+    return ["generate"] + [x for k, v in a.items() if v is not None for x in (k, v)]
+
+
+def test_generate_json_and_methods_agree(env, capsys):
+    outs = {}
+    for method in ("sparrow", "eagle", "ar"):
+        assert main(gen_args(env, **{"--method": method}) + ["--json"]) == 0
+        outs[method] = json.loads(capsys.readouterr().out)
+    for key in ("text", "token_ids", "new_tokens", "visual_tokens", "tau", "accept_lengths", "prefill_s", "decode_s",
+                "method"):
+        assert key in outs["sparrow"]
+    assert outs["sparrow"]["token_ids"] == outs["ar"]["token_ids"] == outs["eagle"]["token_ids"]
+    assert outs["sparrow"]["new_tokens"] == 12 and outs["sparrow"]["visual_tokens"] == 16
+
+
+def test_generate_streams_then_summarises(env, capsys):
+    assert main(gen_args(env)) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() and "tau" in cap.err and "visual tokens 16" in cap.err and "tok/s" in cap.err
+
+
+def test_sampling_flags(env, capsys):
+    assert main(gen_args(env, **{"--temperature": "1.0", "--top-p": "0.9", "--top-k": "20", "--seed": "3"})
+                + ["--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) >= 1
+
+
+BAD = {
+    "missing file": ({"--video": "/nonexistent/clip.mp4"}, "no such file"),
+    "not a video": ({"--video": "text"}, "not a video"),
+    "truncated": ({"--video": "broken"}, "corrupt"),
+    "zero frames": ({"--num-frames": "0"}, "positive"),
+    "too many frames": ({"--num-frames": "500"}, "only 12"),
+    "draft for another target": ({"--draft": "other_draft"}, "hidden size"),
+    "draft for another family": ({"--draft": "family_draft"}, "family"),
+    "prompt longer than context": ({"--target": "short"}, "context"),
+    "draft path not a draft": ({"--draft": "/tmp"}, "not a Sparrow draft"),
+    "target path not a checkpoint": ({"--target": "/tmp"}, "config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_exit_2(env, capsys, case):
+    over, needle = BAD[case]
+    over = {k: env.get(v, v) for k, v in over.items()}
+    if case == "prompt longer than context":
+        over["--draft"] = None
+        over["--method"] = "ar"
+        over["--max-pixels"] = str(112 * 112)
+    assert main(gen_args(env, **over)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sparrow: error: ") and "\n" not in err and needle in err, err
+
+
+def test_console_script_no_traceback(env):
+    r = subprocess.run([sys.executable, "-m", "sparrow.cli"] + gen_args(env, **{"--video": env["text"]}),
+                       capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "not a video" in r.stderr

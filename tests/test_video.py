@@ -1,0 +1,85 @@
+"""Video loading (PyAV): containers and codecs, uniform sampling, order, sizes, frame directories, bad files."""
+
+import os
+
+import numpy as np
+import pytest
+
+from sparrow import SparrowError, load_video
+from sparrow.video import sample_indices, write_video
+
+FORMATS = [("mp4", "libx264"), ("mkv", "libx265"), ("webm", "libvpx-vp9"), ("avi", "mpeg4")]
+
+
+def ramp(n=24, h=48, w=64):
+    """Frame i is uniformly grey at level 8 * i (decodes back within a few levels)."""
+    return np.stack([np.full((h, w, 3), 8 * i + 20, dtype=np.uint8) for i in range(n)])
+
+
+def levels(frames):
+    return np.round((frames.reshape(len(frames), -1).mean(1) - 20) / 8).astype(int)
+
+
+@pytest.mark.parametrize("ext,codec", FORMATS)
+def test_roundtrip_every_container(tmp_path, ext, codec):
+    path = str(tmp_path / f"clip.{ext}")
+    write_video(path, ramp(), fps=8, codec=codec)
+    v = load_video(path)
+    assert v.frames.shape == (24, 48, 64, 3) and v.frames.dtype == np.uint8
+    assert levels(v.frames).tolist() == list(range(24))
+    v = load_video(path, num_frames=6)
+    assert v.frames.shape[0] == 6 and levels(v.frames).tolist() == v.indices.tolist()
+    assert v.indices.tolist() == [2, 6, 10, 14, 18, 22]
+    assert v.fps == pytest.approx(6 / 3.0)  # 6 frames over 3 s
+
+
+def test_fps_sampling(tmp_path):
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, ramp(), fps=8)  # 3 s
+    v = load_video(path, fps=2)
+    assert len(v.indices) == 6 and v.fps == pytest.approx(2.0)
+    assert np.all(np.diff(levels(v.frames)) > 0)
+
+
+def test_frame_directory(tmp_path):
+    from PIL import Image
+
+    d = tmp_path / "frames"
+    d.mkdir()
+    for i, f in enumerate(ramp(5)):
+        Image.fromarray(f).save(d / f"{i:03d}.png")
+    v = load_video(str(d), num_frames=5)
+    assert levels(v.frames).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_sample_indices_uniform_and_distinct():
+    idx = sample_indices(100, 25.0, 16, None)
+    assert len(set(idx.tolist())) == 16 and idx[0] >= 0 and idx[-1] <= 99
+    assert np.all(np.diff(idx) > 0)
+
+
+@pytest.mark.parametrize("case", ["missing", "not_video", "truncated", "too_many", "empty_dir", "zero_frames"])
+def test_bad_videos_raise_one_line_errors(tmp_path, case):
+    path = str(tmp_path / "x.mp4")
+    kwargs = {}
+    if case == "not_video":
+        open(path, "w").write("this is text, not a video\n" * 50)
+    elif case == "truncated":
+        write_video(path, ramp(), fps=8)
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 4])
+    elif case == "too_many":
+        write_video(path, ramp(), fps=8)
+        kwargs["num_frames"] = 100
+    elif case == "empty_dir":
+        path = str(tmp_path / "empty")
+        os.mkdir(path)
+    elif case == "zero_frames":
+        kwargs["num_frames"] = 0
+        write_video(path, ramp(4), fps=8)
+    with pytest.raises(SparrowError) as e:
+        load_video(path, **kwargs)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 300
+    assert {"missing": "no such file", "not_video": "not a video", "truncated": "corrupt",
+            "too_many": "only 24", "empty_dir": "no image", "zero_frames": "positive"}[case] in msg
