@@ -118,14 +118,18 @@ def main():
                 row[f"verify{q}_ms_hf"] = median_ms(hf_step(q + 1), a.repeats)
             del dc
         for method in ("sparrow", "eagle"):
-            out = sparrow.generate(ours, draft, inputs, max_new_tokens=a.new_tokens, method=method,
-                                   tree=sparrow.TreeConfig(8, 5, 30))
-            s = out.stats
-            cycles = len(s.accept_lengths)
-            row[f"{method}_draft_ms_per_cycle"] = (s.draft_s - s.draft_prefill_s) / cycles * 1e3
-            row[f"{method}_verify_ms_per_cycle"] = s.verify_s / cycles * 1e3
-            row[f"{method}_draft_share"] = (s.draft_s - s.draft_prefill_s) / (s.draft_s - s.draft_prefill_s + s.verify_s)
-            row[f"{method}_draft_prefill_s"] = s.draft_prefill_s
+            per = []  # (draft ms/cycle, verify ms/cycle, draft prompt pass s) of each run
+            for _ in range(3):
+                s = sparrow.generate(ours, draft, inputs, max_new_tokens=a.new_tokens, method=method,
+                                     tree=sparrow.TreeConfig(8, 5, 30)).stats
+                cycles = len(s.accept_lengths)
+                per.append(((s.draft_s - s.draft_prefill_s) / cycles * 1e3, s.verify_s / cycles * 1e3,
+                            s.draft_prefill_s))
+            d_ms, v_ms, d_pre = (statistics.median(x) for x in zip(*per))
+            row[f"{method}_draft_ms_per_cycle"] = d_ms
+            row[f"{method}_verify_ms_per_cycle"] = v_ms
+            row[f"{method}_draft_share"] = d_ms / (d_ms + v_ms)
+            row[f"{method}_draft_prefill_s"] = d_pre
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
     meta = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
