@@ -12,26 +12,15 @@ import os
 
 import torch
 
+from .targets.llava_onevision import LlavaOneVisionTarget
+from .targets.qwen_vl import QwenVLTarget
+
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
 LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
-CHATML = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}{{ video_placeholder }}"
-    "{% elif part['type'] == 'image' %}{{ image_placeholder }}"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-QWEN_CHAT_TEMPLATE = CHATML.replace("{{ video_placeholder }}", "<|vision_start|><|video_pad|><|vision_end|>").replace(
-    "{{ image_placeholder }}", "<|vision_start|><|image_pad|><|vision_end|>")
-LLAVA_CHAT_TEMPLATE = CHATML.replace("{{ video_placeholder }}", "<video>\n").replace("{{ image_placeholder }}",
-                                                                                      "<image>\n")
+QWEN_CHAT_TEMPLATE = QwenVLTarget.default_chat_template
+LLAVA_CHAT_TEMPLATE = LlavaOneVisionTarget.default_chat_template
 
 SAMPLE_TEXT = [
     "A red circle moves to the left while a blue square stays still.",

@@ -40,11 +40,39 @@ class Prefill:
     visual_mask: torch.Tensor
 
 
+def processor_settings(path: str | None) -> dict:
+    """Preprocessing settings shipped with a checkpoint (video_preprocessor_config.json, then
+    preprocessor_config.json), or {}: mean/std, patch sizes, pixel bounds."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        f = os.path.join(path, name) if path else None
+        if f and os.path.isfile(f):
+            return json.load(open(f))
+    return {}
+
+
+def chatml_template(video_placeholder: str, image_placeholder: str) -> str:
+    """A ChatML chat template (Qwen-style, default system message) whose video/image content parts render as the
+    given placeholders. Used when a checkpoint ships no template, and by the tiny test checkpoints."""
+    return (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'video' %}}{video_placeholder}"
+        f"{{% elif part['type'] == 'image' %}}{image_placeholder}"
+        "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 class Target:
     """A loaded target video LLM (batch size 1). Subclasses implement `prepare` and `prompt_positions`."""
 
     family: str = ""
     uses_mrope: bool = False
+    default_chat_template: str = ""
 
     def __init__(self, model, tokenizer, path: str | None = None):
         self.model = model.eval()
@@ -137,6 +165,28 @@ class Target:
                     text = open(f, encoding="utf-8").read()
                     return json.loads(text)["chat_template"] if name.endswith(".json") else text
         return getattr(self.tokenizer, "chat_template", None)
+
+    def render_chat(self, prompt: str, has_video: bool, system: str | None) -> str:
+        """The prompt text from the checkpoint's chat template (one video placeholder when has_video)."""
+        content = ([{"type": "video"}] if has_video else []) + [{"type": "text", "text": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template() or
+                                                  self.default_chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def expand_placeholder(self, text: str, token_id: int, count: int) -> str:
+        """Repeat the single placeholder token `token_id` in `text` `count` times (one per visual token).
+        Raises SparrowError when the template did not render exactly one placeholder."""
+        pad = self.tokenizer.convert_ids_to_tokens(token_id)
+        if text.count(pad) != 1:
+            raise SparrowError(f"chat template rendered {text.count(pad)} {pad} tokens for one video; fix the template")
+        return text.replace(pad, pad * count)
+
+    def tokenize(self, text: str) -> dict:
+        """input_ids and attention_mask (1, L) for the rendered prompt; checks that it fits the context."""
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        self.check_length(ids.shape[1])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def check_length(self, prompt_len: int, max_new_tokens: int = 0) -> None:
         """Raises SparrowError when the prompt (plus room for new tokens) does not fit the target's context."""

@@ -15,21 +15,11 @@ import torch
 from PIL import Image
 
 from ..errors import SparrowError
-from ..video import Video, load_video
-from .base import Target, register_family
-from .qwen_vl import _processor_settings
+from ..video import load_video
+from .base import Target, chatml_template, processor_settings, register_family
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
-LLAVA_CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<video>\n{% elif part['type'] == 'image' %}<image>\n"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 @register_family("llava_onevision")
 class LlavaOneVisionTarget(Target):
@@ -37,11 +27,12 @@ class LlavaOneVisionTarget(Target):
 
     uses_mrope = False
     family = "llava_onevision"
+    default_chat_template = chatml_template("<video>\n", "<image>\n")
 
     def __init__(self, model, tokenizer, path=None):
         super().__init__(model, tokenizer, path)
         vc = self.config.vision_config
-        s = _processor_settings(path)
+        s = processor_settings(path)
         self.size = int(vc.image_size)
         self.grid = vc.image_size // vc.patch_size
         self.mean = np.array(s.get("image_mean", SIGLIP_MEAN), dtype=np.float32)
@@ -63,26 +54,16 @@ class LlavaOneVisionTarget(Target):
         """Build HF inputs (input_ids, attention_mask and, with a video, pixel_values_videos (1, T, 3, S, S)).
         max_pixels/min_pixels do not apply (frames are resized to the vision tower's size). See
         `QwenVLTarget.prepare` for the other arguments. Raises SparrowError for bad videos."""
-        template = self.chat_template() or LLAVA_CHATML
-        content = ([{"type": "video"}] if video is not None else []) + [{"type": "text", "text": prompt}]
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.render_chat(prompt, video is not None, system)
         out = {}
         if video is not None:
             if isinstance(video, str):
                 video = load_video(video, num_frames=num_frames, fps=fps)
-            frames = video if isinstance(video, np.ndarray) else video.frames
-            pixels = self.preprocess_frames(frames)
-            pad = self.tokenizer.convert_ids_to_tokens(self.config.video_token_index)
-            if text.count(pad) != 1:
-                raise SparrowError(f"chat template rendered {text.count(pad)} {pad} tokens for one video; fix the template")
-            n = pixels.shape[1] * math.ceil(self.grid / 2) ** 2 + 1
-            text = text.replace(pad, pad * n)
+            pixels = self.preprocess_frames(video if isinstance(video, np.ndarray) else video.frames)
+            count = pixels.shape[1] * math.ceil(self.grid / 2) ** 2 + 1
+            text = self.expand_placeholder(text, self.config.video_token_index, count)
             out["pixel_values_videos"] = pixels.to(self.dtype)
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **out}
-        self.check_length(ids.shape[1])
+        out = {**self.tokenize(text), **out}
         return {k: v.to(self.device) for k, v in out.items()}
 
     def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:

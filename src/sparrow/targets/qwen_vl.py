@@ -8,36 +8,18 @@ token per merged patch: t * h * w / m^2. Qwen2.5-VL adds `second_per_grid_ts` = 
 
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import SparrowError
 from ..video import Video, load_video
-from .base import Target, register_family
+from .base import Target, chatml_template, processor_settings, register_family
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # HF Qwen2-VL video processor defaults
 VIDEO_MAX_PIXELS = 768 * 28 * 28
-
-# ChatML, as Qwen-VL checkpoints render it; used only when a checkpoint ships no chat template
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen-VL's resize rule (from transformers): sides multiple of `factor`, area within [min, max] pixels."""
@@ -47,15 +29,6 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         return hf_smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:
         raise SparrowError(f"frame size {height}x{width} cannot be resized for this model ({e})") from None
-
-
-def _processor_settings(path: str | None) -> dict:
-    """Preprocessing settings from the checkpoint (video_preprocessor_config.json, then preprocessor_config.json)."""
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        f = os.path.join(path, name) if path else None
-        if f and os.path.isfile(f):
-            return json.load(open(f))
-    return {}
 
 
 def _pixel_bounds(settings: dict, max_pixels: int | None, min_pixels: int | None) -> tuple[int, int]:
@@ -70,12 +43,14 @@ class QwenVLTarget(Target):
     """Qwen2-VL / Qwen2.5-VL (mRoPE with 3 axes; `rope_delta` shifts the positions of new text tokens)."""
 
     uses_mrope = True
+    default_chat_template = chatml_template("<|vision_start|><|video_pad|><|vision_end|>",
+                                            "<|vision_start|><|image_pad|><|vision_end|>")
 
     def __init__(self, model, tokenizer, path=None):
         super().__init__(model, tokenizer, path)
         self.family = self.config.model_type
         vc = self.config.vision_config
-        s = _processor_settings(path)
+        s = processor_settings(path)
         self.patch = int(s.get("patch_size", vc.patch_size))
         self.temporal_patch = int(s.get("temporal_patch_size", vc.temporal_patch_size))
         self.merge = int(s.get("merge_size", vc.spatial_merge_size))
@@ -118,11 +93,7 @@ class QwenVLTarget(Target):
             pixel_values_videos (N, C*tp*p*p), video_grid_thw (1, 3) and (Qwen2.5-VL) second_per_grid_ts (1,).
         Raises: SparrowError for bad videos and settings.
         """
-        template = self.chat_template() or CHATML_TEMPLATE
-        content = ([{"type": "video"}] if video is not None else []) + [{"type": "text", "text": prompt}]
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.render_chat(prompt, video is not None, system)
         out = {}
         if video is not None:
             if isinstance(video, str):
@@ -130,19 +101,16 @@ class QwenVLTarget(Target):
             if isinstance(video, np.ndarray):
                 video = Video(frames=video, fps=2.0, indices=np.arange(len(video)), total_frames=len(video))
             pixels, grid = self.preprocess_frames(video.frames, max_pixels, min_pixels)
-            pad = self.tokenizer.convert_ids_to_tokens(self.config.video_token_id)
-            if text.count(pad) != 1:
-                raise SparrowError(f"chat template rendered {text.count(pad)} {pad} tokens for one video; fix the template")
-            text = text.replace(pad, pad * int(grid.prod() // self.merge**2))
+            text = self.expand_placeholder(text, self.config.video_token_id, int(grid.prod() // self.merge**2))
             out.update(pixel_values_videos=pixels.to(self.dtype), video_grid_thw=grid)
             if self.family == "qwen2_5_vl":
                 out["second_per_grid_ts"] = torch.tensor([self.temporal_patch / video.fps])
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        tok = self.tokenize(text)
+        ids = tok["input_ids"]
         types = torch.zeros_like(ids)
         types[ids == self.config.video_token_id] = 2
         types[ids == self.config.image_token_id] = 1
-        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types, **out}
-        self.check_length(ids.shape[1])
+        out = {**tok, "mm_token_type_ids": types, **out}
         return {k: v.to(self.device) for k, v in out.items()}
 
     def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:
