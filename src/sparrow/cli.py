@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer a prompt about a video with speculative decoding")
-    g.add_argument("--target", required=True, help="local HF checkpoint directory of the target")
-    g.add_argument("--draft", help="draft directory (from init-draft / train-draft); not needed for --method ar")
+    g.add_argument("--target", help="local HF checkpoint directory of the target (default: the embedded one)")
+    g.add_argument("--draft", help="draft directory (from init-draft / train-draft; default: the shipped draft of "
+                                   "--method for the embedded target); not needed for --method ar")
     _add_video_args(g)
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     i = sub.add_parser("init-draft", help="write an untrained draft for a target")
-    i.add_argument("--target", required=True)
+    i.add_argument("--target", help="target checkpoint (default: the embedded one)")
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--mode", choices=["sparrow", "eagle"], default="sparrow")
@@ -66,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--layers", type=int, default=4)
+    sub.add_parser("train-target", help="train the embedded target on the synthetic world (see --help)",
+                   add_help=False)
+    sub.add_parser("evaluate-target", help="description accuracy of a target on the synthetic world (see --help)",
+                   add_help=False)
     d = sub.add_parser("demo", help="end to end on a small built-in setup: video file -> speculative decoding vs "
                                      "plain decoding, identical output")
     d.add_argument("--dir", default=os.path.join(os.path.expanduser("~"), ".cache", "sparrow", "demo"))
@@ -82,9 +87,13 @@ def _summary(out) -> str:
 def cmd_generate(a) -> int:
     from . import TreeConfig, generate, load_draft, load_target
 
-    target = load_target(a.target, dtype=a.dtype, device=a.device)
+    from . import defaults
+
+    target = load_target(a.target or defaults.target_path(), dtype=a.dtype, device=a.device)
     draft = None
     if a.method != "ar":
+        if not a.draft and not a.target:
+            a.draft = defaults.draft_path(a.method) or defaults.draft_path("sparrow")
         if not a.draft:
             raise SparrowError(f"--method {a.method} needs --draft PATH (or use --method ar)")
         overrides = {k: v for k, v in (("position_mode", a.position_mode), ("window", a.window)) if v is not None}
@@ -120,7 +129,9 @@ def cmd_generate(a) -> int:
 def cmd_init_draft(a) -> int:
     from . import init_draft, load_target
 
-    target = load_target(a.target, device="cpu")
+    from . import defaults
+
+    target = load_target(a.target or defaults.target_path(), device="cpu")
     kw = dict(mode=a.mode, position_mode=a.position_mode, window=a.window)
     if a.mid_layer is not None:
         kw["mid_layer"] = a.mid_layer
@@ -138,22 +149,50 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """Build (once) a tiny random Qwen2.5-VL target, an untrained draft and a synthetic mp4, then answer with
-    --method sparrow, eagle and ar through the same code a real checkpoint takes, and check the outputs agree."""
+    """Answer "Describe the video." about an example clip with --method sparrow, eagle and ar, through the same
+    code a real checkpoint takes, and check that the outputs agree. Uses the embedded target and its shipped
+    drafts; without them (a development checkout before training), a tiny random checkpoint built on the spot."""
+    from . import defaults, generate, init_draft, load_draft, load_target
+
+    if defaults.has_target():
+        target, video, note = load_target(defaults.target_path(), device="cpu"), defaults.example_clip(0), ""
+        kw = {}
+    else:
+        target, video = _tiny_demo_setup(a.dir)
+        note = (" The weights are random (the text is noise) and the draft is untrained, so tau is near 1: the "
+                "embedded model is not in this checkout.")
+        kw = {"max_pixels": 112 * 112}
+    drafts = {m: (load_draft(defaults.draft_path(m), target) if defaults.has_target() and defaults.draft_path(m)
+                  else None) for m in ("sparrow", "eagle")}
+    for m in drafts:
+        if drafts[m] is None:
+            drafts[m] = init_draft(target, seed=0, mode=m)
+            note = note or " (No trained draft is shipped yet: an untrained one was used, so tau is near 1.)"
+    inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16, **kw)
+    print(f"video: {video}")
+    outs = {}
+    for method in ("sparrow", "eagle", "ar"):
+        outs[method] = generate(target, drafts.get(method), inputs, max_new_tokens=a.max_new_tokens, method=method)
+        if method == "sparrow":
+            print(outs[method].text)
+        print(_summary(outs[method]))
+    same = outs["sparrow"].token_ids == outs["ar"].token_ids == outs["eagle"].token_ids
+    print(f"lossless: {'identical output' if same else 'OUTPUT DIFFERS'} for sparrow, eagle and ar "
+          f"({len(outs['ar'].token_ids)} tokens).{note}")
+    return 0 if same else 1
+
+
+def _tiny_demo_setup(folder: str):
     import numpy as np
 
-    from . import generate, init_draft, load_draft, load_target
+    from . import load_target
     from .tiny import make_tiny_target
     from .video import write_video
 
-    target_dir, draft_dir = os.path.join(a.dir, "target"), os.path.join(a.dir, "draft")
-    video = os.path.join(a.dir, "clip.mp4")
+    target_dir, video = os.path.join(folder, "target"), os.path.join(folder, "clip.mp4")
     if not os.path.isfile(os.path.join(target_dir, "config.json")):
         print(f"building a tiny random Qwen2.5-VL checkpoint in {target_dir} (no download needed)", file=sys.stderr)
         make_tiny_target(target_dir, "qwen2_5_vl", seed=0, hidden=128, layers=8, heads=4, kv_heads=2, init_std=0.1)
-    target = load_target(target_dir, device="cpu")
-    if not os.path.isfile(os.path.join(draft_dir, "config.json")):
-        init_draft(target, seed=0).save(draft_dir)
     if not os.path.isfile(video):
         t = np.arange(32)[:, None, None]
         yy, xx = np.mgrid[0:112, 0:112]
@@ -161,20 +200,15 @@ def cmd_demo(a) -> int:
         frames[..., 0] = (((xx - 8 - 2 * t) ** 2 + (yy - 56) ** 2) < 144) * 220  # a red disc moving right
         frames[..., 2] = 60
         write_video(video, frames, fps=8)
-    draft = load_draft(draft_dir, target)
-    inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16, max_pixels=112 * 112)
-    outs = {}
-    for method in ("sparrow", "eagle", "ar"):
-        outs[method] = generate(target, draft, inputs, max_new_tokens=a.max_new_tokens, method=method)
-        print(_summary(outs[method]))
-    same = outs["sparrow"].token_ids == outs["ar"].token_ids == outs["eagle"].token_ids
-    print(f"lossless: {'identical output' if same else 'OUTPUT DIFFERS'} for sparrow, eagle and ar "
-          f"({len(outs['ar'].token_ids)} tokens). The weights are random (the text is noise) and the draft is "
-          f"untrained, so tau is near 1; see README for real checkpoints.")
-    return 0 if same else 1
+    return load_target(target_dir, device="cpu"), video
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train-target", "evaluate-target"):  # scripts with their own options
+        from .synthetic import evaluate, train_target
+
+        return (train_target.main if argv[0] == "train-target" else evaluate.main)(argv[1:]) or 0
     a = build_parser().parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:

@@ -287,17 +287,22 @@ def register_family(*model_types: str):
     return deco
 
 
-def load_target(path: str, dtype: str | torch.dtype | None = None, device: str | None = None) -> Target:
+def load_target(path: str | None = None, dtype: str | torch.dtype | None = None, device: str | None = None) -> Target:
     """Load a local HF checkpoint as a `Target`; the family is detected from config.json `model_type`.
 
     Args:
-        path: a directory with config.json, weights (safetensors), tokenizer and chat template.
+        path: a directory with config.json, weights (safetensors), tokenizer and chat template; None = the
+            embedded default target.
         dtype: "float32" | "bfloat16" | "float16" | torch dtype; default: the checkpoint's (CPU: float32).
         device: "cpu", "cuda", ...; default cuda when available else cpu.
     Raises: SparrowError for a missing path/config or an unsupported family.
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+    if path is None:
+        from ..defaults import target_path
+
+        path = target_path()
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise SparrowError(f"{path}: no config.json there; give the directory of a HF checkpoint")

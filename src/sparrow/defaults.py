@@ -1,0 +1,33 @@
+"""Where the embedded default lives: the target trained on the synthetic world, its drafts, example clips."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import SparrowError
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+TARGET = os.path.join(ASSETS, "target")
+DRAFTS = {"sparrow": os.path.join(ASSETS, "drafts", "sparrow"), "eagle": os.path.join(ASSETS, "drafts", "eagle")}
+CLIPS = os.path.join(ASSETS, "clips")
+
+
+def has_target() -> bool:
+    return os.path.isfile(os.path.join(TARGET, "config.json"))
+
+
+def target_path() -> str:
+    """The embedded target's directory. Raises SparrowError when this install has none."""
+    if not has_target():
+        raise SparrowError(f"no embedded target in {TARGET}; pass --target PATH (a local HF checkpoint)")
+    return TARGET
+
+
+def draft_path(method: str) -> str | None:
+    """The shipped draft for `method` ("sparrow" | "eagle"), or None when it is not shipped."""
+    path = DRAFTS.get(method)
+    return path if path and os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def example_clip(i: int = 0) -> str:
+    return os.path.join(CLIPS, f"clip{i}.mp4")

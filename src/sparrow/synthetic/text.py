@@ -1,0 +1,171 @@
+"""Natural-language targets rendered from a clip's ground truth: detailed descriptions (varied templates and
+word order), short answers to questions, and the parser that scores a description against the truth.
+
+Object mentions always read "[size] [striped] <colour> <shape>" so that a description can be parsed back; the
+rest of the wording (openings, motion verbs, connectives, time phrases, sentence order) varies per seed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from .world import COLOURS, SHAPES
+
+NUMBER = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+WORD_NUMBER = {v: k for k, v in NUMBER.items()}
+DESCRIBE_PROMPTS = ("Describe the video.", "Describe the video in detail.", "What happens in this video?",
+                    "Describe what you see in the clip.")
+MOTION_PHRASES = {
+    "left": ("moves to the left", "drifts left", "slides toward the left side", "travels leftward"),
+    "right": ("moves to the right", "drifts right", "slides toward the right side", "travels rightward"),
+    "up": ("moves up", "rises toward the top", "drifts upward", "travels up the frame"),
+    "down": ("moves down", "sinks toward the bottom", "drifts downward", "travels down the frame"),
+    "still": ("stays still", "does not move", "remains in place", "keeps still"),
+}
+CONNECTIVES = ("First,", "Then", "After that,", "Later,", "Next,", "Finally,")
+
+
+def mention(obj: dict, rng: np.random.Generator | None = None, full: bool = True) -> str:
+    """'large striped red circle' (full) or 'red circle'."""
+    words = ([obj["size"]] if full else []) + (["striped"] if full and obj["texture"] == "striped" else [])
+    return " ".join(words + [obj["colour"], obj["shape"]])
+
+
+def _article(phrase: str) -> str:
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
+def _event_clause(e: dict, objs: dict, rng) -> str:
+    o = objs[e["object"]]
+    name = f"the {mention(o, full=False)}"
+    if e["type"] == "appears":
+        verb = str(rng.choice(["appears", "shows up", "appears in the frame"]))
+    elif e["type"] == "disappears":
+        verb = str(rng.choice(["disappears", "vanishes", "disappears from view"]))
+    else:
+        verb = str(rng.choice(["turns", "changes colour to", "becomes"])) + " " + e["colour"]
+    return f"{name} {verb}"
+
+
+def describe(truth: dict, seed: int) -> str:
+    """A detailed description (about 40-200 tokens) of a clip from its ground truth."""
+    rng = np.random.default_rng(seed)
+    objs = {o["id"]: o for o in truth["objects"]}
+    n = len(objs)
+    noun = "object" if n == 1 else "objects"
+    bg = truth["background"]
+    opening = str(rng.choice([
+        f"The video shows {NUMBER[n]} {noun} on a {bg} background.",
+        f"On a {bg} background, there {'is' if n == 1 else 'are'} {NUMBER[n]} {noun}.",
+        f"This clip has a {bg} background with {NUMBER[n]} {noun}.",
+        f"We see {NUMBER[n]} {noun} in front of a {bg} background.",
+    ]))
+    sentences = [opening]
+    order = list(objs.values())
+    if rng.random() < 0.5:
+        rng.shuffle(order)
+    for o in order:
+        phrase = mention(o)
+        motion = str(rng.choice(MOTION_PHRASES[o["motion"]]))
+        late = o["appear"] > 0
+        form = int(rng.integers(3))
+        if form == 0:
+            sentences.append(f"{_article(phrase).capitalize()} {phrase} {motion}.")
+        elif form == 1:
+            sentences.append(f"There is {_article(phrase)} {phrase} that {motion}.")
+        else:
+            sentences.append(f"The {phrase} {motion}{' once it is visible' if late else ''}.")
+    events = truth["events"]
+    if events:
+        conn = list(CONNECTIVES[1:-1])
+        rng.shuffle(conn)
+        for i, e in enumerate(events):
+            clause = _event_clause(e, objs, rng)
+            if rng.random() < 0.35:
+                clause += f" after about {max(1, round(e['time_s']))} seconds"
+            if len(events) > 1 and i == len(events) - 1:
+                lead = "Finally,"
+            elif i == 0:
+                lead = str(rng.choice(["First,", "At one point,", "Early on,"])) if len(events) > 1 else "Then"
+            else:
+                lead = conn[i % len(conn)]
+            sentences.append(f"{lead} {clause}.")
+    else:
+        sentences.append(str(rng.choice(["Nothing appears or disappears.", "No object appears or disappears.",
+                                         "The scene has no other events."])))
+    if rng.random() < 0.4:
+        sentences.append(f"In total, {NUMBER[n]} {noun} {'is' if n == 1 else 'are'} seen.")
+    return " ".join(s[0].upper() + s[1:] for s in sentences)
+
+
+def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
+    """Short question-answer pairs (what colour / how many / which came first / where did X go)."""
+    rng = np.random.default_rng(seed)
+    objs = truth["objects"]
+    n = len(objs)
+    qa = [("How many objects are there?", f"There {'is' if n == 1 else 'are'} {NUMBER[n]} {'object' if n == 1 else 'objects'}.")]
+    for o in objs:
+        same_shape = [p for p in objs if p["shape"] == o["shape"]]
+        if len(same_shape) == 1:
+            answer = f"It is {o['colour']}." if o["final_colour"] == o["colour"] else \
+                f"It is {o['colour']} at first and later turns {o['final_colour']}."
+            qa.append((f"What colour is the {o['shape']}?", answer))
+        where = {"left": "It moved to the left.", "right": "It moved to the right.", "up": "It moved up.",
+                 "down": "It moved down.", "still": "It stayed in place."}[o["motion"]]
+        qa.append((f"Where did the {mention(o, full=False)} go?", where))
+    ev = truth["events"]
+    if len(ev) >= 2:
+        a, b = ev[0], ev[1]
+        objs_by_id = {o["id"]: o for o in objs}
+        ca, cb = _event_clause(a, objs_by_id, rng), _event_clause(b, objs_by_id, rng)
+        first, second = (ca, cb) if rng.random() < 0.5 else (cb, ca)
+        qa.append((f"Which came first: {first}, or {second}?", f"First {ca}, then {cb}."))
+    return qa
+
+
+# ---- scoring a description against the truth ----
+_MENTION = re.compile(r"\b(?:(small|large) )?(?:(striped) )?(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+_EVENT = re.compile(r"the (" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r") (appears|shows up|disappears|vanishes"
+                    r"|turns|changes colour to|becomes)(?: (" + "|".join(COLOURS) + r"))?")
+
+
+def parse_description(text: str) -> dict:
+    """Extract what a description claims: count (from the number word), objects {(colour, shape): motion or None},
+    events [(type, colour, shape)] in text order."""
+    t = text.lower()
+    m = re.search(r"\b(" + "|".join(WORD_NUMBER) + r") objects?\b", t)
+    count = WORD_NUMBER[m.group(1)] if m else None
+    objects: dict = {}
+    for sent in re.split(r"(?<=\.)\s+", t):
+        if _EVENT.search(sent) and not any(p in sent for ps in MOTION_PHRASES.values() for p in ps):
+            continue
+        for mm in _MENTION.finditer(sent):
+            motion = next((d for d, ps in MOTION_PHRASES.items() if any(p in sent for p in ps)), None)
+            objects.setdefault((mm.group(3), mm.group(4)), motion)
+    events = []
+    for mm in _EVENT.finditer(t):
+        verb = mm.group(3)
+        kind = "appears" if verb in ("appears", "shows up") else "disappears" if verb in ("disappears", "vanishes") \
+            else "changes colour"
+        events.append((kind, mm.group(1), mm.group(2)))
+    return {"count": count, "objects": objects, "events": events}
+
+
+def score_description(text: str, truth: dict) -> dict:
+    """Attribute accuracy of a description: count, colour+shape of each object (recall and no extras), motion
+    of each object, and the order of events. Each field is 1.0 (right) or 0.0; `mean` averages them."""
+    claim = parse_description(text)
+    objs = truth["objects"]
+    want = {(o["colour"], o["shape"]): o["motion"] for o in objs}
+    found = claim["objects"]
+    objects_ok = float(set(found) == set(want))
+    motion_ok = float(all(found.get(k) == v for k, v in want.items()))
+    by_id = {o["id"]: o for o in objs}
+    want_events = [(e["type"], by_id[e["object"]]["colour"], by_id[e["object"]]["shape"]) for e in truth["events"]]
+    events_ok = float(claim["events"] == want_events)
+    scores = {"count": float(claim["count"] == len(objs)), "objects": objects_ok, "motion": motion_ok,
+              "events": events_ok}
+    scores["mean"] = sum(scores.values()) / len(scores)
+    return scores

@@ -1,0 +1,239 @@
+"""Train the embedded default target: a small Qwen2.5-VL (the HF class itself) on the synthetic video world.
+
+    python -m sparrow.synthetic.train_target --out runs/target [--steps 12000] [--minutes 85] [--resume]
+
+Fixed seed; bf16 autocast on CPU; a progress bar with the loss; a checkpoint (model, optimiser, step, RNG)
+every `--save-every` steps and on SIGINT/SIGTERM, written atomically; `--resume` continues from the last one.
+`--export DIR` writes the final model with `save_pretrained` (bf16 safetensors, config, tokenizer, chat
+template, generation config) for shipping.
+
+Data: every step draws fresh clips (mostly 64-512 visual tokens: 4-32 frames at 112-224 px, frame rates 2-8)
+and a task: a detailed description (75%) or a short question (25%). Loss on answer tokens only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import time
+
+import numpy as np
+import torch
+
+from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
+from .text import DESCRIBE_PROMPTS, describe, questions
+from .world import make_clip, plan_clip
+
+TEXT = dict(hidden=256, layers=12, heads=4, kv_heads=2, intermediate=768)
+VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14, temporal_patch_size=2,
+              spatial_merge_size=2, window_size=112, fullatt_block_indexes=[2], tokens_per_second=2, in_channels=3)
+SHAPES = [(4, 112, 112), (8, 112, 112), (16, 112, 112), (8, 168, 168), (16, 168, 168), (32, 112, 112),
+          (12, 224, 224), (24, 112, 168), (2, 112, 112)]
+SHAPE_P = [0.08, 0.22, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05]
+VOCAB = 1024
+
+
+def corpus(n: int = 4000) -> list[str]:
+    """Text of the world (descriptions, questions, answers, prompts) to train the tokenizer on."""
+    out = list(DESCRIBE_PROMPTS) + ["You are a helpful assistant."]
+    for s in range(n):
+        rng = np.random.default_rng(10**6 + s)
+        truth = plan_clip(rng, 16)
+        truth["background"] = "gray" if s % 2 else "dark green"
+        for e in truth["events"]:
+            e["time_s"] = e["frame"] / 4
+        out.append(describe(truth, s))
+        out += [q + " " + a for q, a in questions(truth, s)]
+    return out
+
+
+def build_model(tokenizer, seed: int):
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = TEXT["hidden"] // TEXT["heads"]
+    text = dict(vocab_size=len(tokenizer), hidden_size=TEXT["hidden"], intermediate_size=TEXT["intermediate"],
+                num_hidden_layers=TEXT["layers"], num_attention_heads=TEXT["heads"],
+                num_key_value_heads=TEXT["kv_heads"], max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 100000.0,
+                                 "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]},
+                eos_token_id=ids("<|im_end|>"), bos_token_id=ids("<|endoftext|>"),
+                pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False)
+    cfg = AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config={**VISION, "out_hidden_size": TEXT["hidden"]},
+                               image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                               vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+                               eos_token_id=ids("<|im_end|>"), tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+                                               do_sample=False)
+    return model
+
+
+class Batcher:
+    """Draws training samples: a clip (in memory), a prompt and its answer, tokenised with the answer mask."""
+
+    def __init__(self, target, seed: int):
+        self.t = target
+        self.rng = np.random.default_rng(seed)
+        self.assistant = target.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+
+    def sample(self) -> dict:
+        rng = self.rng
+        frames, h, w = SHAPES[rng.choice(len(SHAPES), p=SHAPE_P)]
+        fps = float(rng.choice([2.0, 4.0, 8.0]))
+        seed = int(rng.integers(2**31))
+        clip = make_clip(seed, frames, h, w, fps=fps)
+        if rng.random() < 0.75:
+            prompt, answer = str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed)
+        else:
+            qa = questions(clip.truth, seed)
+            prompt, answer = qa[int(rng.integers(len(qa)))]
+        from ..video import Video
+
+        video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
+        inputs = self.t.prepare(video, prompt, max_pixels=h * w, min_pixels=h * w)
+        answer_ids = self.t.tokenizer(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        ids = torch.cat((inputs["input_ids"][0], torch.tensor(answer_ids)))
+        labels = torch.full_like(ids, -100)
+        labels[inputs["input_ids"].shape[1]:inputs["input_ids"].shape[1] + len(answer_ids) - 1] = \
+            torch.tensor(answer_ids[:-1])  # answer + <|im_end|>, not the trailing newline
+        return {"ids": ids, "labels": labels, "pixels": inputs["pixel_values_videos"], "grid": inputs["video_grid_thw"],
+                "sgt": inputs["second_per_grid_ts"]}
+
+    def batch(self, size: int) -> dict:
+        samples = [self.sample() for _ in range(size)]
+        L = max(s["ids"].shape[0] for s in samples)
+        pad = self.t.tokenizer.pad_token_id
+        ids = torch.full((size, L), pad)
+        labels = torch.full((size, L), -100)
+        mask = torch.zeros((size, L), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = s["ids"].shape[0]
+            ids[i, :n], labels[i, :n], mask[i, :n] = s["ids"], s["labels"], 1
+        types = (ids == self.t.config.video_token_id).long() * 2
+        return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types, "labels": labels,
+                "pixel_values_videos": torch.cat([s["pixels"] for s in samples]),
+                "video_grid_thw": torch.cat([s["grid"] for s in samples]),
+                "second_per_grid_ts": torch.cat([s["sgt"] for s in samples])}
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 300) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+
+
+def save_checkpoint(run: str, model, opt, step: int, batcher: Batcher, log: list) -> None:
+    """Atomic: write to a temporary directory, then rename over the previous checkpoint."""
+    tmp, final = os.path.join(run, "ckpt.tmp"), os.path.join(run, "ckpt")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                "rng": batcher.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "log.json"), "w") as f:
+        json.dump(log, f)
+    old = os.path.join(run, "ckpt.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export(run: str, model, tokenizer, out: str) -> None:
+    """save_pretrained in bf16 (the shipped default stays small); loads back in fp32 on CPU."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def main(argv=None):
+    from tqdm import tqdm
+
+    import sparrow
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="run directory (checkpoints, tokenizer, log)")
+    ap.add_argument("--steps", type=int, default=12000)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--export", help="write the trained model here (save_pretrained, bf16)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    os.makedirs(a.out, exist_ok=True)
+    tok_dir = os.path.join(a.out, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        build_tokenizer(corpus(), QWEN_SPECIALS, QWEN_CHAT_TEMPLATE, vocab_size=VOCAB).save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    model = build_model(tokenizer, a.seed)
+    target = sparrow.wrap_model(model, tokenizer)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    batcher = Batcher(target, a.seed)
+    step, log = 0, []
+    ckpt = os.path.join(a.out, "ckpt", "state.pt")
+    if a.resume and os.path.exists(ckpt):
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        batcher.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log = json.load(open(os.path.join(a.out, "ckpt", "log.json")))
+        print(f"resumed at step {step}")
+    stop = {"now": False}
+
+    def on_signal(*_):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    t0 = time.time()
+    bar = tqdm(total=a.steps, initial=step, desc="train-target", dynamic_ncols=True)
+    ema = None
+    while step < a.steps and not stop["now"]:
+        batch = batcher.batch(a.batch)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.steps, a.lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}")
+        if step % 50 == 0:
+            log.append({"step": step, "loss": round(ema, 4), "s": round(time.time() - t0, 1)})
+        if a.minutes and time.time() - t0 > a.minutes * 60:
+            stop["now"] = True
+        if step % a.save_every == 0 or stop["now"] or step == a.steps:
+            save_checkpoint(a.out, model, opt, step, batcher, log)
+    bar.close()
+    if a.export:
+        model.eval()
+        export(a.out, model, tokenizer, a.export)
+        print(f"exported to {a.export}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The synthetic video world: determinism, ground truth against rendered pixels, text round trip, mp4 round trip."""
+
+import numpy as np
+import pytest
+
+from sparrow.synthetic.text import describe, parse_description, questions, score_description
+from sparrow.synthetic.world import BACKGROUNDS, COLOURS, make_clip
+from sparrow.video import load_video, write_video
+
+
+def test_same_seed_same_clip_other_seed_other_clip():
+    a, b, c = make_clip(7, 12), make_clip(7, 12), make_clip(8, 12)
+    assert np.array_equal(a.frames, b.frames) and a.truth == b.truth
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_hand_checked_clips():
+    """Seeds 1 and 2 at 16 frames, 112 px, looked at frame by frame (frames 0, 5, 10, 15)."""
+    t = make_clip(1, 16).truth
+    assert t["background"] == "black"
+    objs = [(o["colour"], o["shape"], o["size"], o["texture"], o["motion"]) for o in t["objects"]]
+    assert objs == [("cyan", "square", "small", "striped", "left"), ("red", "diamond", "small", "solid", "still")]
+    assert [(e["frame"], e["type"], e["object"]) for e in t["events"]] == [(8, "changes colour", 1), (11, "disappears", 0)]
+    assert t["events"][0]["colour"] == "white"
+    t = make_clip(2, 16).truth
+    assert [(o["colour"], o["shape"], o["motion"]) for o in t["objects"]] == [
+        ("cyan", "circle", "left"), ("green", "square", "left"), ("yellow", "circle", "left")]
+    assert t["events"] == []
+
+
+def _near(pixel, rgb, tol=40):
+    return np.abs(pixel.astype(int) - np.array(rgb)).max() <= tol
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_truth_matches_pixels(seed):
+    """At every frame, an unoccluded solid object's centre shows its colour (the new one after a colour change)
+    while it is visible, and the background when it is not."""
+    clip = make_clip(seed, 20, 112, 140)
+    t = clip.truth
+    change = {e["object"]: (e["frame"], e["colour"]) for e in t["events"] if e["type"] == "changes colour"}
+    for o in t["objects"]:
+        if o["texture"] != "solid":
+            continue
+        for f in range(t["num_frames"]):
+            x, y = o["track"][f]
+            others = [p for p in t["objects"] if p is not o and np.hypot(p["track"][f][0] - x, p["track"][f][1] - y) < 60]
+            if others:
+                continue
+            pixel = clip.frames[f, int(round(y)), int(round(x))]
+            assert 0 <= x < 140 and 0 <= y < 112  # never leaves the frame
+            if o["appear"] <= f < o["disappear"]:
+                colour = change[o["id"]][1] if o["id"] in change and f >= change[o["id"]][0] else o["colour"]
+                assert _near(pixel, COLOURS[colour]), (seed, f, o["id"], pixel, colour)
+            else:
+                assert not any(_near(pixel, c, 30) for c in COLOURS.values())
+
+
+def test_motion_direction_in_track():
+    for seed in range(30):
+        for o in make_clip(seed, 10).truth["objects"]:
+            (x0, y0), (x1, y1) = o["track"][0], o["track"][-1]
+            dx, dy = x1 - x0, y1 - y0
+            want = {"left": dx < -20, "right": dx > 20, "up": dy < -20, "down": dy > 20,
+                    "still": abs(dx) + abs(dy) < 1}[o["motion"]]
+            assert want, (seed, o["motion"], dx, dy)
+
+
+def test_blank_clip_has_only_background():
+    clip = make_clip(3, 8, blank=True)
+    bg = np.array(BACKGROUNDS[clip.truth["background"]])
+    assert np.abs(clip.frames.reshape(-1, 3).mean(0) - bg).max() < 20
+    assert clip.truth == make_clip(3, 8).truth | {"objects": clip.truth["objects"]}
+
+
+def test_descriptions_parse_back_and_vary():
+    texts = set()
+    for seed in range(200):
+        truth = make_clip(seed, 16).truth
+        text = describe(truth, seed)
+        texts.add(text)
+        assert score_description(text, truth)["mean"] == 1.0, text
+        assert 15 <= len(text.split()) <= 160
+        assert questions(truth, seed)
+    assert len(texts) == 200
+    truth = make_clip(1, 16).truth
+    wrong = describe(truth, 1).replace("cyan square", "blue square")
+    assert score_description(wrong, truth)["objects"] == 0.0
+    assert parse_description("The video shows two objects.")["count"] == 2
+
+
+def test_long_clip_spreads_events(tmp_path):
+    clip = make_clip(11, 400, 56, 56)
+    assert clip.frames.shape == (400, 56, 56, 3)
+    for e in clip.truth["events"]:
+        assert 400 // 6 <= e["frame"] < 400 - 400 // 6
+
+
+def test_mp4_round_trip(tmp_path):
+    clip = make_clip(5, 12)
+    path = str(tmp_path / "c.mp4")
+    write_video(path, clip.frames, fps=4, crf=12)
+    v = load_video(path)
+    assert v.frames.shape == clip.frames.shape
+    assert np.abs(v.frames.astype(int) - clip.frames.astype(int)).mean() < 6
