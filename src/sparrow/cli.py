@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--layers", type=int, default=4)
+    sub.add_parser("regenerate", help="replace a dataset's answers with the target's own (see --help)",
+                   add_help=False)
+    sub.add_parser("train-draft", help="train a Sparrow / EAGLE draft with IVSB + MTP (see --help)", add_help=False)
     sub.add_parser("train-target", help="train the embedded target on the synthetic world (see --help)",
                    add_help=False)
     sub.add_parser("evaluate-target", help="description accuracy of a target on the synthetic world (see --help)",
@@ -203,26 +206,40 @@ def _tiny_demo_setup(folder: str):
     return load_target(target_dir, device="cpu"), video
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("train-target", "evaluate-target"):  # scripts with their own options
-        from .synthetic import evaluate, train_target
+SCRIPTS = {  # subcommands with their own argument parsers: module, function
+    "train-target": ("sparrow.synthetic.train_target", "main"),
+    "evaluate-target": ("sparrow.synthetic.evaluate", "main"),
+    "regenerate": ("sparrow.training.regenerate", "main"),
+    "train-draft": ("sparrow.training.trainer", "main"),
+}
 
-        return (train_target.main if argv[0] == "train-target" else evaluate.main)(argv[1:]) or 0
-    a = build_parser().parse_args(argv)
+
+def run_guarded(fn, *args) -> int:
+    """Run a command; a SparrowError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        return {"generate": cmd_generate, "init-draft": cmd_init_draft, "make-tiny": cmd_make_tiny,
-                "demo": cmd_demo}[a.command](a)
+        return fn(*args) or 0
     except SparrowError as e:
         print(f"sparrow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sparrow: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SCRIPTS:
+        import importlib
+
+        module, fn = SCRIPTS[argv[0]]
+        return run_guarded(getattr(importlib.import_module(module), fn), argv[1:])
+    a = build_parser().parse_args(argv)
+    commands = {"generate": cmd_generate, "init-draft": cmd_init_draft, "make-tiny": cmd_make_tiny, "demo": cmd_demo}
+    return run_guarded(commands[a.command], a)
 
 
 if __name__ == "__main__":

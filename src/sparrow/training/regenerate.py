@@ -1,0 +1,80 @@
+"""`sparrow regenerate`: replace the answers of a JSONL dataset with the target's own output (the standard
+recipe for draft training: the draft learns the target's distribution, not the dataset's).
+
+    sparrow regenerate --target PATH --data train.jsonl --out regen.jsonl [--temperature 0] [--max-new-tokens 256]
+
+Resumable: samples whose id is already in --out are skipped; each answer is appended (and flushed) as soon as
+it is generated, so an interrupted run loses at most the sample in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+from ..errors import SparrowError
+from .data import read_jsonl, write_sample
+
+
+def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperature: float = 0.0,
+               num_frames: int | None = 16, max_pixels: int | None = None, seed: int = 0, strict: bool = False,
+               log=None) -> int:
+    """Write the target's answers for every sample of `data` to `out` (JSONL, same ids, video paths relative to
+    `out`). Returns the number of samples written in this call."""
+    from .. import generate
+    from ..video import load_video
+
+    samples = read_jsonl(data, strict=strict, log=log)
+    done = set()
+    if os.path.exists(out):
+        with open(out) as f:
+            for line in f:
+                try:
+                    done.add(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError):
+                    pass  # a torn last line from an interrupted run: that sample is redone
+    base = os.path.dirname(os.path.abspath(out))
+    written = 0
+    with open(out, "a") as f:
+        for i, s in enumerate(tqdm([s for s in samples if s.id not in done], desc="regenerate")):
+            try:
+                video = load_video(s.video, num_frames=num_frames) if s.video else None
+            except SparrowError as e:
+                if strict:
+                    raise
+                print(f"sparrow: skipping sample {s.id} (line {s.line}): {e}", file=log or sys.stderr)
+                continue
+            inputs = target.prepare(video, s.prompt, max_pixels=max_pixels)
+            o = generate(target, None, inputs, max_new_tokens=max_new_tokens, method="ar", temperature=temperature,
+                         seed=seed + i)
+            rel = os.path.relpath(s.video, base) if s.video else None
+            write_sample(f, s.id, rel, s.prompt, o.text)
+            f.flush()
+            written += 1
+    return written
+
+
+def main(argv=None) -> int:
+    from .. import load_target
+    from ..defaults import target_path
+
+    ap = argparse.ArgumentParser(prog="sparrow regenerate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--num-frames", type=int, default=16)
+    ap.add_argument("--max-pixels", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
+    a = ap.parse_args(argv)
+    target = load_target(a.target or target_path())
+    n = regenerate(target, a.data, a.out, a.max_new_tokens, a.temperature, a.num_frames, a.max_pixels, a.seed,
+                   a.strict)
+    print(f"wrote {n} answers to {a.out}")
+    return 0

@@ -1,0 +1,247 @@
+"""`sparrow train-draft`: train a Sparrow (or EAGLE-baseline) draft for a target, on one process or many.
+
+    sparrow train-draft --target PATH --data regen.jsonl --out DRAFT_DIR [--config cfg.json|yaml] [--resume]
+    torchrun --nproc-per-node 2 -m sparrow.training.trainer --target ... (N processes: gloo on CPU, nccl on GPU;
+        several machines: torchrun --nnodes M --node-rank R --master-addr HOST --nproc-per-node N ...)
+
+Hidden states are captured online (the frozen target runs in every process). Each optimiser step takes a global
+batch of `batch` conversations, split across processes; gradients are summed across processes (all-reduce), so
+N processes follow the single-process run. Data order is a seeded permutation per epoch; the step counter
+fixes the position in it, so `--resume` continues exactly (draft, optimiser, step). Checkpoints every
+`save_every` steps and on SIGINT/SIGTERM, written atomically. Metrics: JSONL (loss and top-1 agreement per MTP
+stage), and a progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+from ..errors import SparrowError
+from .data import read_jsonl
+from .losses import LossConfig, capture, draft_loss
+
+
+@dataclass
+class TrainConfig:
+    """Every switch of the method's ablations plus the optimiser. See `LossConfig` for the loss fields."""
+
+    mode: str = "sparrow"
+    ivsb: bool = True
+    visual_states: str = "mid"
+    mtp_stages: int = 2
+    stage_weights: list[float] | None = None
+    mid_layer: int | None = None
+    position_mode: str = "compact"
+    l1_weight: float = 1.0
+    ce_weight: float = 0.1
+    steps: int = 1000
+    batch: int = 8
+    lr: float = 1e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    seed: int = 0
+    save_every: int = 100
+    num_frames: int | None = 16
+    max_pixels: int | None = None
+    strict_data: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def loss(self) -> LossConfig:
+        return LossConfig(mode=self.mode, ivsb=self.ivsb, visual_states=self.visual_states,
+                          mtp_stages=self.mtp_stages,
+                          stage_weights=tuple(self.stage_weights) if self.stage_weights else None,
+                          position_mode=self.position_mode, l1_weight=self.l1_weight, ce_weight=self.ce_weight)
+
+
+def load_config(path: str | None, overrides: dict) -> TrainConfig:
+    raw = {}
+    if path:
+        if not os.path.isfile(path):
+            raise SparrowError(f"{path}: no such config file")
+        text = open(path).read()
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError:
+                raise SparrowError("reading a YAML config needs PyYAML (pip install pyyaml), or use JSON") from None
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SparrowError(f"unknown training config keys {sorted(unknown)}; known: {sorted(known)}")
+    return TrainConfig(**raw)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def batch_indices(step: int, cfg: TrainConfig, n: int, rank: int, world: int) -> list[int]:
+    """The dataset indices this process handles at optimiser step `step` (seeded permutation per epoch)."""
+    out = []
+    for j in range(step * cfg.batch, (step + 1) * cfg.batch):
+        epoch, pos = divmod(j, n)
+        g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        out.append(int(torch.randperm(n, generator=g)[pos]))
+    return out[rank::world]
+
+
+def save_checkpoint(out: str, draft, opt, step: int, cfg: TrainConfig) -> None:
+    """Atomic: ckpt.tmp/ is written completely, then renamed to ckpt/; the draft itself is saved to `out`."""
+    tmp, final = os.path.join(out, "ckpt.tmp"), os.path.join(out, "ckpt")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save({"draft": draft.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg)},
+               os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    draft.config.training = {**asdict(cfg), "step": step}
+    draft.save(out)
+
+
+def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log=None,
+          progress: bool = True) -> dict:
+    """Train a draft for `target` on `samples` (see `sparrow.training.data`); returns the last metrics.
+    Works inside an initialised torch.distributed group (every process calls it with the same arguments)."""
+    from tqdm import tqdm
+
+    from .. import init_draft
+    from ..video import load_video
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    os.makedirs(out, exist_ok=True)
+    mid = cfg.mid_layer or target.default_mid_layer()
+    draft = init_draft(target, seed=cfg.seed, mode=cfg.mode, position_mode=cfg.position_mode, mid_layer=mid)
+    draft.float().train()
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    step = 0
+    ckpt = os.path.join(out, "ckpt", "state.pt")
+    if resume and os.path.isfile(ckpt):
+        state = torch.load(ckpt, weights_only=False, map_location="cpu")
+        draft.load_state_dict(state["draft"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        print(f"resumed from step {step}", file=log or sys.stderr)
+    stop = {"now": False}
+    if rank == 0 and threading_main():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda *_: stop.__setitem__("now", True))
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    lcfg = cfg.loss()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-draft", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    last = {}
+    while step < cfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        sums = [[0.0, 0.0, 0] for _ in range(cfg.mtp_stages)]
+        for i in batch_indices(step, cfg, len(samples), rank, world):
+            s = samples[i]
+            try:
+                video = load_video(s.video, num_frames=cfg.num_frames) if s.video else None
+            except SparrowError as e:
+                if cfg.strict_data:
+                    raise
+                print(f"sparrow: skipping sample {s.id} (line {s.line}): {e}", file=log or sys.stderr)
+                continue
+            inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
+            c = capture(target, inputs, s.answer, mid)
+            loss, st = draft_loss(draft, target, c, lcfg)
+            (loss / cfg.batch).backward()
+            for k, x in enumerate(st):
+                sums[k][0] += x["loss"] * x["n"]
+                sums[k][1] += x["acc"] * x["n"]
+                sums[k][2] += x["n"]
+        if world > 1:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            t = torch.tensor(sums, dtype=torch.float64)
+            dist.all_reduce(t)
+            sums = t.tolist()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        step += 1
+        last = {"step": step, "lr": lr_at(step - 1, cfg)}
+        for k, (l, a, n) in enumerate(sums):
+            last[f"loss{k + 1}"] = l / max(n, 1)
+            last[f"acc{k + 1}"] = a / max(n, 1)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k.startswith(("loss", "acc"))})
+        flag = torch.tensor([1.0 if stop["now"] else 0.0])
+        if world > 1:
+            dist.all_reduce(flag)
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or flag.item() > 0):
+            save_checkpoint(out, draft, opt, step, cfg)
+        if flag.item() > 0:
+            print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=log or sys.stderr)
+            break
+    bar.close()
+    return last
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv=None) -> int:
+    from .. import load_target
+
+    ap = argparse.ArgumentParser(prog="sparrow train-draft", description="Train a Sparrow / EAGLE draft (IVSB + MTP).")
+    ap.add_argument("--target", help="target checkpoint (default: the embedded one)")
+    ap.add_argument("--data", required=True, help="JSONL (LLaVA-Video style), answers from `sparrow regenerate`")
+    ap.add_argument("--out", required=True, help="draft directory (draft + ckpt/ + metrics.jsonl)")
+    ap.add_argument("--config", help="JSON or YAML with TrainConfig fields")
+    ap.add_argument("--resume", action="store_true")
+    for f in fields(TrainConfig):
+        if f.name in ("extra", "stage_weights"):
+            continue
+        kind = {"bool": lambda x: x.lower() in ("1", "true", "yes", "on")}.get(str(f.type).split(" ")[0], None)
+        typ = kind or (int if "int" in str(f.type) else float if "float" in str(f.type) else str)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None)
+    a = ap.parse_args(argv)
+    overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name not in ("extra", "stage_weights")}
+    cfg = load_config(a.config, overrides)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        from ..defaults import target_path
+
+        target = load_target(a.target or target_path(), device="cuda" if torch.cuda.is_available() else "cpu")
+        samples = read_jsonl(a.data, strict=cfg.strict_data)
+        train(target, samples, a.out, cfg, resume=a.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from ..cli import run_guarded
+
+    sys.exit(run_guarded(main))

@@ -1,0 +1,133 @@
+"""Draft training (IVSB + MTP): loss masks, every mode learns, exact resume, 2 processes = 1 process, bad data."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import sparrow
+from conftest import get_target
+from sparrow.training.data import read_jsonl, write_sample
+from sparrow.training.losses import LossConfig, capture, draft_loss, loss_mask_for
+from sparrow.training.trainer import TrainConfig, train
+from sparrow.video import write_video
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ckpt_dir):
+    d = tmp_path_factory.mktemp("data")
+    target = get_target(ckpt_dir, "qwen2_5_vl", 0)
+    rng = np.random.RandomState(0)
+    path = str(d / "train.jsonl")
+    with open(path, "w") as f:
+        for i in range(4):
+            write_video(str(d / f"c{i}.mp4"), (rng.rand(8, 56, 56, 3) * 255).astype(np.uint8), fps=4)
+            write_sample(f, f"s{i}", f"c{i}.mp4", "Describe the video.", "A red circle moves to the left.")
+    return target, path
+
+
+def test_loss_mask_covers_exactly_the_answer(ckpt_dir):
+    target = get_target(ckpt_dir, "qwen2_5_vl", 0)
+    inputs = target.prepare(None, "Describe the video.")
+    c = capture(target, inputs, "A red circle.", None)
+    predicted = c.ids[1:][c.loss_mask[:-1]]  # the tokens that masked states predict
+    tok = target.tokenizer
+    assert tok.decode(predicted) == "A red circle.<|im_end|>"
+    prompt = tok.decode(c.ids[: int(c.loss_mask.nonzero()[0]) + 1])
+    assert prompt == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                      "Describe the video.<|im_end|>\n<|im_start|>assistant\n")
+    assert loss_mask_for(3, 6).tolist() == [False, False, True, True, True, False]
+
+
+@pytest.mark.parametrize("cfg", [
+    LossConfig(mode="sparrow", ivsb=True, visual_states="mid", mtp_stages=2),
+    LossConfig(mode="sparrow", ivsb=True, visual_states="top", mtp_stages=3, position_mode="absolute"),
+    LossConfig(mode="sparrow", ivsb=False, mtp_stages=1),
+    LossConfig(mode="eagle", mtp_stages=1),
+], ids=["ivsb-mid-mtp2", "ivsb-top-mtp3-absolute", "no-ivsb", "eagle"])
+def test_each_mode_learns_a_repeated_batch(dataset, cfg):
+    target, path = dataset
+    s = read_jsonl(path)[0]
+    inputs = target.prepare(sparrow.load_video(s.video, num_frames=8), s.prompt)
+    c = capture(target, inputs, s.answer, target.default_mid_layer())
+    assert c.visual_mask.any()
+    draft = sparrow.init_draft(target, seed=0, mode=cfg.mode, position_mode=cfg.position_mode)
+    before = {k: v.clone() for k, v in draft.state_dict().items()}
+    opt = torch.optim.Adam(draft.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss, stats = draft_loss(draft, target, c, cfg)
+        assert len(stats) == cfg.mtp_stages
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    changed = [k for k, v in draft.state_dict().items() if not torch.equal(v, before[k])]
+    assert "fc.weight" in changed and "layer.q_proj.weight" in changed
+    assert ("visual_proj.weight" in changed) == (cfg.mode == "sparrow" and cfg.ivsb)
+
+
+def small_cfg(**kw):
+    return TrainConfig(**{"steps": 4, "batch": 2, "lr": 3e-3, "warmup": 1, "save_every": 2, "num_frames": 8, **kw})
+
+
+def test_resume_reaches_the_same_state(dataset, tmp_path):
+    target, path = dataset
+    samples = read_jsonl(path)
+    train(target, samples, str(tmp_path / "a"), small_cfg(), progress=False)
+    train(target, samples, str(tmp_path / "b"), small_cfg(steps=2), progress=False)  # "interrupted" after 2
+    train(target, samples, str(tmp_path / "b"), small_cfg(), resume=True, progress=False)
+    a = sparrow.load_draft(str(tmp_path / "a"), target).state_dict()
+    b = sparrow.load_draft(str(tmp_path / "b"), target).state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    la = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    lb = [json.loads(x) for x in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    assert np.allclose([r["loss1"] for r in la], [r["loss1"] for r in lb], rtol=1e-4)
+
+
+def _worker(rank, world, init_file, ckpt, path, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    target = sparrow.load_target(ckpt, device="cpu")
+    train(target, read_jsonl(path), out, small_cfg(), progress=False)
+    dist.destroy_process_group()
+
+
+def test_two_processes_match_one(dataset, tmp_path):
+    target, path = dataset
+    train(target, read_jsonl(path), str(tmp_path / "one"), small_cfg(), progress=False)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), target.path, path, str(tmp_path / "two")), nprocs=2)
+    one = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    two = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert np.allclose([r["loss1"] for r in one], [r["loss1"] for r in two], rtol=1e-3)
+    a = sparrow.load_draft(str(tmp_path / "one"), target).state_dict()
+    b = sparrow.load_draft(str(tmp_path / "two"), target).state_dict()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+
+def test_bad_data_is_reported_not_fatal(dataset, tmp_path, capsys):
+    target, path = dataset
+    bad = str(tmp_path / "bad.jsonl")
+    lines = open(path).read().splitlines()
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    with open(bad, "w") as f:
+        f.write(lines[0].replace('"c0.mp4"', f'"{os.path.dirname(path)}/c0.mp4"') + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"id": "x", "video": "missing.mp4", "conversations": []}) + "\n")
+        write_sample(f, "corrupt", str(broken), "Describe the video.", "Something.")
+    samples = read_jsonl(bad)
+    err = capsys.readouterr().err
+    assert "line 2" in err and "line 3" in err and len(samples) == 2
+    train(target, samples, str(tmp_path / "d"), small_cfg(steps=2), progress=False)
+    assert "skipping sample corrupt" in capsys.readouterr().err
+    with pytest.raises(sparrow.SparrowError, match="line 2"):
+        read_jsonl(bad, strict=True)
