@@ -83,3 +83,10 @@ def test_bad_videos_raise_one_line_errors(tmp_path, case):
     assert "\n" not in msg and len(msg) < 300
     assert {"missing": "no such file", "not_video": "not a video", "truncated": "corrupt",
             "too_many": "only 24", "empty_dir": "no image", "zero_frames": "positive"}[case] in msg
+
+
+def test_max_frames_caps_without_failing(tmp_path):
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, ramp(), fps=8)
+    assert len(load_video(path, max_frames=6).indices) == 6
+    assert len(load_video(path, max_frames=100).indices) == 24

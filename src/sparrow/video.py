@@ -35,7 +35,8 @@ class Video:
     total_frames: int
 
 
-def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: float | None) -> np.ndarray:
+def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: float | None,
+                   max_frames: int | None = None) -> np.ndarray:
     """Uniformly spaced frame indices.
 
     Args:
@@ -43,6 +44,7 @@ def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: f
         source_fps: the source's frame rate (frames per second).
         num_frames: exact count to sample (takes precedence); must not exceed `total`.
         fps: sampling rate in frames per second (at least one frame); used when `num_frames` is None.
+        max_frames: with neither, at most this many frames (all frames of a shorter video).
     Returns: int64 array (T,), increasing.
     Raises: SparrowError when more frames are asked than the video has, or a count/rate is not positive.
     """
@@ -59,7 +61,7 @@ def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: f
             raise SparrowError(f"--fps must be positive, got {fps}")
         count = max(1, min(total, int(round(total / source_fps * fps))))
     else:
-        count = total
+        count = total if max_frames is None else max(1, min(total, max_frames))
     # centre of each of `count` equal segments, as uniform samplers in the field do (never the same frame twice)
     return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64).clip(0, total - 1)
 
@@ -117,13 +119,15 @@ def _rgb(frame) -> np.ndarray:
     return frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="rgb24")
 
 
-def load_video(path: str, num_frames: int | None = None, fps: float | None = None) -> Video:
+def load_video(path: str, num_frames: int | None = None, fps: float | None = None,
+               max_frames: int | None = None) -> Video:
     """Decode a video (file or directory of frames) and sample frames uniformly.
 
     Args:
         path: video file or directory of images.
         num_frames: sample exactly this many frames (uniform over the whole video).
-        fps: or sample at this rate (frames per second); with neither, every frame is kept.
+        fps: or sample at this rate (frames per second); with neither, every frame is kept...
+        max_frames: ...or at most this many, uniformly (training data of mixed lengths).
     Returns: a `Video` with frames (T, H, W, 3) uint8.
     Raises: SparrowError for a missing path, a file that is not a video, a corrupt/truncated file with no
         decodable frame, zero frames, or more frames requested than the video has.
@@ -131,7 +135,7 @@ def load_video(path: str, num_frames: int | None = None, fps: float | None = Non
     if not os.path.exists(path):
         raise SparrowError(f"{path}: no such file or directory")
     frames, source_fps = _load_frame_dir(path) if os.path.isdir(path) else _decode_all(path)
-    idx = sample_indices(len(frames), source_fps, num_frames, fps)
+    idx = sample_indices(len(frames), source_fps, num_frames, fps, max_frames)
     sampled = np.stack([_rgb(frames[i]) for i in idx])
     duration = len(frames) / source_fps
     return Video(frames=sampled, fps=len(idx) / duration, indices=idx, total_frames=len(frames))

@@ -42,7 +42,7 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
     with open(out, "a") as f:
         for i, s in enumerate(tqdm([s for s in samples if s.id not in done], desc="regenerate")):
             try:
-                video = load_video(s.video, num_frames=num_frames) if s.video else None
+                video = load_video(s.video, max_frames=num_frames) if s.video else None
             except SparrowError as e:
                 if strict:
                     raise
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--num-frames", type=int, default=16)
+    ap.add_argument("--num-frames", type=int, default=16, help="at most this many frames per video")
     ap.add_argument("--max-pixels", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")

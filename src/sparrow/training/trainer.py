@@ -52,7 +52,7 @@ class TrainConfig:
     grad_clip: float = 0.5
     seed: int = 0
     save_every: int = 100
-    num_frames: int | None = 16
+    num_frames: int | None = 16  # at most this many frames per video (uniform)
     max_pixels: int | None = None
     strict_data: bool = False
     extra: dict = field(default_factory=dict)
@@ -157,7 +157,7 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
         for i in batch_indices(step, cfg, len(samples), rank, world):
             s = samples[i]
             try:
-                video = load_video(s.video, num_frames=cfg.num_frames) if s.video else None
+                video = load_video(s.video, max_frames=cfg.num_frames) if s.video else None
             except SparrowError as e:
                 if cfg.strict_data:
                     raise
