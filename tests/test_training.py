@@ -131,3 +131,22 @@ def test_bad_data_is_reported_not_fatal(dataset, tmp_path, capsys):
     assert "skipping sample corrupt" in capsys.readouterr().err
     with pytest.raises(sparrow.SparrowError, match="line 2"):
         read_jsonl(bad, strict=True)
+
+
+def test_regenerate_appends_and_resumes(dataset, tmp_path):
+    from sparrow.training.regenerate import regenerate
+
+    target, path = dataset
+    out = str(tmp_path / "regen.jsonl")
+    assert regenerate(target, path, out, max_new_tokens=6, num_frames=8) == 4
+    full = open(out).read().splitlines()
+    with open(out, "w") as f:  # an interrupted run: two answers and a torn line
+        f.write("\n".join(full[:2]) + "\n" + full[2][:20])
+    assert regenerate(target, path, out, max_new_tokens=6, num_frames=8) == 2
+    rows = [json.loads(x) for x in open(out).read().splitlines()]
+    assert sorted(r["id"] for r in rows) == ["s0", "s1", "s2", "s3"]
+    s = read_jsonl(out)[0]
+    assert os.path.exists(s.video)  # video paths were rewritten relative to the output file
+    expect = sparrow.generate(target, None, target.prepare(sparrow.load_video(s.video, max_frames=8), s.prompt),
+                              max_new_tokens=6, method="ar").text
+    assert s.answer == expect

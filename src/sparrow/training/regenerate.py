@@ -22,21 +22,23 @@ from .data import read_jsonl, write_sample
 
 def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperature: float = 0.0,
                num_frames: int | None = 16, max_pixels: int | None = None, seed: int = 0, strict: bool = False,
-               log=None) -> int:
+               log=None, shard: tuple[int, int] = (0, 1)) -> int:
     """Write the target's answers for every sample of `data` to `out` (JSONL, same ids, video paths relative to
-    `out`). Returns the number of samples written in this call."""
+    `out`). shard (i, n): only samples i, i + n, ... (run n processes, then concatenate their outputs).
+    Returns the number of samples written in this call."""
     from .. import generate
     from ..video import load_video
 
-    samples = read_jsonl(data, strict=strict, log=log)
+    samples = read_jsonl(data, strict=strict, log=log)[shard[0]::shard[1]]
     done = set()
     if os.path.exists(out):
+        with open(out, "rb+") as f:  # drop a torn last line left by an interrupted run (that sample is redone)
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
         with open(out) as f:
             for line in f:
-                try:
-                    done.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError):
-                    pass  # a torn last line from an interrupted run: that sample is redone
+                done.add(json.loads(line)["id"])
     base = os.path.dirname(os.path.abspath(out))
     written = 0
     with open(out, "a") as f:
@@ -72,9 +74,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pixels", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
+    ap.add_argument("--shard", default="0/1", help="i/n: this process handles samples i, i+n, ... (default 0/1)")
     a = ap.parse_args(argv)
+    try:
+        shard = tuple(int(x) for x in a.shard.split("/"))
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+    except (ValueError, AssertionError):
+        raise SparrowError(f"--shard must look like i/n with 0 <= i < n, got {a.shard!r}") from None
     target = load_target(a.target or target_path())
     n = regenerate(target, a.data, a.out, a.max_new_tokens, a.temperature, a.num_frames, a.max_pixels, a.seed,
-                   a.strict)
+                   a.strict, shard=shard)
     print(f"wrote {n} answers to {a.out}")
     return 0
