@@ -1,0 +1,54 @@
+"""The embedded default (target trained on the synthetic world, its drafts, example clips) and its trainer."""
+
+import json
+import os
+
+import pytest
+
+import sparrow
+from sparrow import defaults
+
+
+def test_embedded_target_describes_an_example_clip():
+    assert defaults.has_target(), "the embedded target is missing from src/sparrow/assets/target"
+    target = sparrow.load_target()  # the default
+    assert target.family == "qwen2_5_vl" and 5e6 < sum(p.numel() for p in target.model.parameters()) < 15e6
+    truth = json.load(open(defaults.example_clip(0).replace(".mp4", ".json")))
+    inputs = target.prepare(video=defaults.example_clip(0), prompt="Describe the video.", num_frames=16)
+    ref = target.model.generate(**inputs, max_new_tokens=60, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    out = sparrow.generate(target, None, inputs, max_new_tokens=60, method="ar")
+    assert out.token_ids == ref.tolist()
+    assert truth["background"] in out.text and "object" in out.text
+    for method in ("sparrow", "eagle"):
+        path = defaults.draft_path(method)
+        if path:  # shipped drafts are lossless on the embedded target
+            spec = sparrow.generate(target, sparrow.load_draft(path, target), inputs, max_new_tokens=60, method=method)
+            assert spec.token_ids == out.token_ids
+
+
+def test_example_clips_ship_with_truth():
+    for i in range(5):
+        clip = defaults.example_clip(i)
+        assert os.path.getsize(clip) < 150_000
+        v = sparrow.load_video(clip)
+        truth = json.load(open(clip.replace(".mp4", ".json")))
+        assert v.frames.shape[0] == truth["num_frames"]
+        assert v.frames.shape[1:3] == (truth["height"], truth["width"])
+
+
+def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
+    from sparrow.synthetic import train_target
+
+    monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+    run, export = str(tmp_path / "run"), str(tmp_path / "export")
+    train_target.main(["--out", run, "--steps", "2", "--batch", "2", "--save-every", "1"])
+    train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export])
+    log = json.load(open(os.path.join(run, "ckpt", "log.json")))
+    assert log == [] or log[-1]["step"] <= 3
+    import torch
+
+    assert torch.load(os.path.join(run, "ckpt", "state.pt"), weights_only=False)["step"] == 3
+    target = sparrow.load_target(export, device="cpu")
+    assert target.tokenizer.chat_template and target.eos_token_ids
+    assert sparrow.generate(target, None, target.prepare(None, "Describe the video."), max_new_tokens=3,
+                            method="ar").stats.new_tokens >= 1
