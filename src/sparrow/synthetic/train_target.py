@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
+from ..video import Video
 from .text import DESCRIBE_PROMPTS, describe, questions
 from .world import make_clip, plan_clip
 
@@ -93,8 +94,6 @@ class Batcher:
         else:
             qa = questions(clip.truth, seed)
             prompt, answer = qa[int(rng.integers(len(qa)))]
-        from ..video import Video
-
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
         inputs = self.t.prepare(video, prompt, max_pixels=h * w, min_pixels=h * w)
         answer_ids = self.t.tokenizer(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
@@ -145,7 +144,7 @@ def save_checkpoint(run: str, model, opt, step: int, batcher: Batcher, log: list
     shutil.rmtree(old, ignore_errors=True)
 
 
-def export(run: str, model, tokenizer, out: str) -> None:
+def export(model, tokenizer, out: str) -> None:
     """save_pretrained in bf16 (the shipped default stays small); loads back in fp32 on CPU."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -171,6 +170,8 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", help="write the trained model here (save_pretrained, bf16)")
+    ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
+                                   "shipped one with a fresh optimiser) instead of a random initialisation")
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
@@ -181,6 +182,13 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     model = build_model(tokenizer, a.seed)
+    if a.init:
+        from safetensors.torch import load_file
+
+        state = load_file(os.path.join(a.init, "model.safetensors"))
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise SystemExit(f"--init {a.init}: weights do not fit this model ({missing[:3]}, {unexpected[:3]})")
     target = sparrow.wrap_model(model, tokenizer)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -231,7 +239,7 @@ def main(argv=None):
     bar.close()
     if a.export:
         model.eval()
-        export(a.out, model, tokenizer, a.export)
+        export(model, tokenizer, a.export)
         print(f"exported to {a.export}")
 
 
