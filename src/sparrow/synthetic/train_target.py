@@ -176,11 +176,11 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
     tok_dir = os.path.join(a.out, "tokenizer")
-    if not os.path.isdir(tok_dir):
+    if not os.path.isdir(tok_dir) and not a.init:
         build_tokenizer(corpus(), QWEN_SPECIALS, QWEN_CHAT_TEMPLATE, vocab_size=VOCAB).save_pretrained(tok_dir)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    tokenizer = AutoTokenizer.from_pretrained(a.init or tok_dir)
     model = build_model(tokenizer, a.seed)
     if a.init:
         from safetensors.torch import load_file
