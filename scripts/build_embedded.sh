@@ -26,9 +26,9 @@ cat "$RUN/synth/regen0.jsonl" "$RUN/synth/regen1.jsonl" > "$RUN/synth/regen.json
 
 # 3. the two shipped drafts, trained side by side (1 thread each)
 OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_sparrow" \
-  --config configs/sparrow.json --steps 300 --resume &
+  --config configs/sparrow.json --steps 150 --batch 6 --warmup 10 --save-every 25 --resume &
 OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_eagle" \
-  --config configs/eagle.json --steps 300 --resume &
+  --config configs/eagle.json --steps 150 --batch 6 --warmup 10 --save-every 25 --resume &
 wait
 for m in sparrow eagle; do
   mkdir -p "$ASSETS/drafts/$m" && cp "$RUN/draft_$m/config.json" "$RUN/draft_$m/model.safetensors" "$ASSETS/drafts/$m/"
