@@ -88,8 +88,11 @@ def main(argv=None):
 
 
 def plot(summary: dict, path: str) -> None:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print("sparrow: no plot written (matplotlib missing: pip install -e '.[plot]')")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
