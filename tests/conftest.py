@@ -49,38 +49,21 @@ def hf_greedy(target, inputs, max_new_tokens) -> list[int]:
 
 
 def fit_draft(target, inputs, continuation: list[int], mode="sparrow", steps=150, seed=0, lr=3e-3, **cfg):
-    """A draft trained (teacher forcing, CE to the next token + SmoothL1 to the target state) on one prompt and
-    the target's own continuation, in the sequence layout that `mode` uses at inference (compact positions for
-    sparrow). High acceptance on that prompt; any other draft behaviour is still lossless."""
+    """A draft trained on one prompt and the target's own continuation (the training objective with one MTP
+    stage and full cross-entropy weight), in the layout `mode` uses at inference. High acceptance on that
+    prompt; any other draft behaviour is still lossless."""
+    from sparrow.training.losses import LossConfig, capture_ids, draft_loss
+
     draft = sparrow.init_draft(target, seed=seed, mode=mode, **cfg)
-    L0 = inputs["input_ids"].shape[1]
-    cont = torch.tensor(continuation)
-    cache = target.new_cache(L0 + len(continuation) + 4)
-    pre = target.prefill(inputs, cache, capture_embeds=True)
-    _, h_cont = target.forward(cont, None, None, cache)  # generated tokens are text, whatever their id
-    ids = torch.cat((inputs["input_ids"][0], cont))
-    hidden = torch.cat((pre.hidden_top, h_cont))
-    embeds = torch.cat((pre.input_embeds, target.embed_tokens(cont)))
-    positions = torch.cat((pre.positions, (torch.arange(L0, ids.shape[0]) + target.rope_delta).expand(3, -1)), 1)
-    visual = torch.cat((pre.visual_mask, torch.zeros(len(continuation), dtype=torch.bool)))
-    keep = torch.ones(ids.shape[0], dtype=torch.bool) if mode == "eagle" else ~visual
-    keep[0] = False
-    idx = keep.nonzero(as_tuple=True)[0][:-1]  # inputs t (predict t + 1)
-    emb = (embeds if mode == "eagle" else target.embed_tokens(ids))[idx].detach()
-    h_prev, h_now, nxt = hidden[idx - 1].detach(), hidden[idx].detach(), ids[idx + 1]
-    if mode == "sparrow" and draft.config.position_mode == "compact":
-        pos = torch.arange(idx.shape[0]).expand(3, -1)
-    elif mode == "sparrow":
-        pos = positions[:1, idx].expand(3, -1)
-    else:
-        pos = positions[:, idx]
+    c = capture_ids(target, inputs, continuation, None)
+    loss_cfg = LossConfig(mode=mode, ivsb=False, mtp_stages=1, ce_weight=1.0,
+                          position_mode=draft.config.position_mode)
+    c.loss_mask[:] = True
+    c.loss_mask[-1] = False
     opt = torch.optim.Adam([p for p in draft.parameters() if p.requires_grad], lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            states = draft(draft.fuse(emb, h_prev).unsqueeze(0), pos.unsqueeze(1))[0]
-            loss = torch.nn.functional.cross_entropy(draft.logits(states), nxt) + \
-                torch.nn.functional.smooth_l1_loss(states, h_now)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    for _ in range(steps):
+        loss, _ = draft_loss(draft, target, c, loss_cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     return draft.eval()

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 @dataclass
 class Captured:
-    """Target states of one conversation of L tokens (H hidden). loss_mask[t]: token t + 1 is an answer token."""
+    """Target states of one conversation of L tokens (H hidden). loss_mask[t]: token t + 1 is an answer token.
+    hidden_mid is kept at the prompt positions only (zeros after: IVSB reads it at visual positions)."""
 
     ids: torch.Tensor  # (L,)
     hidden_top: torch.Tensor  # (L, H)
@@ -59,15 +60,28 @@ def loss_mask_for(prompt_len: int, total_len: int, device=None) -> torch.Tensor:
 @torch.no_grad()
 def capture(target, inputs: dict, answer: str, mid_layer: int | None) -> Captured:
     """Run the frozen target over prompt + answer; see `Captured`. mid_layer: HF hidden_states index m."""
-    ids = answer_ids(target, answer)
-    full = extend_inputs(inputs, ids)
-    L0, L = inputs["input_ids"].shape[1], full["input_ids"].shape[1]
-    cache = target.new_cache(L)
-    pre = target.prefill(full, cache, mid_layer=mid_layer, capture_embeds=True, all_logits=False)
+    return capture_ids(target, inputs, answer_ids(target, answer), mid_layer)
+
+
+@torch.no_grad()
+def capture_ids(target, inputs: dict, ids: list[int], mid_layer: int | None) -> Captured:
+    """`capture` for answer token ids: the prompt is prefilled (with its video), then the answer runs as a chain
+    after it, exactly as generated tokens do (positions continue from the prompt; any token id is text)."""
+    L0 = inputs["input_ids"].shape[1]
+    answer = torch.tensor(ids, device=inputs["input_ids"].device)
+    cache = target.new_cache(L0 + len(ids))
+    pre = target.prefill(inputs, cache, mid_layer=mid_layer, capture_embeds=True)
+    _, h_answer = target.forward(answer, None, None, cache)
+    n = answer.shape[0]
     own = lambda x: None if x is None else x.clone()  # noqa: E731  (inference tensors -> ordinary tensors)
-    return Captured(ids=own(full["input_ids"][0]), hidden_top=own(pre.hidden_top), hidden_mid=own(pre.hidden_mid),
-                    input_embeds=own(pre.input_embeds), positions=own(pre.positions),
-                    visual_mask=own(pre.visual_mask), loss_mask=loss_mask_for(L0, L, full["input_ids"].device))
+    mid = None if pre.hidden_mid is None else torch.cat((pre.hidden_mid, pre.hidden_mid.new_zeros(n, pre.hidden_mid.shape[1])))
+    positions = (torch.arange(L0, L0 + n, device=answer.device) + target.rope_delta).expand(3, -1)
+    return Captured(ids=own(torch.cat((inputs["input_ids"][0], answer))),
+                    hidden_top=own(torch.cat((pre.hidden_top, h_answer))), hidden_mid=own(mid),
+                    input_embeds=own(torch.cat((pre.input_embeds, target.embed_tokens(answer)))),
+                    positions=own(torch.cat((pre.positions, positions), dim=1)),
+                    visual_mask=own(torch.cat((pre.visual_mask, torch.zeros(n, dtype=torch.bool, device=answer.device)))),
+                    loss_mask=loss_mask_for(L0, L0 + n, answer.device))
 
 
 @dataclass
