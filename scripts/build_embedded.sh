@@ -36,5 +36,5 @@ done
 
 # 4. measurements
 $SPARROW evaluate-target --target "$ASSETS/target" --clips 50 --long-clips 3 --buckets 512,1536,3072,8192 \
-  --long-buckets 25088 --blank-clips 20 --out results/target_eval
+  --long-buckets 25088 --blank-clips 20 --out benchmarks/results/target_eval
 $PY benchmarks/draft_speedup.py --buckets 512,8192 --clips 5 --out benchmarks/results/drafts_cpu

@@ -2,7 +2,7 @@
 the blank-frames control, and how much descriptions of different clips differ.
 
     python -m sparrow.synthetic.evaluate --target DIR [--buckets 512,1536,3072,8192] [--clips 200]
-        [--long-clips 20] [--out results/target_eval]
+        [--long-clips 20] [--out benchmarks/results/target_eval]
 
 Clips are held out (seeds from 10**9 on; training draws seeds below 2**31 at random, so overlap is negligible and
 the seeds are never the ones listed here). Frames are 224 x 224 (64 visual tokens per 2 frames); the frame count
@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--long-buckets", default="25088")
     ap.add_argument("--long-clips", type=int, default=20)
     ap.add_argument("--blank-clips", type=int, default=50)
-    ap.add_argument("--out", default="results/target_eval")
+    ap.add_argument("--out", default="benchmarks/results/target_eval")
     a = ap.parse_args(argv)
     target = sparrow.load_target(a.target, device="cpu")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
