@@ -74,9 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("evaluate-target", help="description accuracy of a target on the synthetic world (see --help)",
                    add_help=False)
-    d = sub.add_parser("demo", help="end to end on a small built-in setup: video file -> speculative decoding vs "
+    d = sub.add_parser("demo", help="the embedded target and drafts on an example clip: speculative decoding vs "
                                      "plain decoding, identical output")
-    d.add_argument("--dir", default=os.path.join(os.path.expanduser("~"), ".cache", "sparrow", "demo"))
     d.add_argument("--max-new-tokens", type=int, default=64)
     return ap
 
@@ -88,11 +87,9 @@ def _summary(out) -> str:
 
 
 def cmd_generate(a) -> int:
-    from . import TreeConfig, generate, load_draft, load_target
+    from . import TreeConfig, defaults, generate, load_draft, load_target
 
-    from . import defaults
-
-    target = load_target(a.target or defaults.target_path(), dtype=a.dtype, device=a.device)
+    target = load_target(a.target, dtype=a.dtype, device=a.device)  # None: the embedded target
     draft = None
     if a.method != "ar":
         if not a.draft and not a.target:
@@ -101,8 +98,6 @@ def cmd_generate(a) -> int:
             raise SparrowError(f"--method {a.method} needs --draft PATH (or use --method ar)")
         overrides = {k: v for k, v in (("position_mode", a.position_mode), ("window", a.window)) if v is not None}
         draft = load_draft(a.draft, target, **overrides)
-    if a.video is not None and not os.path.exists(a.video):
-        raise SparrowError(f"{a.video}: no such file or directory")
     inputs = target.prepare(video=a.video, prompt=a.prompt, num_frames=a.num_frames, fps=a.fps,
                             max_pixels=a.max_pixels, min_pixels=a.min_pixels)
     tree = TreeConfig(top_k=a.tree_top_k, depth=a.tree_depth, tokens=a.tree_tokens)
@@ -132,14 +127,12 @@ def cmd_generate(a) -> int:
 def cmd_init_draft(a) -> int:
     from . import init_draft, load_target
 
-    from . import defaults
-
-    target = load_target(a.target or defaults.target_path(), device="cpu")
+    target = load_target(a.target, device="cpu")
     kw = dict(mode=a.mode, position_mode=a.position_mode, window=a.window)
     if a.mid_layer is not None:
         kw["mid_layer"] = a.mid_layer
     init_draft(target, seed=a.seed, **kw).save(a.out)
-    print(f"wrote an untrained {a.mode} draft for {a.target} to {a.out}")
+    print(f"wrote an untrained {a.mode} draft for {target.path} to {a.out}")
     return 0
 
 
@@ -152,26 +145,17 @@ def cmd_make_tiny(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """Answer "Describe the video." about an example clip with --method sparrow, eagle and ar, through the same
-    code a real checkpoint takes, and check that the outputs agree. Uses the embedded target and its shipped
-    drafts; without them (a development checkout before training), a tiny random checkpoint built on the spot."""
-    from . import defaults, generate, init_draft, load_draft, load_target
+    """Answer "Describe the video." about an example clip with --method sparrow, eagle and ar on the embedded
+    target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree."""
+    from . import defaults, generate, load_draft, load_target
 
-    if defaults.has_target():
-        target, video, note = load_target(defaults.target_path(), device="cpu"), defaults.example_clip(0), ""
-        kw = {}
-    else:
-        target, video = _tiny_demo_setup(a.dir)
-        note = (" The weights are random (the text is noise) and the draft is untrained, so tau is near 1: the "
-                "embedded model is not in this checkout.")
-        kw = {"max_pixels": 112 * 112}
-    drafts = {m: (load_draft(defaults.draft_path(m), target) if defaults.has_target() and defaults.draft_path(m)
-                  else None) for m in ("sparrow", "eagle")}
-    for m in drafts:
-        if drafts[m] is None:
-            drafts[m] = init_draft(target, seed=0, mode=m)
-            note = note or " (No trained draft is shipped yet: an untrained one was used, so tau is near 1.)"
-    inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16, **kw)
+    target, video = load_target(device="cpu"), defaults.example_clip(0)
+    drafts = {}
+    for m in ("sparrow", "eagle"):
+        if not defaults.draft_path(m):
+            raise SparrowError(f"no shipped {m} draft in {defaults.DRAFTS[m]}; rebuild with scripts/build_embedded.sh")
+        drafts[m] = load_draft(defaults.draft_path(m), target)
+    inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16)
     print(f"video: {video}")
     outs = {}
     for method in ("sparrow", "eagle", "ar"):
@@ -181,29 +165,8 @@ def cmd_demo(a) -> int:
         print(_summary(outs[method]))
     same = outs["sparrow"].token_ids == outs["ar"].token_ids == outs["eagle"].token_ids
     print(f"lossless: {'identical output' if same else 'OUTPUT DIFFERS'} for sparrow, eagle and ar "
-          f"({len(outs['ar'].token_ids)} tokens).{note}")
+          f"({len(outs['ar'].token_ids)} tokens).")
     return 0 if same else 1
-
-
-def _tiny_demo_setup(folder: str):
-    import numpy as np
-
-    from . import load_target
-    from .tiny import make_tiny_target
-    from .video import write_video
-
-    target_dir, video = os.path.join(folder, "target"), os.path.join(folder, "clip.mp4")
-    if not os.path.isfile(os.path.join(target_dir, "config.json")):
-        print(f"building a tiny random Qwen2.5-VL checkpoint in {target_dir} (no download needed)", file=sys.stderr)
-        make_tiny_target(target_dir, "qwen2_5_vl", seed=0, hidden=128, layers=8, heads=4, kv_heads=2, init_std=0.1)
-    if not os.path.isfile(video):
-        t = np.arange(32)[:, None, None]
-        yy, xx = np.mgrid[0:112, 0:112]
-        frames = np.zeros((32, 112, 112, 3), dtype=np.uint8)
-        frames[..., 0] = (((xx - 8 - 2 * t) ** 2 + (yy - 56) ** 2) < 144) * 220  # a red disc moving right
-        frames[..., 2] = 60
-        write_video(video, frames, fps=8)
-    return load_target(target_dir, device="cpu"), video
 
 
 SCRIPTS = {  # subcommands with their own argument parsers: module, function

@@ -62,7 +62,6 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
 
 def main(argv=None) -> int:
     from .. import load_target
-    from ..defaults import target_path
 
     ap = argparse.ArgumentParser(prog="sparrow regenerate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target")
@@ -81,7 +80,7 @@ def main(argv=None) -> int:
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
         raise SparrowError(f"--shard must look like i/n with 0 <= i < n, got {a.shard!r}") from None
-    target = load_target(a.target or target_path())
+    target = load_target(a.target)  # None: the embedded target
     n = regenerate(target, a.data, a.out, a.max_new_tokens, a.temperature, a.num_frames, a.max_pixels, a.seed,
                    a.strict, shard=shard)
     print(f"wrote {n} answers to {a.out}")

@@ -230,9 +230,7 @@ def main(argv=None) -> int:
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        from ..defaults import target_path
-
-        target = load_target(a.target or target_path(), device="cuda" if torch.cuda.is_available() else "cpu")
+        target = load_target(a.target)  # None: the embedded target
         samples = read_jsonl(a.data, strict=cfg.strict_data)
         train(target, samples, a.out, cfg, resume=a.resume)
     finally:
