@@ -9,6 +9,12 @@ template, generation config) for shipping.
 
 Data: every step draws fresh clips (mostly 64-512 visual tokens: 4-32 frames at 112-224 px, frame rates 2-8)
 and a task: a detailed description (75%) or a short question (25%). Loss on answer tokens only.
+
+Dense vision supervision (`--aux-weight`, a training aid that is not shipped): a linear probe on the vision
+encoder's merged tokens (the visual embeddings the language model reads) predicts, for every merged cell
+(2 frames x 28 x 28 px), the colour, shape, size and texture of the object whose centre lies in it (or "none"),
+from the clip's ground truth. It gives the vision tower a per-token signal instead of the thin one that flows
+back from a few attribute words of the answer, which is what limits a language-only loss on this world.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..video import Video
 from .text import DESCRIBE_PROMPTS, describe, questions
-from .world import make_clip, plan_clip
+from .world import COLOURS, SHAPES as OBJECT_SHAPES, SIZES, TEXTURES, make_clip, plan_clip
 
 TEXT = dict(hidden=256, layers=12, heads=4, kv_heads=2, intermediate=768)
 VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14, temporal_patch_size=2,
@@ -36,6 +42,45 @@ SHAPES = [(4, 112, 112), (8, 112, 112), (16, 112, 112), (8, 168, 168), (16, 168,
           (12, 224, 224), (24, 112, 168), (2, 112, 112)]
 SHAPE_P = [0.08, 0.22, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05]
 VOCAB = 1024
+CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
+AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1)  # 0 = no object
+
+
+def cell_labels(truth: dict, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Per merged visual token, the attributes of the object centred in it at the token's first frame.
+
+    Args: truth: a clip's ground truth (with tracks); grid: (t, h, w) merged-token grid of the clip, frames not
+        resized (sides multiples of 28).
+    Returns: (t*h*w, 4) long: colour, shape, size, texture indices, 1-based, 0 where no object is centred.
+    """
+    t, h, w = grid
+    lab = torch.zeros((t, h, w, 4), dtype=torch.long)
+    colours, sizes = list(COLOURS), list(SIZES)
+    change = {e["object"]: e["frame"] for e in truth["events"] if e["type"] == "changes colour"}
+    for g in range(t):
+        f = g * (truth["num_frames"] // t)
+        for o in truth["objects"]:  # drawing order: a later object covers an earlier one
+            if not o["appear"] <= f < o["disappear"]:
+                continue
+            cx, cy = o["track"][f]
+            i, j = min(h - 1, max(0, int(cy // CELL))), min(w - 1, max(0, int(cx // CELL)))
+            colour = o["final_colour"] if o["id"] in change and f >= change[o["id"]] else o["colour"]
+            lab[g, i, j] = torch.tensor([colours.index(colour) + 1, OBJECT_SHAPES.index(o["shape"]) + 1,
+                                         sizes.index(o["size"]) + 1, TEXTURES.index(o["texture"]) + 1])
+    return lab.reshape(-1, 4)
+
+
+class VisionProbe(torch.nn.Module):
+    """Linear probe on the merged visual tokens (N, hidden) -> summed cross-entropy of the 4 cell attributes."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden, elementwise_affine=False)  # the embeddings' scale is the LM's
+        self.head = torch.nn.Linear(hidden, sum(AUX_CLASSES))
+
+    def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(feats.float())).split(AUX_CLASSES, dim=-1)
+        return sum(torch.nn.functional.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
 
 
 def corpus(n: int = 4000) -> list[str]:
@@ -101,8 +146,10 @@ class Batcher:
         labels = torch.full_like(ids, -100)
         labels[inputs["input_ids"].shape[1]:inputs["input_ids"].shape[1] + len(answer_ids) - 1] = \
             torch.tensor(answer_ids[:-1])  # answer + <|im_end|>, not the trailing newline
-        return {"ids": ids, "labels": labels, "pixels": inputs["pixel_values_videos"], "grid": inputs["video_grid_thw"],
-                "sgt": inputs["second_per_grid_ts"]}
+        grid = inputs["video_grid_thw"]
+        cells = cell_labels(clip.truth, (int(grid[0, 0]), int(grid[0, 1]) // 2, int(grid[0, 2]) // 2))
+        return {"ids": ids, "labels": labels, "pixels": inputs["pixel_values_videos"], "grid": grid,
+                "sgt": inputs["second_per_grid_ts"], "cells": cells}
 
     def batch(self, size: int) -> dict:
         samples = [self.sample() for _ in range(size)]
@@ -118,7 +165,8 @@ class Batcher:
         return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types, "labels": labels,
                 "pixel_values_videos": torch.cat([s["pixels"] for s in samples]),
                 "video_grid_thw": torch.cat([s["grid"] for s in samples]),
-                "second_per_grid_ts": torch.cat([s["sgt"] for s in samples])}
+                "second_per_grid_ts": torch.cat([s["sgt"] for s in samples]),
+                "cells": torch.cat([s["cells"] for s in samples])}
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 300) -> float:
@@ -127,12 +175,13 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 300) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
 
 
-def save_checkpoint(run: str, model, opt, step: int, batcher: Batcher, log: list) -> None:
+def save_checkpoint(run: str, model, opt, step: int, batcher: Batcher, log: list, probe=None) -> None:
     """Atomic: write to a temporary directory, then rename over the previous checkpoint."""
     tmp, final = os.path.join(run, "ckpt.tmp"), os.path.join(run, "ckpt")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                "probe": probe.state_dict() if probe is not None else None,
                 "rng": batcher.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "log.json"), "w") as f:
         json.dump(log, f)
@@ -170,6 +219,10 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", help="write the trained model here (save_pretrained, bf16)")
+    ap.add_argument("--aux-weight", type=float, default=1.0,
+                    help="weight of the dense vision supervision (per-token object attributes; 0 turns it off)")
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
                                    "shipped one with a fresh optimiser) instead of a random initialisation")
     a = ap.parse_args(argv)
@@ -181,25 +234,31 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(a.init or tok_dir)
-    model = build_model(tokenizer, a.seed)
     if a.init:
-        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText
 
-        state = load_file(os.path.join(a.init, "model.safetensors"))
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise SystemExit(f"--init {a.init}: weights do not fit this model ({missing[:3]}, {unexpected[:3]})")
+        model = AutoModelForImageTextToText.from_pretrained(a.init, dtype=torch.float32)
+        if model.config.text_config.hidden_size != TEXT["hidden"]:
+            raise SystemExit(f"--init {a.init}: hidden size {model.config.text_config.hidden_size} is not {TEXT['hidden']}")
+    else:
+        model = build_model(tokenizer, a.seed)
     target = sparrow.wrap_model(model, tokenizer)
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    probe = VisionProbe(TEXT["hidden"])
+    feats = {}
+    model.model.visual.register_forward_hook(lambda m, i, o: feats.__setitem__("v", o.pooler_output))
+    params = list(model.parameters()) + (list(probe.parameters()) if a.aux_weight > 0 else [])
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     batcher = Batcher(target, a.seed)
     step, log = 0, []
     ckpt = os.path.join(a.out, "ckpt", "state.pt")
     if a.resume and os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
+        if state.get("probe") is not None:
+            probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
         batcher.rng.bit_generator.state = state["rng"]
@@ -215,27 +274,30 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     t0 = time.time()
     bar = tqdm(total=a.steps, initial=step, desc="train-target", dynamic_ncols=True)
-    ema = None
+    ema, ema_aux = None, 0.0
     while step < a.steps and not stop["now"]:
         batch = batcher.batch(a.batch)
+        cells = batch.pop("cells")
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.steps, a.lr)
+            g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(**batch).loss
+            aux = probe(feats.pop("v"), cells) if a.aux_weight > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + a.aux_weight * aux).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema_aux = aux.item() if step == 1 else 0.98 * ema_aux + 0.02 * aux.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}")
-        if step % 50 == 0:
-            log.append({"step": step, "loss": round(ema, 4), "s": round(time.time() - t0, 1)})
+        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{ema_aux:.3f}")
+        if step % a.log_every == 0:
+            log.append({"step": step, "loss": round(ema, 4), "aux": round(ema_aux, 4), "s": round(time.time() - t0, 1)})
         if a.minutes and time.time() - t0 > a.minutes * 60:
             stop["now"] = True
         if step % a.save_every == 0 or stop["now"] or step == a.steps:
-            save_checkpoint(a.out, model, opt, step, batcher, log)
+            save_checkpoint(a.out, model, opt, step, batcher, log, probe)
     bar.close()
     if a.export:
         model.eval()
