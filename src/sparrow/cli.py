@@ -1,4 +1,4 @@
-"""Command line: `sparrow generate | init-draft | make-tiny | demo`.
+"""Command line: `sparrow generate | demo | bench | analyze | regenerate | train-draft | train-target | ...`.
 
 Bad input prints one line `sparrow: error: ...` and exits with code 2 (no traceback).
 """
@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("evaluate-target", help="description accuracy of a target on the synthetic world (see --help)",
                    add_help=False)
+    sub.add_parser("bench", help="benchmark methods per visual-token bucket: tau, DSR, ESR, tables, plots (see "
+                                 "--help)", add_help=False)
+    sub.add_parser("analyze", help="the paper's observations on a target: visual internalization, negative "
+                                   "visual gain, attention dilution (see --help)", add_help=False)
     d = sub.add_parser("demo", help="the embedded target and drafts on an example clip: speculative decoding vs "
                                      "plain decoding, identical output")
     d.add_argument("--max-new-tokens", type=int, default=64)
@@ -174,6 +178,8 @@ SCRIPTS = {  # subcommands with their own argument parsers: module, function
     "evaluate-target": ("sparrow.synthetic.evaluate", "main"),
     "regenerate": ("sparrow.training.regenerate", "main"),
     "train-draft": ("sparrow.training.trainer", "main"),
+    "bench": ("sparrow.bench", "main"),
+    "analyze": ("sparrow.analyze", "main"),
 }
 
 

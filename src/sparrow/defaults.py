@@ -10,6 +10,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TARGET = os.path.join(ASSETS, "target")
 DRAFTS = {"sparrow": os.path.join(ASSETS, "drafts", "sparrow"), "eagle": os.path.join(ASSETS, "drafts", "eagle")}
 CLIPS = os.path.join(ASSETS, "clips")
+ASSISTANT = os.path.join(ASSETS, "assistant")  # a 2-layer sibling of the target for HF assisted generation
 
 
 def has_target() -> bool:
@@ -27,6 +28,11 @@ def draft_path(method: str) -> str | None:
     """The shipped draft for `method` ("sparrow" | "eagle"), or None when it is not shipped."""
     path = DRAFTS.get(method)
     return path if path and os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def assistant_path() -> str | None:
+    """The embedded target's small sibling (same tokenizer) for `hf-assisted`, or None when it is not shipped."""
+    return ASSISTANT if os.path.isfile(os.path.join(ASSISTANT, "config.json")) else None
 
 
 def example_clip(i: int = 0) -> str:

@@ -1,0 +1,561 @@
+"""`sparrow bench`: speculative decoding against plain decoding and other draft designs, per visual-token bucket.
+
+    sparrow bench [--target PATH] [--drafts sparrow=PATH,eagle=PATH,...] [--data clips.jsonl | --synthetic N]
+                  [--visual-tokens 500,1500,3000,8000] [--methods ar,sparrow,eagle,...] [--max-new-tokens 256]
+                  [--temperature 0] [--tree auto] [--out results/bench] [--resume]
+
+For every bucket, frames are sampled so that the prompt holds about that many visual tokens (the frame area is
+fixed, the frame count sets the bucket). Every method answers the same samples in the same run, interleaved
+(the method order rotates from sample to sample). Per sample and method: prefill time, decode time, new tokens,
+tau (bonus token included), draft and verify time per cycle, peak memory, and the lossless check (greedy: the
+output equals `ar`'s token for token, else the row is marked and the run fails after writing its results).
+
+Methods:
+    ar                   plain decoding through the same cache and timing code (the baseline of DSR / ESR)
+    NAME                 a draft given in --drafts, run in its own mode (sparrow: text-only cache; eagle: all
+                         positions)
+    NAME:absolute        the same draft with target positions instead of compact ones
+    NAME:wN              the same draft with a text window of N entries
+    NAME:eagle / :sparrow   the same draft run in the other mode
+    hf-assisted          transformers' own `generate(assistant_model=...)` with the --assistant checkpoint
+
+Metrics (Spec-Bench conventions): DSR = ar decode time / method decode time (after the first token); ESR = the
+same end to end (prefill included); DSR / tau = the share of the ideal speedup reached (drafting free and a
+verification as cheap as a decode step would give DSR = tau).
+
+Tree: `--tree auto` picks the draft-tree size per method and bucket from measurements on this machine (EAGLE-2's
+auto configuration): tau(N) and draft time per cycle from a short calibration run for each candidate size N,
+and the target's verify time for N + 1 tokens measured at each bucket's context length; the size with the most
+expected tokens per second, tau(N) / (draft(N) + verify(N)), wins. `--tree K,D,N` fixes it.
+
+Outputs in --out: samples.jsonl (one row per sample and method, written as it goes), summary.json (machine,
+versions, dtype, seeds, tree choice, aggregates), table.md, and tau.png, dsr.png, cycle.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .errors import SparrowError
+from .generate import GenerateOutput, Stats, generate
+from .tree import TreeConfig, tree_from_parents
+
+DEFAULT_BUCKETS = (500, 1500, 3000, 8000)
+TREE_CANDIDATES = (4, 8, 16, 30, 48)
+SIDE = 224  # synthetic frames (and the pixel budget of real ones): 64 visual tokens per 2 frames on Qwen-VL
+
+
+# ---------------------------------------------------------------- methods
+@dataclass
+class Method:
+    """One way to generate. kind "ar" | "spec" (our loop with `draft` in `mode`) | "hf-assisted".
+    `run(target, inputs, ...)` returns a `GenerateOutput` whose stats follow `sparrow.Stats`."""
+
+    name: str
+    kind: str
+    draft: object = None
+    mode: str = "ar"
+    assistant: object = None
+    tree: TreeConfig | None = None  # None: the bucket's auto choice / the run's fixed tree
+
+    def run(self, target, inputs: dict, max_new_tokens: int, temperature: float, seed: int,
+            tree: TreeConfig | None) -> GenerateOutput:
+        if self.kind == "hf-assisted":
+            return hf_assisted(target, self.assistant, inputs, max_new_tokens, temperature, seed)
+        return generate(target, self.draft, inputs, max_new_tokens=max_new_tokens, method=self.mode,
+                        temperature=temperature, seed=seed, tree=tree or TreeConfig())
+
+
+def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperature: float, seed: int) -> GenerateOutput:
+    """transformers' assisted generation (`generate(assistant_model=...)`), timed like our loop: prefill_s is a
+    separate 1-token generate of the target, decode_s the rest; tau = tokens after the first per target forward."""
+    model = target.model
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=target.tokenizer.pad_token_id)
+    if temperature > 0:
+        kw["temperature"] = temperature
+    try:
+        with torch.inference_mode():
+            t0 = _now(target.device)
+            model.generate(**inputs, **{**kw, "max_new_tokens": 1, "do_sample": False})
+            t1 = _now(target.device)
+            calls.clear()
+            torch.manual_seed(seed)
+            out = model.generate(**inputs, assistant_model=assistant, **kw)
+            t2 = _now(target.device)
+    finally:
+        hook.remove()
+    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+    s = Stats(method="hf-assisted", new_tokens=len(ids), prompt_tokens=inputs["input_ids"].shape[1],
+              visual_tokens=int(target.visual_mask(inputs["input_ids"][0]).sum()))
+    s.prefill_s, s.decode_s = t1 - t0, max(1e-9, (t2 - t1) - (t1 - t0))
+    cycles = max(1, len(calls) - 1)
+    s.tau = max(1.0, (len(ids) - 1) / cycles)
+    s.verify_s = s.decode_s  # the assistant's time is not separable from outside transformers
+    s.accept_lengths = [0] * cycles
+    s.tokens_per_s = (len(ids) - 1) / s.decode_s
+    return GenerateOutput(token_ids=ids, text=target.tokenizer.decode(ids, skip_special_tokens=True), stats=s)
+
+
+def _now(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def parse_methods(spec: str, drafts: dict, target, assistant_path: str | None) -> list[Method]:
+    """'ar,sparrow,eagle,sparrow:absolute,sparrow:w64,hf-assisted' -> [Method]; `drafts` maps names to paths.
+    Raises SparrowError for an unknown name or variant, naming the fix."""
+    from .draft import load_draft
+
+    methods, loaded = [], {}
+    for item in [m.strip() for m in spec.split(",") if m.strip()]:
+        name, _, variant = item.partition(":")
+        if name == "ar":
+            methods.append(Method("ar", "ar"))
+            continue
+        if name == "hf-assisted":
+            if not assistant_path:
+                raise SparrowError("method hf-assisted needs --assistant PATH (a small checkpoint with the target's "
+                                   "tokenizer)")
+            from transformers import AutoModelForImageTextToText
+
+            asst = AutoModelForImageTextToText.from_pretrained(assistant_path, dtype=target.dtype).to(target.device)
+            if asst.config.get_text_config().vocab_size != target.vocab_size:
+                raise SparrowError(f"--assistant {assistant_path}: vocabulary {asst.config.get_text_config().vocab_size}"
+                                   f" differs from the target's {target.vocab_size}; it must share the tokenizer")
+            methods.append(Method("hf-assisted", "hf-assisted", assistant=asst.eval()))
+            continue
+        if name not in drafts:
+            raise SparrowError(f"method {item!r}: no draft named {name!r}; give it with --drafts {name}=PATH "
+                               f"(known: {', '.join(['ar', 'hf-assisted', *drafts])})")
+        overrides = {}
+        if variant in ("absolute", "compact"):
+            overrides["position_mode"] = variant
+        elif variant in ("sparrow", "eagle"):
+            overrides["mode"] = variant
+        elif variant.startswith("w") and variant[1:].isdigit():
+            overrides["window"] = int(variant[1:])
+        elif variant:
+            raise SparrowError(f"method {item!r}: unknown variant {variant!r}; use :absolute, :compact, :wN, "
+                               f":sparrow or :eagle")
+        key = (name, tuple(sorted(overrides.items())))
+        if key not in loaded:
+            loaded[key] = load_draft(drafts[name], target, **overrides)
+        d = loaded[key]
+        methods.append(Method(item, "spec", draft=d, mode=d.config.mode))
+    if not any(m.kind == "ar" for m in methods):
+        methods.insert(0, Method("ar", "ar"))  # the baseline of every speedup and of the lossless check
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise SparrowError(f"--methods lists a method twice: {spec}")
+    return methods
+
+
+def parse_drafts(spec: str | None, target_is_embedded: bool) -> dict:
+    """'sparrow=PATH,eagle=PATH' -> {name: path}; without it, the embedded target's shipped drafts."""
+    from . import defaults
+
+    if not spec:
+        if not target_is_embedded:
+            return {}
+        return {m: p for m in ("sparrow", "eagle", "no_mtp", "no_ivsb") if (p := defaults.draft_path(m))}
+    out = {}
+    for item in spec.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SparrowError(f"--drafts {item!r}: expected NAME=PATH, e.g. --drafts sparrow=runs/draft")
+        out[name.strip()] = path.strip()
+    return out
+
+
+# ---------------------------------------------------------------- samples and buckets
+@dataclass
+class Sample:
+    """A benchmark prompt: frames (T, H, W, 3) uint8 at `fps` (or a video path), and the user's question."""
+
+    id: str
+    prompt: str
+    frames: np.ndarray | None = None
+    path: str | None = None
+    fps: float = 4.0
+
+
+def frames_for(target, visual_tokens: int, side: int = SIDE) -> int:
+    """Frame count whose prompt holds about `visual_tokens` visual tokens at side x side pixels (measured on
+    this target with 2 and 4 blank frames, so it holds for any family). Always even, at least 2."""
+    counts = []
+    for n in (2, 4):
+        blank = np.zeros((n, side, side, 3), dtype=np.uint8)
+        ids = target.prepare(blank, "x", max_pixels=side * side, min_pixels=side * side)["input_ids"][0]
+        counts.append(int(target.visual_mask(ids).sum()))
+    per_pair = max(1, counts[1] - counts[0])
+    return max(2, 2 * round(visual_tokens / per_pair))
+
+
+def synthetic_samples(n: int, frames: int, seed: int) -> list[Sample]:
+    """n held-out clips of the synthetic world (seeds disjoint from training), 'Describe the video.'"""
+    from .synthetic.world import make_clip
+
+    out = []
+    for i in range(n):
+        s = 7 * 10**9 + seed * 10**6 + frames * 1000 + i
+        out.append(Sample(id=f"synthetic-{s}", prompt="Describe the video.",
+                          frames=make_clip(s, frames, SIDE, SIDE, fps=4.0).frames))
+    return out
+
+
+def data_samples(path: str, n: int | None) -> list[Sample]:
+    """The first n samples of a LLaVA-Video style JSONL (video + first human turn)."""
+    from .training.data import read_jsonl
+
+    rows = [s for s in read_jsonl(path) if s.video]
+    if not rows:
+        raise SparrowError(f"{path}: no sample with a video")
+    return [Sample(id=s.id, prompt=s.prompt, path=s.video) for s in rows[: n or len(rows)]]
+
+
+def build_inputs(target, sample: Sample, frames: int) -> dict:
+    from .video import Video, load_video
+
+    if sample.frames is not None:
+        video = Video(frames=sample.frames, fps=sample.fps, indices=np.arange(len(sample.frames)),
+                      total_frames=len(sample.frames))
+    else:
+        video = load_video(sample.path, num_frames=frames)
+    return target.prepare(video, sample.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+
+
+# ---------------------------------------------------------------- tree auto-configuration
+def verify_costs(target, inputs: dict, sizes, repeats: int = 3) -> dict[int, float]:
+    """Seconds of one target forward over N + 1 tree tokens (N in sizes; 0 = a decode step) after the prompt of
+    `inputs`, medians of `repeats` runs. The tree shape does not matter for cost; a star is used."""
+    cache = target.new_cache(inputs["input_ids"].shape[1] + max(sizes) + 4)
+    with torch.inference_mode():
+        target.prefill(inputs, cache)
+        n = cache.length
+        out = {}
+        for N in (0, *sizes):
+            parents = torch.tensor([-1] + [0] * N, device=target.device)
+            tree = tree_from_parents(torch.zeros(N + 1, dtype=torch.long, device=target.device), parents)
+            times = []
+            for _ in range(repeats + 1):  # the first run warms up
+                t0 = _now(target.device)
+                target.forward(tree.tokens, tree.depths, tree.mask if N else None, cache)
+                times.append(_now(target.device) - t0)
+                cache.truncate(n)
+            out[N] = float(np.median(times[1:]))
+    return out
+
+
+def tree_for(size: int) -> TreeConfig:
+    return TreeConfig(top_k=8, depth=6 if size > 40 else 5, tokens=size)
+
+
+def calibrate(target, methods: list[Method], inputs: dict, sizes, max_new_tokens: int) -> dict:
+    """Per speculative method and tree size: tau and draft seconds per cycle from one greedy run."""
+    out = {}
+    for m in methods:
+        if m.kind != "spec":
+            continue
+        out[m.name] = {}
+        for N in sizes:
+            s = generate(target, m.draft, inputs, max_new_tokens=max_new_tokens, method=m.mode, tree=tree_for(N)).stats
+            cycles = max(1, len(s.accept_lengths))
+            out[m.name][N] = {"tau": s.tau, "draft_s": (s.draft_s - s.draft_prefill_s) / cycles}
+    return out
+
+
+def choose_trees(calib: dict, verify: dict[int, float]) -> dict:
+    """For each method: {chosen: N, expected tokens/s per N} maximising tau(N) / (draft(N) + verify(N))."""
+    out = {}
+    for name, per in calib.items():
+        rate = {N: c["tau"] / (c["draft_s"] + verify[N]) for N, c in per.items()}
+        out[name] = {"tokens": max(rate, key=rate.get), "expected_tokens_per_s": {str(k): round(v, 2) for k, v in rate.items()}}
+    return out
+
+
+# ---------------------------------------------------------------- the run
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def row_for(bucket: int, sample: Sample, method: Method, out: GenerateOutput, ref: GenerateOutput | None,
+            greedy: bool, mem_mb: float, tree: TreeConfig | None) -> dict:
+    s = out.stats
+    cycles = max(1, len(s.accept_lengths))
+    lossless = (out.token_ids == ref.token_ids) if (greedy and ref is not None) else None
+    return {"bucket": bucket, "sample": sample.id, "method": method.name, "visual_tokens": s.visual_tokens,
+            "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "tau": round(s.tau, 4),
+            "prefill_s": s.prefill_s, "decode_s": s.decode_s, "cycles": len(s.accept_lengths),
+            "draft_ms_per_cycle": 1e3 * (s.draft_s - s.draft_prefill_s) / cycles if method.kind == "spec" else 0.0,
+            "verify_ms_per_cycle": 1e3 * s.verify_s / cycles, "draft_prefill_s": s.draft_prefill_s,
+            "tree_tokens": tree.tokens if (tree and method.kind == "spec") else 0, "peak_memory_mb": round(mem_mb, 1),
+            "lossless": lossless, "stop_reason": s.stop_reason, "text": out.text}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Aggregates per bucket and method: sums of times over the bucket's samples, tau over all cycles."""
+    out = {}
+    for b in sorted({r["bucket"] for r in rows}):
+        ar = [r for r in rows if r["bucket"] == b and r["method"] == "ar"]
+        ar_dec = sum(r["decode_s"] for r in ar)
+        ar_all = sum(r["decode_s"] + r["prefill_s"] for r in ar)
+        for name in dict.fromkeys(r["method"] for r in rows if r["bucket"] == b):
+            rs = [r for r in rows if r["bucket"] == b and r["method"] == name]
+            dec, cycles = sum(r["decode_s"] for r in rs), sum(r["cycles"] for r in rs)
+            tau = sum(r["new_tokens"] - 1 for r in rs) / max(1, cycles) if name != "hf-assisted" else \
+                float(np.mean([r["tau"] for r in rs]))
+            dsr = ar_dec / dec if dec and ar else float("nan")
+            checks = [r["lossless"] for r in rs if r["lossless"] is not None]
+            out.setdefault(str(b), {})[name] = {
+                "visual_tokens": int(np.mean([r["visual_tokens"] for r in rs])), "samples": len(rs),
+                "tau": round(tau, 3), "dsr": round(dsr, 3),
+                "esr": round(ar_all / sum(r["decode_s"] + r["prefill_s"] for r in rs), 3) if ar else float("nan"),
+                "dsr_over_tau": round(dsr / tau, 3) if tau else float("nan"),
+                "prefill_s": round(float(np.mean([r["prefill_s"] for r in rs])), 4),
+                "decode_s": round(float(np.mean([r["decode_s"] for r in rs])), 4),
+                "new_tokens": round(float(np.mean([r["new_tokens"] for r in rs])), 1),
+                "draft_ms_per_cycle": round(float(np.mean([r["draft_ms_per_cycle"] for r in rs])), 3),
+                "verify_ms_per_cycle": round(float(np.mean([r["verify_ms_per_cycle"] for r in rs])), 3),
+                "tree_tokens": max(r["tree_tokens"] for r in rs),
+                "peak_memory_mb": max(r["peak_memory_mb"] for r in rs),
+                "lossless": all(checks) if checks else None}
+    return out
+
+
+def write_table(summary: dict, path: str) -> str:
+    methods = list(dict.fromkeys(m for b in summary.values() for m in b))
+    lines = ["| visual tokens | method | tau | DSR | ESR | DSR/tau | draft ms/cycle | verify ms/cycle | tree | lossless |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for b, per in summary.items():
+        for m in methods:
+            if m not in per:
+                continue
+            s = per[m]
+            ok = {True: "yes", False: "NO", None: "n/a"}[s["lossless"]]
+            lines.append(f"| {s['visual_tokens']} | {m} | {s['tau']:.2f} | {s['dsr']:.2f}x | {s['esr']:.2f}x | "
+                         f"{s['dsr_over_tau']:.2f} | {s['draft_ms_per_cycle']:.1f} | {s['verify_ms_per_cycle']:.1f} | "
+                         f"{s['tree_tokens'] or '-'} | {ok} |")
+    text = "\n".join(lines) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def write_plots(summary: dict, out: str) -> list[str]:
+    """tau.png, dsr.png (vs visual tokens, one line per method) and cycle.png (draft / verify ms per cycle)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("sparrow: matplotlib is not installed; skipping the plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    buckets = list(summary)
+    methods = list(dict.fromkeys(m for b in summary.values() for m in b))
+    files = []
+    for key, label, fname in (("tau", "accepted length tau", "tau.png"), ("dsr", "decoding speedup (DSR)", "dsr.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in methods:
+            pts = [(summary[b][m]["visual_tokens"], summary[b][m][key]) for b in buckets if m in summary[b]]
+            ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("visual tokens")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, fname), dpi=110)
+        plt.close(fig)
+        files.append(fname)
+    spec = [m for m in methods if any(summary[b].get(m, {}).get("draft_ms_per_cycle") for b in buckets)] or methods
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(buckets) * len(spec)), 4))
+    width = 0.8 / max(1, len(spec))
+    for j, m in enumerate(spec):
+        xs = [i + j * width for i, b in enumerate(buckets) if m in summary[b]]
+        d = [summary[b][m]["draft_ms_per_cycle"] for b in buckets if m in summary[b]]
+        v = [summary[b][m]["verify_ms_per_cycle"] for b in buckets if m in summary[b]]
+        ax.bar(xs, v, width, label=f"{m} verify", alpha=0.8)
+        ax.bar(xs, d, width, bottom=v, label=f"{m} draft", alpha=0.8, hatch="//")
+    ax.set_xticks([i + width * (len(spec) - 1) / 2 for i in range(len(buckets))],
+                  [str(summary[b][spec[0]]["visual_tokens"]) if spec[0] in summary[b] else b for b in buckets])
+    ax.set_xlabel("visual tokens")
+    ax.set_ylabel("ms per cycle")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "cycle.png"), dpi=110)
+    plt.close(fig)
+    return files + ["cycle.png"]
+
+
+def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max_new_tokens: int = 256,
+              temperature: float = 0.0, tree: TreeConfig | str = "auto", seed: int = 0, resume: bool = False,
+              meta: dict | None = None, progress: bool = True) -> dict:
+    """Run every method on every bucket's samples; write samples.jsonl, summary.json, table.md and the plots.
+
+    Args:
+        target: a loaded `Target`; methods: from `parse_methods` (must include "ar").
+        buckets: visual-token counts; samples_for(frames) -> list[Sample] for a bucket's frame count.
+        tree: "auto" or a fixed `TreeConfig`.
+    Returns: the summary dict. Raises SparrowError (after writing everything) when a greedy speculative output
+    differs from ar's.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out, exist_ok=True)
+    jsonl = os.path.join(out, "samples.jsonl")
+    done_rows = []
+    if resume and os.path.exists(jsonl):
+        with open(jsonl) as f:
+            for line in f:
+                try:
+                    done_rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a torn last line from an interrupted run
+    done = {(r["bucket"], r["sample"], r["method"]) for r in done_rows}
+    rows = list(done_rows)
+    greedy = temperature == 0
+    names = [m.name for m in methods]
+    trees: dict = {}
+    plan = [(b, frames_for(target, b)) for b in buckets]
+    bucket_samples = {b: samples_for(n) for b, n in plan}
+    calib = None
+    if tree == "auto" and any(m.kind == "spec" for m in methods):
+        cal_inputs = build_inputs(target, bucket_samples[plan[0][0]][0], plan[0][1])
+        calib = calibrate(target, methods, cal_inputs, TREE_CANDIDATES, min(64, max_new_tokens))
+    total = sum(len(s) for s in bucket_samples.values()) * len(methods)
+    bar = tqdm(total=total, initial=len(done), desc="bench", disable=not progress, dynamic_ncols=True)
+    with open(jsonl, "a" if resume else "w") as f:
+        for b, frames in plan:
+            samples = bucket_samples[b]
+            if calib is not None:
+                verify = verify_costs(target, build_inputs(target, samples[0], frames), TREE_CANDIDATES)
+                trees[str(b)] = {"verify_ms": {str(k): round(1e3 * v, 3) for k, v in verify.items()},
+                                 **choose_trees(calib, verify)}
+            for i, sample in enumerate(samples):
+                if all((b, sample.id, n) in done for n in names):
+                    continue
+                inputs = build_inputs(target, sample, frames)
+                if i == 0:
+                    generate(target, None, inputs, max_new_tokens=2, method="ar")  # warm-up
+                order = methods[i % len(methods):] + methods[: i % len(methods)]
+                outs = {}
+                for m in order:
+                    t = m.tree or (tree_for(trees[str(b)][m.name]["tokens"]) if calib is not None and m.kind == "spec"
+                                   else (tree if isinstance(tree, TreeConfig) else TreeConfig()))
+                    if target.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(target.device)
+                    outs[m.name] = (m, m.run(target, inputs, max_new_tokens, temperature, seed + i, t), t,
+                                    _peak_memory_mb(target.device))
+                ref = outs["ar"][1]
+                for name in names:
+                    if (b, sample.id, name) in done:
+                        continue
+                    m, o, t, mem = outs[name]
+                    row = row_for(b, sample, m, o, ref, greedy and m.kind != "ar", mem, t)
+                    rows.append(row)
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    bar.update(1)
+                    bar.set_postfix_str(f"{b} tok {name} tau {row['tau']:.2f}")
+    bar.close()
+    summary = summarise(rows)
+    meta = {**(meta or {}), "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device), "seed": seed,
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "buckets": list(buckets),
+            "frames": {str(b): n for b, n in plan}, "methods": names,
+            "tree": "auto" if tree == "auto" else asdict(tree)}
+    try:
+        import transformers
+
+        meta["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    result = {"meta": meta, "tree_choice": trees, "calibration": calib, "summary": summary}
+    tmp = os.path.join(out, "summary.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    os.replace(tmp, os.path.join(out, "summary.json"))
+    write_table(summary, os.path.join(out, "table.md"))
+    write_plots(summary, out)
+    bad = sorted({r["method"] for r in rows if r["lossless"] is False})
+    if bad:
+        n = sum(1 for r in rows if r["lossless"] is False)
+        raise SparrowError(f"lossless check failed: {', '.join(bad)} differ from ar on {n} sample(s) "
+                           f"(rows marked lossless=false in {jsonl})")
+    return result
+
+
+def main(argv=None) -> int:
+    from . import defaults, load_target
+
+    ap = argparse.ArgumentParser(prog="sparrow bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", help="local HF checkpoint (default: the embedded target)")
+    ap.add_argument("--drafts", help="NAME=PATH,... (default: the embedded target's shipped drafts)")
+    ap.add_argument("--assistant", help="checkpoint for hf-assisted (default: the embedded assistant)")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--data", help="LLaVA-Video style JSONL of videos and prompts")
+    src.add_argument("--synthetic", type=int, help="N synthetic clips per bucket (default 3 without --data)")
+    ap.add_argument("--samples", type=int, help="with --data: use the first N samples")
+    ap.add_argument("--visual-tokens", default=",".join(map(str, DEFAULT_BUCKETS)), help="buckets, e.g. 500,8000")
+    ap.add_argument("--methods", help="comma list (default: ar, every draft, hf-assisted when an assistant is "
+                                      "there); variants NAME:absolute, NAME:wN, NAME:eagle")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--tree", default="auto", help="auto (measure and pick per bucket) or TOPK,DEPTH,TOKENS")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype")
+    ap.add_argument("--device")
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--resume", action="store_true", help="skip samples already in OUT/samples.jsonl")
+    a = ap.parse_args(argv)
+    try:
+        buckets = [int(x) for x in a.visual_tokens.split(",") if x.strip()]
+    except ValueError:
+        raise SparrowError(f"--visual-tokens {a.visual_tokens!r}: expected numbers like 500,1500,8000") from None
+    if not buckets or min(buckets) < 1:
+        raise SparrowError("--visual-tokens needs at least one positive bucket")
+    tree = "auto"
+    if a.tree != "auto":
+        try:
+            k, d, n = (int(x) for x in a.tree.split(","))
+            tree = TreeConfig(top_k=k, depth=d, tokens=n)
+        except ValueError:
+            raise SparrowError(f"--tree {a.tree!r}: expected auto or TOPK,DEPTH,TOKENS like 8,5,30") from None
+    target = load_target(a.target, dtype=a.dtype, device=a.device)
+    drafts = parse_drafts(a.drafts, a.target is None)
+    assistant = a.assistant or (defaults.assistant_path() if a.target is None else None)
+    spec = a.methods or ",".join(["ar", *drafts] + (["hf-assisted"] if assistant else []))
+    methods = parse_methods(spec, drafts, target, assistant)
+    if a.data:
+        rows = data_samples(a.data, a.samples)
+        samples_for = lambda frames: rows  # noqa: E731 (frames are sampled per bucket when loading)
+    else:
+        n = a.synthetic or 3
+        samples_for = lambda frames: synthetic_samples(n, frames, a.seed)  # noqa: E731
+    result = run_bench(target, methods, buckets, samples_for, a.out, a.max_new_tokens, a.temperature, tree, a.seed,
+                       a.resume, meta={"target": target.path, "drafts": drafts, "assistant": assistant,
+                                       "data": a.data or f"synthetic x{a.synthetic or 3}"})
+    print(open(os.path.join(a.out, "table.md")).read())
+    if result["tree_choice"]:
+        print("tree tokens per bucket: " + "; ".join(
+            f"{b}: " + ", ".join(f"{m} {c['tokens']}" for m, c in per.items() if isinstance(c, dict) and "tokens" in c)
+            for b, per in result["tree_choice"].items()))
+    print(f"wrote {a.out}/samples.jsonl, summary.json, table.md, tau.png, dsr.png, cycle.png")
+    return 0
