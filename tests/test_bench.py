@@ -1,0 +1,110 @@
+"""The benchmark harness on a tiny random target and two tiny buckets: every output is written and well-formed,
+the tree auto-configuration is reported, resume skips finished samples, and the lossless check fails loudly
+when a method's output differs from ar's."""
+
+import json
+import os
+
+import pytest
+
+import sparrow
+from sparrow.bench import Method, parse_methods, run_bench, synthetic_samples
+from sparrow.cli import main
+from sparrow.errors import SparrowError
+from sparrow.tiny import make_tiny_target
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    paths = {"target": make_tiny_target(str(d / "t"), "qwen2_5_vl", seed=0, init_std=0.1),
+             "assistant": make_tiny_target(str(d / "a"), "qwen2_5_vl", seed=1, layers=1, init_std=0.1),
+             "draft": str(d / "draft"), "eagle": str(d / "eagle"), "out": str(d / "out")}
+    assert main(["init-draft", "--target", paths["target"], "--out", paths["draft"]]) == 0
+    assert main(["init-draft", "--target", paths["target"], "--out", paths["eagle"], "--mode", "eagle"]) == 0
+    return paths
+
+
+def bench_args(env, out, *extra):
+    return ["bench", "--target", env["target"], "--drafts", f"sp={env['draft']},eg={env['eagle']}",
+            "--synthetic", "1", "--visual-tokens", "64,128", "--max-new-tokens", "8", "--out", out, *extra]
+
+
+def test_bench_writes_every_output(env):
+    out = env["out"]
+    methods = "ar,sp,eg,sp:absolute,sp:w4,hf-assisted"
+    assert main(bench_args(env, out, "--methods", methods, "--assistant", env["assistant"])) == 0
+    for f in ("samples.jsonl", "summary.json", "table.md", "tau.png", "dsr.png", "cycle.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0, f
+        if f.endswith(".png"):
+            assert open(os.path.join(out, f), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+    names = methods.split(",")
+    assert sorted((r["bucket"], r["method"]) for r in rows) == sorted((b, m) for b in (64, 128) for m in names)
+    for r in rows:
+        assert r["visual_tokens"] == r["bucket"] and r["new_tokens"] >= 1 and r["decode_s"] > 0
+        assert r["lossless"] is (None if r["method"] == "ar" else True), r
+    res = json.load(open(os.path.join(out, "summary.json")))
+    assert res["meta"]["dtype"] == "float32" and res["meta"]["frames"] == {"64": 2, "128": 4}
+    for b in ("64", "128"):
+        assert list(res["summary"][b]) == names
+        for name, s in res["summary"][b].items():
+            assert s["tau"] >= 1.0 and s["dsr"] > 0 and s["esr"] > 0 and s["samples"] == 1
+            assert s["lossless"] is (None if name == "ar" else True)
+        assert res["summary"][b]["ar"]["dsr"] == 1.0 and res["summary"][b]["ar"]["tau"] == 1.0
+        choice = res["tree_choice"][b]  # auto tree: measured verify cost and a pick per speculative method
+        assert set(choice["verify_ms"]) == {"0", "4", "8", "16", "30", "48"}
+        for m in ("sp", "eg", "sp:absolute", "sp:w4"):
+            assert choice[m]["tokens"] == res["summary"][b][m]["tree_tokens"]
+    table = open(os.path.join(out, "table.md")).read().splitlines()
+    assert len(table) == 2 + 2 * len(names) and table[0].startswith("| visual tokens | method | tau | DSR | ESR")
+
+
+def test_bench_resume_skips_finished_samples(env, tmp_path):
+    out = str(tmp_path / "r")
+    assert main(bench_args(env, out, "--methods", "ar,sp", "--tree", "4,2,4")) == 0
+    before = open(os.path.join(out, "samples.jsonl")).read()
+    with open(os.path.join(out, "samples.jsonl"), "a") as f:
+        f.write('{"torn')  # an interrupted write
+    assert main(bench_args(env, out, "--methods", "ar,sp", "--tree", "4,2,4", "--resume")) == 0
+    assert open(os.path.join(out, "samples.jsonl")).read().startswith(before)
+    res = json.load(open(os.path.join(out, "summary.json")))
+    assert res["summary"]["64"]["sp"]["samples"] == 1 and res["summary"]["64"]["sp"]["tree_tokens"] == 4
+
+
+class WrongMethod(Method):
+    """A speculative method with a bug: its last token differs from the target's."""
+
+    def run(self, *args, **kwargs):
+        out = super().run(*args, **kwargs)
+        out.token_ids = out.token_ids[:-1] + [(out.token_ids[-1] + 1) % 50]
+        return out
+
+
+def test_lossless_check_fails_loudly(env, tmp_path):
+    target = sparrow.load_target(env["target"], device="cpu")
+    good = parse_methods("ar,sp", {"sp": env["draft"]}, target, None)
+    bad = WrongMethod("buggy", "spec", draft=good[1].draft, mode="sparrow")
+    out = str(tmp_path / "bad")
+    with pytest.raises(SparrowError, match="lossless check failed: buggy differ from ar on 2 sample"):
+        run_bench(target, good + [bad], [64, 128], lambda n: synthetic_samples(1, n, 0), out, max_new_tokens=6,
+                  tree=sparrow.TreeConfig(4, 2, 4), progress=False)
+    rows = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+    assert [r["lossless"] for r in rows if r["method"] == "buggy"] == [False, False]
+    assert all(r["lossless"] for r in rows if r["method"] == "sp")
+    res = json.load(open(os.path.join(out, "summary.json")))  # results are still written
+    assert res["summary"]["64"]["buggy"]["lossless"] is False
+    assert "| buggy |" in open(os.path.join(out, "table.md")).read() and "NO |" in open(os.path.join(out, "table.md")).read()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--methods", "ar,nope"], "no draft named 'nope'"),
+    (["--methods", "ar,sp:wide"], "unknown variant 'wide'"),
+    (["--methods", "ar,hf-assisted"], "hf-assisted needs --assistant"),
+    (["--visual-tokens", "lots"], "--visual-tokens 'lots'"),
+    (["--tree", "8,5"], "--tree '8,5'"),
+])
+def test_bench_bad_input_is_one_line(env, tmp_path, capsys, extra, message):
+    assert main(bench_args(env, str(tmp_path / "x"), *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
