@@ -92,11 +92,13 @@ class DraftRunner:
     """
 
     def __init__(self, draft: SparrowDraft, target: Target, pre: Prefill, mode: str, capacity_new: int,
-                 tree: TreeConfig):
+                 tree: TreeConfig, visual_keep: torch.Tensor | None = None):
         self.draft, self.target, self.mode = draft, target, mode
         self.compact = mode == "sparrow" and draft.config.position_mode == "compact"
         L = pre.positions.shape[1]
         keep = ~pre.visual_mask if mode == "sparrow" else torch.ones(L, dtype=torch.bool, device=pre.positions.device)
+        if mode == "eagle" and visual_keep is not None:  # analysis: only some visual positions in the draft cache
+            keep = ~pre.visual_mask | visual_keep.to(keep.device)
         keep[0] = False  # position 0 has no previous state (EAGLE drops it)
         self.keep = keep
         capacity = int(keep.sum()) + 1 + capacity_new + tree.top_k * tree.depth + 8
@@ -112,6 +114,12 @@ class DraftRunner:
     def prefill(self, input_ids: torch.Tensor, pre: Prefill, first_token: int) -> torch.Tensor:
         """Feed the prompt pairs (token_t, h_{t-1}) for t in 1..L (t = L is the first new token), skipping visual
         positions in "sparrow" mode. input_ids (L,). Returns the root's child log-probabilities (V,)."""
+        x, pos, _ = self.prompt_inputs(input_ids, pre, first_token)
+        return self._commit(x, pos)
+
+    def prompt_inputs(self, input_ids: torch.Tensor, pre: Prefill, first_token: int):
+        """The draft's prompt-pass inputs: x (q, H) fused inputs, pos (3, q) draft positions, and idx (q,) the
+        target index of each entry (L for the first new token)."""
         L, dev = input_ids.shape[0], input_ids.device
         idx = torch.cat((self.keep.nonzero(as_tuple=True)[0], torch.tensor([L], device=dev)))
         tokens = torch.cat((input_ids, torch.tensor([first_token], device=dev)))[idx]
@@ -120,7 +128,7 @@ class DraftRunner:
             emb[:-1] = pre.input_embeds[idx[:-1]]  # visual positions carry the video features
         tpos = torch.cat((pre.positions, pre.positions.new_full((3, 1), L + self.target.rope_delta)), dim=1)
         x = self.draft.fuse(emb, pre.hidden_top[idx - 1])
-        return self._commit(x, self._positions(tpos[:, idx]))
+        return x, self._positions(tpos[:, idx]), idx
 
     def catch_up(self, tokens: torch.Tensor, hidden: torch.Tensor, first_index: int) -> torch.Tensor:
         """Feed accepted pairs: tokens (q,) at target indices first_index.., hidden (q, H) the target's top states
@@ -201,7 +209,8 @@ class _Emitter:
 def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_tokens: int = 128,
              method: str = "sparrow", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              tree: TreeConfig | None = None, stop: list[str] | None = None, seed: int | None = None,
-             on_tokens: Callable[[list[int]], None] | None = None) -> GenerateOutput:
+             on_tokens: Callable[[list[int]], None] | None = None,
+             visual_keep: torch.Tensor | None = None) -> GenerateOutput:
     """Generate with lossless speculative decoding (or plain decoding with method="ar").
 
     Args:
@@ -215,6 +224,8 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         stop: stop strings (generation ends at the token that completes one, which is kept).
         seed: seed of the sampling generator.
         on_tokens: called with each batch of newly emitted token ids (streaming).
+        visual_keep: (L,) bool over prompt positions, "eagle" only: the visual positions the draft's cache holds
+            (default all). For the negative-visual-gain analysis; the output stays lossless.
     Returns: `GenerateOutput` (token_ids, text, stats).
     Raises: SparrowError for an unknown method, a missing draft, or a prompt that does not fit the context.
     Source: EAGLE-2 loop (dynamic tree, one verification per cycle); Sparrow VATA (method.md section 2a).
@@ -256,7 +267,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
                 stats.verify_s += clock.now() - tv
                 stats.accept_lengths.append(emitter.emit([root]))
         else:
-            runner = DraftRunner(draft, target, pre, method, max_new_tokens, tree)
+            runner = DraftRunner(draft, target, pre, method, max_new_tokens, tree, visual_keep)
             root_logp = runner.prefill(input_ids[0], pre, first)
             stats.draft_prefill_s = clock.now() - t1
             stats.draft_s += stats.draft_prefill_s
