@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=int, default=4)
     sub.add_parser("regenerate", help="replace a dataset's answers with the target's own (see --help)",
                    add_help=False)
+    sub.add_parser("capture", help="store the target's hidden states for offline draft training (see --help)",
+                   add_help=False)
     sub.add_parser("train-draft", help="train a Sparrow / EAGLE draft with IVSB + MTP (see --help)", add_help=False)
     sub.add_parser("train-target", help="train the embedded target on the synthetic world (see --help)",
                    add_help=False)
@@ -178,6 +180,7 @@ SCRIPTS = {  # subcommands with their own argument parsers: module, function
     "evaluate-target": ("sparrow.synthetic.evaluate", "main"),
     "regenerate": ("sparrow.training.regenerate", "main"),
     "train-draft": ("sparrow.training.trainer", "main"),
+    "capture": ("sparrow.training.offline", "main"),
     "bench": ("sparrow.bench", "main"),
     "analyze": ("sparrow.analyze", "main"),
 }

@@ -4,12 +4,18 @@
     torchrun --nproc-per-node 2 -m sparrow.training.trainer --target ... (N processes: gloo on CPU, nccl on GPU;
         several machines: torchrun --nnodes M --node-rank R --master-addr HOST --nproc-per-node N ...)
 
-Hidden states are captured online (the frozen target runs in every process). Each optimiser step takes a global
+Hidden states are captured online (the frozen target runs in every process), or read from a capture directory
+made by `sparrow capture` (--data CAPTURE_DIR; see `sparrow.training.offline`). Each optimiser step takes a global
 batch of `batch` conversations, split across processes; gradients are summed across processes (all-reduce), so
 N processes follow the single-process run. Data order is a seeded permutation per epoch; the step counter
 fixes the position in it, so `--resume` continues exactly (draft, optimiser, step). Checkpoints every
 `save_every` steps and on SIGINT/SIGTERM, written atomically. Metrics: JSONL (loss and top-1 agreement per MTP
 stage), and a progress bar.
+
+Evaluation: every `eval_every` steps (and after the last) rank 0 measures, on `eval_samples` held-out samples
+(the last ones of --data, not trained on, or --eval-data), the per-stage top-1 agreement and the mean accepted
+length tau of real greedy speculative decoding in the draft's mode; both go to metrics.jsonl and the draft's
+config (`training.eval`).
 """
 
 from __future__ import annotations
@@ -55,6 +61,10 @@ class TrainConfig:
     num_frames: int | None = 16  # at most this many frames per video (uniform)
     max_pixels: int | None = None
     strict_data: bool = False
+    eval_samples: int = 4
+    eval_every: int = 0  # 0: only after the last step
+    eval_data: str | None = None
+    eval_max_new_tokens: int = 128
     extra: dict = field(default_factory=dict)
 
     def loss(self) -> LossConfig:
@@ -103,7 +113,7 @@ def batch_indices(step: int, cfg: TrainConfig, n: int, rank: int, world: int) ->
     return out[rank::world]
 
 
-def save_checkpoint(out: str, draft, opt, step: int, cfg: TrainConfig) -> None:
+def save_checkpoint(out: str, draft, opt, step: int, cfg: TrainConfig, metrics: dict | None = None) -> None:
     """Atomic: ckpt.tmp/ is written completely, then renamed to ckpt/; the draft itself is saved to `out`."""
     tmp, final = os.path.join(out, "ckpt.tmp"), os.path.join(out, "ckpt")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,18 +122,88 @@ def save_checkpoint(out: str, draft, opt, step: int, cfg: TrainConfig) -> None:
                os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    draft.config.training = {**asdict(cfg), "step": step}
+    ev = {k: v for k, v in (metrics or {}).items() if k.startswith("eval_")}
+    draft.config.training = {**asdict(cfg), "step": step, **({"eval": ev} if ev else {})}
     draft.save(out)
 
 
+def online_capture(target, s, cfg: TrainConfig, mid: int, log=None):
+    """Run the target over one JSONL sample -> `Captured`, or None (reported) for a bad video."""
+    from ..video import load_video
+
+    try:
+        video = load_video(s.video, max_frames=cfg.num_frames) if s.video else None
+    except SparrowError as e:
+        if cfg.strict_data:
+            raise
+        print(f"sparrow: skipping sample {s.id} (line {s.line}): {e}", file=log or sys.stderr)
+        return None
+    inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
+    return capture(target, inputs, s.answer, mid)
+
+
+def evaluate(draft, target, eval_set, cfg: TrainConfig, mid: int) -> dict:
+    """Held-out per-stage top-1 agreement (teacher-forced, the training objective's metric) and mean tau of
+    greedy speculative decoding with the draft in its mode. eval_set: JSONL samples with videos."""
+    from .. import generate
+    from ..video import load_video
+
+    was_training = draft.training
+    draft.eval()
+    taus, sums = [], [[0.0, 0] for _ in range(cfg.mtp_stages)]
+    with torch.no_grad():
+        for s in eval_set:
+            try:
+                video = load_video(s.video, max_frames=cfg.num_frames) if s.video else None
+            except SparrowError:
+                continue
+            inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
+            _, st = draft_loss(draft, target, capture(target, inputs, s.answer, mid), cfg.loss())
+            for k, x in enumerate(st):
+                sums[k][0] += x["acc"] * x["n"]
+                sums[k][1] += x["n"]
+            out = generate(target, draft, inputs, max_new_tokens=cfg.eval_max_new_tokens, method=cfg.mode)
+            taus.append(out.stats.tau)
+    draft.train(was_training)
+    ev = {"eval_tau": sum(taus) / max(1, len(taus)), "eval_samples": len(taus)}
+    for k, (a, n) in enumerate(sums):
+        ev[f"eval_acc{k + 1}"] = a / max(1, n)
+    return ev
+
+
+def split_eval(samples, cfg: TrainConfig):
+    """(train, eval_set): --eval-data when given, else the last `eval_samples` JSONL samples, held out.
+    For a capture directory, the held-out samples come from its source JSONL (and are dropped from training)."""
+    if cfg.eval_samples <= 0:
+        return samples, []
+    if cfg.eval_data:
+        return samples, read_jsonl(cfg.eval_data)[: cfg.eval_samples]
+    if hasattr(samples, "get"):  # offline capture
+        src = samples.manifest.get("data")
+        if not src or not os.path.isfile(src):
+            print(f"sparrow: no held-out evaluation ({src} is gone); pass --eval-data JSONL", file=sys.stderr)
+            return samples, []
+        rows = read_jsonl(src)
+        if len(rows) < 2 * cfg.eval_samples:
+            return samples, []
+        held = rows[-cfg.eval_samples:]
+        lines = {s.line for s in held}
+        samples.entries = [e for e in samples.entries if e["line"] not in lines]
+        return samples, held
+    if len(samples) < 2 * cfg.eval_samples:
+        return samples, []
+    return samples[: -cfg.eval_samples], samples[-cfg.eval_samples:]
+
+
 def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log=None,
-          progress: bool = True) -> dict:
-    """Train a draft for `target` on `samples` (see `sparrow.training.data`); returns the last metrics.
-    Works inside an initialised torch.distributed group (every process calls it with the same arguments)."""
+          progress: bool = True, eval_set=None) -> dict:
+    """Train a draft for `target` on `samples`: a list of JSONL samples (online capture, see
+    `sparrow.training.data`) or an `OfflineData` capture. Returns the last metrics (with the held-out
+    evaluation on `eval_set` when given). Works inside an initialised torch.distributed group (every process
+    calls it with the same arguments)."""
     from tqdm import tqdm
 
     from .. import init_draft
-    from ..video import load_video
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     os.makedirs(out, exist_ok=True)
@@ -146,6 +226,7 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
             signal.signal(s, lambda *_: stop.__setitem__("now", True))
     metrics_path = os.path.join(out, "metrics.jsonl")
     lcfg = cfg.loss()
+    n_data = len(samples)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-draft", disable=not progress or rank != 0,
                dynamic_ncols=True)
     last = {}
@@ -154,17 +235,10 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
             g["lr"] = lr_at(step, cfg)
         opt.zero_grad(set_to_none=True)
         sums = [[0.0, 0.0, 0] for _ in range(cfg.mtp_stages)]
-        for i in batch_indices(step, cfg, len(samples), rank, world):
-            s = samples[i]
-            try:
-                video = load_video(s.video, max_frames=cfg.num_frames) if s.video else None
-            except SparrowError as e:
-                if cfg.strict_data:
-                    raise
-                print(f"sparrow: skipping sample {s.id} (line {s.line}): {e}", file=log or sys.stderr)
+        for i in batch_indices(step, cfg, n_data, rank, world):
+            c = samples.get(i) if hasattr(samples, "get") else online_capture(target, samples[i], cfg, mid, log)
+            if c is None:
                 continue
-            inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
-            c = capture(target, inputs, s.answer, mid)
             loss, st = draft_loss(draft, target, c, lcfg)
             (loss / cfg.batch).backward()
             for k, x in enumerate(st):
@@ -194,8 +268,15 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
         flag = torch.tensor([1.0 if stop["now"] else 0.0])
         if world > 1:
             dist.all_reduce(flag)
+        if rank == 0 and eval_set and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            ev = evaluate(draft, target, eval_set, cfg, mid)
+            last.update(ev)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, **ev}) + "\n")
+            bar.write(f"step {step}: held-out tau {ev['eval_tau']:.2f}, top-1 " +
+                      " ".join(f"{ev[f'eval_acc{k + 1}']:.3f}" for k in range(cfg.mtp_stages)))
         if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or flag.item() > 0):
-            save_checkpoint(out, draft, opt, step, cfg)
+            save_checkpoint(out, draft, opt, step, cfg, last)
         if flag.item() > 0:
             print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=log or sys.stderr)
             break
@@ -214,7 +295,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="sparrow train-draft", description="Train a Sparrow / EAGLE draft (IVSB + MTP).")
     ap.add_argument("--target", help="target checkpoint (default: the embedded one)")
-    ap.add_argument("--data", required=True, help="JSONL (LLaVA-Video style), answers from `sparrow regenerate`")
+    ap.add_argument("--data", required=True, help="JSONL (LLaVA-Video style), answers from `sparrow regenerate`, "
+                                                  "or a capture directory from `sparrow capture`")
     ap.add_argument("--out", required=True, help="draft directory (draft + ckpt/ + metrics.jsonl)")
     ap.add_argument("--config", help="JSON or YAML with TrainConfig fields")
     ap.add_argument("--resume", action="store_true")
@@ -231,8 +313,14 @@ def main(argv=None) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         target = load_target(a.target)  # None: the embedded target
-        samples = read_jsonl(a.data, strict=cfg.strict_data)
-        train(target, samples, a.out, cfg, resume=a.resume)
+        if os.path.isdir(a.data):
+            from .offline import OfflineData
+
+            samples = OfflineData(a.data, target, cfg)
+        else:
+            samples = read_jsonl(a.data, strict=cfg.strict_data)
+        samples, eval_set = split_eval(samples, cfg)
+        train(target, samples, a.out, cfg, resume=a.resume, eval_set=eval_set)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
