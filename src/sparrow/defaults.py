@@ -8,7 +8,8 @@ from .errors import SparrowError
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 TARGET = os.path.join(ASSETS, "target")
-DRAFTS = {"sparrow": os.path.join(ASSETS, "drafts", "sparrow"), "eagle": os.path.join(ASSETS, "drafts", "eagle")}
+# sparrow (IVSB + MTP, text-only cache), eagle (the full-visual baseline), and the ablations no_mtp / no_ivsb
+DRAFTS = {m: os.path.join(ASSETS, "drafts", m) for m in ("sparrow", "eagle", "no_mtp", "no_ivsb")}
 CLIPS = os.path.join(ASSETS, "clips")
 ASSISTANT = os.path.join(ASSETS, "assistant")  # a 2-layer sibling of the target for HF assisted generation
 

@@ -219,6 +219,9 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", help="write the trained model here (save_pretrained, bf16)")
+    ap.add_argument("--layers", type=int, default=TEXT["layers"],
+                    help="text layers (the default target: 12; its small sibling for HF assisted generation: 2)")
+    ap.add_argument("--tokenizer", help="reuse this tokenizer directory (e.g. the target's, for a sibling model)")
     ap.add_argument("--aux-weight", type=float, default=1.0,
                     help="weight of the dense vision supervision (per-token object attributes; 0 turns it off)")
     ap.add_argument("--warmup", type=int, default=300)
@@ -228,7 +231,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
+    TEXT["layers"] = a.layers
     tok_dir = os.path.join(a.out, "tokenizer")
+    if a.tokenizer and not os.path.isdir(tok_dir):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(a.tokenizer).save_pretrained(tok_dir)
     if not os.path.isdir(tok_dir) and not a.init:
         build_tokenizer(corpus(), QWEN_SPECIALS, QWEN_CHAT_TEMPLATE, vocab_size=VOCAB).save_pretrained(tok_dir)
     from transformers import AutoTokenizer
