@@ -24,7 +24,8 @@ same end to end (prefill included); DSR / tau = the share of the ideal speedup r
 verification as cheap as a decode step would give DSR = tau).
 
 Tree: `--tree auto` picks the draft-tree size per method and bucket from measurements on this machine (EAGLE-2's
-auto configuration): tau(N) and draft time per cycle from a short calibration run for each candidate size N,
+auto configuration): tau(N) and draft time per cycle from a short calibration run for each candidate size N
+(on a clip of at most 1000 visual tokens),
 and the target's verify time for N + 1 tokens measured at each bucket's context length; the size with the most
 expected tokens per second, tau(N) / (draft(N) + verify(N)), wins. `--tree K,D,N` fixes it.
 
@@ -52,6 +53,7 @@ from .tree import TreeConfig, tree_from_parents
 
 DEFAULT_BUCKETS = (500, 1500, 3000, 8000)
 TREE_CANDIDATES = (4, 8, 16, 30, 48)
+CALIBRATION_TOKENS = 1000  # the tree calibration runs on a clip of at most this many visual tokens
 SIDE = 224  # synthetic frames (and the pixel budget of real ones): 64 visual tokens per 2 frames on Qwen-VL
 
 
@@ -436,7 +438,8 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
     bucket_samples = {b: samples_for(n) for b, n in plan}
     calib = None
     if tree == "auto" and any(m.kind == "spec" for m in methods):
-        cal_inputs = build_inputs(target, bucket_samples[plan[0][0]][0], plan[0][1])
+        cal_frames = frames_for(target, min(min(buckets), CALIBRATION_TOKENS))  # tau(N) barely depends on length
+        cal_inputs = build_inputs(target, samples_for(cal_frames)[0], cal_frames)
         calib = calibrate(target, methods, cal_inputs, TREE_CANDIDATES, min(64, max_new_tokens))
     total = sum(len(s) for s in bucket_samples.values()) * len(methods)
     bar = tqdm(total=total, initial=len(done), desc="bench", disable=not progress, dynamic_ncols=True)
