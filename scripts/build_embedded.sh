@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch (fixed seeds): the target, its example clips, its drafts, and the
-# measurements quoted in the README. About 2 hours on 2 CPU cores. Run from the repository root:
+# measurements quoted in the README. About 3 hours on 2 CPU cores. Run from the repository root:
 #   bash scripts/build_embedded.sh [RUN_DIR]
 # Each stage checkpoints or appends as it goes; rerunning the script resumes the stage that was interrupted.
 set -euo pipefail
@@ -30,11 +30,25 @@ OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$R
 OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_eagle" \
   --config configs/eagle.json --steps 150 --batch 6 --warmup 10 --save-every 25 --resume &
 wait
-for m in sparrow eagle; do
+# the ablation drafts of the benchmark (same recipe, one switch each), then the 2-layer assistant for hf-assisted
+for m in no_mtp no_ivsb; do
+  OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_$m" \
+    --config configs/ablation_$m.json --steps 150 --batch 6 --lr 0.002 --warmup 10 --save-every 25 --eval-samples 0 --resume &
+done
+wait
+for m in sparrow eagle no_mtp no_ivsb; do
   mkdir -p "$ASSETS/drafts/$m" && cp "$RUN/draft_$m/config.json" "$RUN/draft_$m/model.safetensors" "$ASSETS/drafts/$m/"
 done
+$SPARROW train-target --out "$RUN/assistant" --layers 2 --tokenizer "$ASSETS/target" --steps 800 --minutes 16 \
+  --lr 1.5e-3 --warmup 50 --save-every 100 --resume --export "$RUN/assistant_export"
+rm -rf "$ASSETS/assistant" && cp -r "$RUN/assistant_export" "$ASSETS/assistant"
 
 # 4. measurements
 $SPARROW evaluate-target --target "$ASSETS/target" --clips 50 --long-clips 3 --buckets 512,1536,3072,8192 \
   --long-buckets 25088 --blank-clips 20 --out benchmarks/results/target_eval
 $PY benchmarks/draft_speedup.py --buckets 512,8192 --clips 5 --out benchmarks/results/drafts_cpu
+$SPARROW bench --visual-tokens 500,1500,3000,8000 --synthetic 3 --max-new-tokens 128 \
+  --methods ar,sparrow,eagle,no_mtp,no_ivsb,sparrow:absolute,hf-assisted --out benchmarks/results/bench_cpu
+$SPARROW bench --visual-tokens 25000 --synthetic 1 --max-new-tokens 128 --methods ar,sparrow,eagle \
+  --out benchmarks/results/bench_cpu_25k
+$SPARROW analyze --visual-tokens 500,3000 --clips 2 --max-new-tokens 64 --out benchmarks/results/analyze_cpu
