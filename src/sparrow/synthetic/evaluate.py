@@ -91,7 +91,7 @@ def plot(summary: dict, path: str) -> None:
     try:
         import matplotlib
     except ImportError:
-        print("sparrow: no plot written (matplotlib missing: pip install -e '.[plot]')")
+        print("sparrow: no plot written (matplotlib missing: pip install matplotlib)")
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
