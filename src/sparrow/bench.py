@@ -41,14 +41,13 @@ import os
 import platform
 import resource
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from .errors import SparrowError
-from .generate import GenerateOutput, Stats, generate
+from .generate import GenerateOutput, Stats, _Clock, generate
 from .tree import TreeConfig, tree_from_parents
 
 DEFAULT_BUCKETS = (500, 1500, 3000, 8000)
@@ -81,7 +80,7 @@ class Method:
 def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperature: float, seed: int) -> GenerateOutput:
     """transformers' assisted generation (`generate(assistant_model=...)`), timed like our loop: prefill_s is a
     separate 1-token generate of the target, decode_s the rest; tau = tokens after the first per target forward."""
-    model = target.model
+    model, clock = target.model, _Clock(target.device)
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=target.tokenizer.pad_token_id)
@@ -89,13 +88,13 @@ def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperatur
         kw["temperature"] = temperature
     try:
         with torch.inference_mode():
-            t0 = _now(target.device)
+            t0 = clock.now()
             model.generate(**inputs, **{**kw, "max_new_tokens": 1, "do_sample": False})
-            t1 = _now(target.device)
+            t1 = clock.now()
             calls.clear()
             torch.manual_seed(seed)
             out = model.generate(**inputs, assistant_model=assistant, **kw)
-            t2 = _now(target.device)
+            t2 = clock.now()
     finally:
         hook.remove()
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -108,12 +107,6 @@ def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperatur
     s.accept_lengths = [0] * cycles
     s.tokens_per_s = (len(ids) - 1) / s.decode_s
     return GenerateOutput(token_ids=ids, text=target.tokenizer.decode(ids, skip_special_tokens=True), stats=s)
-
-
-def _now(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def parse_methods(spec: str, drafts: dict, target, assistant_path: str | None) -> list[Method]:
@@ -244,6 +237,7 @@ def verify_costs(target, inputs: dict, sizes, repeats: int = 3) -> dict[int, flo
     """Seconds of one target forward over N + 1 tree tokens (N in sizes; 0 = a decode step) after the prompt of
     `inputs`, medians of `repeats` runs. The tree shape does not matter for cost; a star is used."""
     cache = target.new_cache(inputs["input_ids"].shape[1] + max(sizes) + 4)
+    clock = _Clock(target.device)
     with torch.inference_mode():
         target.prefill(inputs, cache)
         n = cache.length
@@ -253,9 +247,9 @@ def verify_costs(target, inputs: dict, sizes, repeats: int = 3) -> dict[int, flo
             tree = tree_from_parents(torch.zeros(N + 1, dtype=torch.long, device=target.device), parents)
             times = []
             for _ in range(repeats + 1):  # the first run warms up
-                t0 = _now(target.device)
+                t0 = clock.now()
                 target.forward(tree.tokens, tree.depths, tree.mask if N else None, cache)
-                times.append(_now(target.device) - t0)
+                times.append(clock.now() - t0)
                 cache.truncate(n)
             out[N] = float(np.median(times[1:]))
     return out
