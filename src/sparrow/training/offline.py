@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 from ..errors import SparrowError
-from .losses import Captured, capture
+from .losses import Captured
 
 MANIFEST = "manifest.json"
 SETTINGS = ("mode", "ivsb", "visual_states", "mid_layer", "num_frames", "max_pixels")
@@ -98,7 +97,7 @@ def run_capture(target, samples, out: str, cfg, data_path: str, shard_size: int 
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from ..video import load_video
+    from .trainer import online_capture
 
     os.makedirs(out, exist_ok=True)
     settings = capture_settings(cfg, target)
@@ -118,15 +117,7 @@ def run_capture(target, samples, out: str, cfg, data_path: str, shard_size: int 
                dynamic_ncols=True)
     pending, entries, lines = {}, [], []
     for n, s in enumerate(todo):
-        try:
-            video = load_video(s.video, max_frames=cfg.num_frames) if s.video else None
-            inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
-            c = capture(target, inputs, s.answer, settings["mid_layer"])
-        except SparrowError as e:
-            if cfg.strict_data:
-                raise
-            print(f"sparrow: skipping sample {s.id} (line {s.line}): {e}", file=log or sys.stderr)
-            c = None
+        c = online_capture(target, s, cfg, settings["mid_layer"], log)  # None: reported and skipped
         lines.append(s.line)
         if c is not None:
             k = len(entries)

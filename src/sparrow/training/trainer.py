@@ -128,18 +128,19 @@ def save_checkpoint(out: str, draft, opt, step: int, cfg: TrainConfig, metrics: 
 
 
 def online_capture(target, s, cfg: TrainConfig, mid: int, log=None):
-    """Run the target over one JSONL sample -> `Captured`, or None (reported) for a bad video."""
+    """Run the target over one JSONL sample -> `Captured`, or None (reported; raised with strict_data) for a
+    sample that cannot be used: a missing or corrupt video, or a prompt the target cannot take."""
     from ..video import load_video
 
     try:
         video = load_video(s.video, max_frames=cfg.num_frames) if s.video else None
+        inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
+        return capture(target, inputs, s.answer, mid)
     except SparrowError as e:
         if cfg.strict_data:
             raise
         print(f"sparrow: skipping sample {s.id} (line {s.line}): {e}", file=log or sys.stderr)
         return None
-    inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
-    return capture(target, inputs, s.answer, mid)
 
 
 def evaluate(draft, target, eval_set, cfg: TrainConfig, mid: int) -> dict:
