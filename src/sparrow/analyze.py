@@ -44,17 +44,14 @@ def _clip_inputs(target, visual_tokens: int, i: int):
 
 def _sequence_inputs(target, inputs: dict, answer: list[int]) -> tuple[dict, torch.Tensor]:
     """Model kwargs for prompt + answer in one forward (explicit positions), and the (T,) visual mask."""
-    ids = torch.cat((inputs["input_ids"][0], torch.tensor(answer, dtype=torch.long)))
+    from .training.losses import extend_inputs
+
     positions, delta = target.prompt_positions(inputs)
     L = inputs["input_ids"].shape[1]
-    tail = (L + delta + torch.arange(len(answer))).expand(3, -1)
-    pos = torch.cat((positions, tail), dim=1)
-    kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    kw["input_ids"] = ids.view(1, -1)
-    if "mm_token_type_ids" in inputs:
-        kw["mm_token_type_ids"] = torch.cat((inputs["mm_token_type_ids"][0], torch.zeros(len(answer), dtype=torch.long))).view(1, -1)
-    kw["position_ids"] = target._prompt_position_ids(pos)
-    return kw, target.visual_mask(ids)
+    tail = (L + delta + torch.arange(len(answer), device=positions.device)).expand(3, -1)
+    kw = {k: v for k, v in extend_inputs(inputs, answer).items() if k != "attention_mask"}
+    kw["position_ids"] = target._prompt_position_ids(torch.cat((positions, tail), dim=1))
+    return kw, target.visual_mask(kw["input_ids"][0])
 
 
 @torch.inference_mode()
@@ -213,8 +210,9 @@ def _write(out: str, name: str, data: dict, draw) -> None:
 def run_internalization(target, buckets, clips, out, max_new_tokens):
     per = {}
     for b in buckets:
-        runs = [internalization(target, _clip_inputs(target, b, i), max_new_tokens) for i in range(clips)]
-        atts = [attention_and_similarity(target, _clip_inputs(target, b, i)) for i in range(clips)]
+        inputs = [_clip_inputs(target, b, i) for i in range(clips)]
+        runs = [internalization(target, x, max_new_tokens) for x in inputs]
+        atts = [attention_and_similarity(target, x) for x in inputs]
         per[str(b)] = {"layers": runs[0]["layers"],
                        "agreement": np.mean([r["agreement"] for r in runs], 0).round(4).tolist(),
                        "attention_to_visual": np.mean([a["attention_to_visual"] for a in atts], 0).round(4).tolist(),

@@ -42,7 +42,7 @@ def answer_ids(target, answer: str) -> list[int]:
 def extend_inputs(inputs: dict, ids: list[int]) -> dict:
     """Append text tokens `ids` to prepared inputs (input_ids, attention_mask, mm_token_type_ids)."""
     out = dict(inputs)
-    new = torch.tensor([ids], device=inputs["input_ids"].device)
+    new = torch.tensor([ids], dtype=torch.long, device=inputs["input_ids"].device)  # long even when empty
     out["input_ids"] = torch.cat((inputs["input_ids"], new), dim=1)
     out["attention_mask"] = torch.ones_like(out["input_ids"])
     if "mm_token_type_ids" in inputs:
