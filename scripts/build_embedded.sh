@@ -46,7 +46,6 @@ rm -rf "$ASSETS/assistant" && cp -r "$RUN/assistant_export" "$ASSETS/assistant"
 # 4. measurements
 $SPARROW evaluate-target --target "$ASSETS/target" --clips 50 --long-clips 3 --buckets 512,1536,3072,8192 \
   --long-buckets 25088 --blank-clips 20 --out benchmarks/results/target_eval
-$PY benchmarks/draft_speedup.py --buckets 512,8192 --clips 5 --out benchmarks/results/drafts_cpu
 $SPARROW bench --visual-tokens 500,1500,3000,8000 --synthetic 3 --max-new-tokens 128 \
   --methods ar,sparrow,eagle,no_mtp,no_ivsb,sparrow:absolute,hf-assisted --out benchmarks/results/bench_cpu
 $SPARROW bench --visual-tokens 25000 --synthetic 1 --max-new-tokens 128 --methods ar,sparrow,eagle \
