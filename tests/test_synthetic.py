@@ -79,13 +79,27 @@ def test_descriptions_parse_back_and_vary():
         truth = make_clip(seed, 16).truth
         text = describe(truth, seed)
         texts.add(text)
-        assert score_description(text, truth)["mean"] == 1.0, text
+        scores = score_description(text, truth)
+        assert scores["attributes"] == scores["exact"] == 1.0, text
         assert 15 <= len(text.split()) <= 160
         assert questions(truth, seed)
     assert len(texts) == 200
     truth = make_clip(1, 16).truth
     wrong = describe(truth, 1).replace("cyan square", "blue square")
-    assert score_description(wrong, truth)["objects"] == 0.0
+    scores = score_description(wrong, truth)
+    assert scores["objects"] == 0.0 and scores["exact"] <= 0.75  # all-or-nothing
+    n = len(truth["objects"])
+    assert scores["colour"] == (n - 1) / n and scores["shape"] == scores["motion"] == 1.0  # partial credit
+
+
+def test_attribute_score_counts_invented_and_missing_objects():
+    truth = {"objects": [{"id": 0, "colour": "red", "shape": "circle", "motion": "left"},
+                         {"id": 1, "colour": "blue", "shape": "square", "motion": "still"}], "events": []}
+    text = "We see two objects. A blue square stays still. A red circle moves to the left. A green diamond moves up."
+    s = score_description(text, truth)
+    assert s["count"] == 1.0 and s["colour"] == s["shape"] == s["motion"] == 2 / 3 and s["objects"] == 0.0
+    s = score_description("We see two objects. A red square moves to the left.", truth)
+    assert (s["colour"], s["shape"], s["motion"]) == (0.5, 0.0, 0.5)  # red->circle or square->square, not both
     assert parse_description("The video shows two objects.")["count"] == 2
 
 
@@ -103,3 +117,22 @@ def test_mp4_round_trip(tmp_path):
     v = load_video(path)
     assert v.frames.shape == clip.frames.shape
     assert np.abs(v.frames.astype(int) - clip.frames.astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize("seed", [0, 4, 9])
+def test_cell_labels_match_rendered_pixels(seed):
+    """A token labelled with an object shows that object's colour over at least a fifth of its 28 x 28 cell."""
+    from sparrow.synthetic.train_target import cell_labels
+    from sparrow.synthetic.world import MOTIONS
+
+    clip = make_clip(seed, 8, 224, 224)
+    lab = cell_labels(clip.truth, (4, 8, 8)).reshape(4, 8, 8, -1)
+    assert lab[..., 0].gt(0).sum() >= 2  # every clip here shows an object
+    for g, i, j in lab[..., 0].nonzero().tolist():
+        colour = list(COLOURS)[lab[g, i, j, 0] - 1]
+        cell = clip.frames[2 * g, 28 * i:28 * i + 28, 28 * j:28 * j + 28].reshape(-1, 3).astype(float)
+        rgb = np.array(COLOURS[colour], dtype=float)
+        near = np.minimum(np.abs(cell - rgb).max(1), np.abs(cell - rgb * 0.55).max(1)) < 30  # solid or stripe
+        assert near.mean() >= 0.2, (seed, g, i, j, colour, near.mean())
+        motions = {list(MOTIONS).index(o["motion"]) + 1 for o in clip.truth["objects"]}
+        assert int(lab[g, i, j, 4]) in motions

@@ -7,7 +7,9 @@ the blank-frames control, and how much descriptions of different clips differ.
 Clips are held out (seeds from 10**9 on; training draws seeds below 2**31 at random, so overlap is negligible and
 the seeds are never the ones listed here). Frames are 224 x 224 (64 visual tokens per 2 frames); the frame count
 sets the bucket: 16 frames = 512 tokens, 784 frames = 25,088 tokens. Greedy decoding through `sparrow.generate`
-(method "ar"). Writes JSON (per clip and summary) and a PNG of accuracy by bucket.
+(method "ar"). Scores: `text.score_description` (per-attribute accuracy, the headline, and the all-or-nothing
+"exact" score). Controls: the same clips with blank frames, and chance (each clip scored against another clip's
+true description). Writes JSON (per clip and summary) and a PNG of accuracy by bucket.
 """
 
 from __future__ import annotations
@@ -49,8 +51,22 @@ def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_token
     return rows
 
 
+def chance(bucket: int, clips: int) -> list[dict]:
+    """The chance level: each held-out clip's truth scored against the correct description of another clip
+    (right format, wrong video), which is what a model that ignores the frames can at best produce."""
+    from .text import describe
+
+    frames = frames_for_bucket(bucket)
+    truths = [make_clip(HELD_OUT + bucket * 1000 + i, frames, 56, 56, fps=4.0).truth for i in range(clips + 1)]
+    return [{"seed": t["seed"], "bucket": bucket, "visual_tokens": bucket, "text": (d := describe(o, o["seed"])),
+             **score_description(d, t)} for t, o in zip(truths[:-1], truths[1:])]
+
+
+KEYS = ("attributes", "count", "colour", "shape", "motion", "events", "exact", "objects", "motion_all")
+
+
 def summarise(rows: list[dict]) -> dict:
-    keys = ("count", "objects", "motion", "events", "mean")
+    keys = KEYS
     return {**{k: float(np.mean([r[k] for r in rows])) for k in keys}, "clips": len(rows),
             "distinct_texts": len({r["text"] for r in rows}), "visual_tokens": rows[0]["visual_tokens"]}
 
@@ -77,14 +93,23 @@ def main(argv=None):
         rows += r
         summary["buckets"][str(bucket)] = summarise(r)
         print(bucket, json.dumps(summary["buckets"][str(bucket)]), flush=True)
-        json.dump({"summary": summary, "rows": rows}, open(a.out + ".json", "w"), indent=1)
+        _write(a.out + ".json", {"summary": summary, "rows": rows})
     smallest = plan[0][0]
     b = evaluate(target, smallest, a.blank_clips, blank=True)
     rows += b
     summary["blank"][str(smallest)] = summarise(b)
     print("blank", json.dumps(summary["blank"][str(smallest)]), flush=True)
-    json.dump({"summary": summary, "rows": rows}, open(a.out + ".json", "w"), indent=1)
+    summary["chance"] = {str(smallest): summarise(chance(smallest, a.clips))}
+    print("chance", json.dumps(summary["chance"][str(smallest)]), flush=True)
+    _write(a.out + ".json", {"summary": summary, "rows": rows})
     plot(summary, a.out + ".png")
+
+
+def _write(path: str, obj) -> None:
+    """Atomic JSON write (an interrupted run keeps the previous complete file)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def plot(summary: dict, path: str) -> None:
@@ -99,10 +124,13 @@ def plot(summary: dict, path: str) -> None:
     buckets = sorted(summary["buckets"], key=int)
     x = [summary["buckets"][b]["visual_tokens"] for b in buckets]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for key, style in (("mean", "o-"), ("count", "s--"), ("objects", "^--"), ("motion", "v--"), ("events", "d--")):
+    for key, style in (("attributes", "o-"), ("count", "s--"), ("colour", "^--"), ("shape", "v--"),
+                       ("motion", "<--"), ("events", "d--"), ("exact", "x:")):
         ax.plot(x, [summary["buckets"][b][key] for b in buckets], style, label=key)
     for b, s in summary["blank"].items():
-        ax.axhline(s["mean"], color="gray", lw=1, ls=":", label=f"blank frames (mean, {b} tokens)")
+        ax.axhline(s["attributes"], color="gray", lw=1, ls=":", label=f"blank frames ({b} tokens)")
+    for b, s in summary.get("chance", {}).items():
+        ax.axhline(s["attributes"], color="black", lw=1, ls="-.", label="chance (another clip's description)")
     ax.set_xscale("log")
     ax.set_xlabel("visual tokens")
     ax.set_ylabel("accuracy")

@@ -153,19 +153,53 @@ def parse_description(text: str) -> dict:
     return {"count": count, "objects": objects, "events": events}
 
 
+def _attribute_matches(claimed: list[tuple], truth: list[tuple]) -> tuple[int, int, int]:
+    """Best one-to-one matching of claimed objects to true ones, each (colour, shape, motion): the numbers of
+    matched colours, shapes and motions (the matching maximises their sum). Small sets: brute force."""
+    from itertools import permutations
+
+    k = max(len(claimed), len(truth))
+    claimed = list(claimed) + [None] * (k - len(claimed))
+    best = (0, 0, 0)
+    for perm in permutations(range(k), k):
+        hits = [0, 0, 0]
+        for t, c in zip(truth, (claimed[j] for j in perm)):
+            if c is not None:
+                for a in range(3):
+                    hits[a] += c[a] == t[a]
+        if sum(hits) > sum(best):
+            best = tuple(hits)
+    return best
+
+
 def score_description(text: str, truth: dict) -> dict:
-    """Attribute accuracy of a description: count, colour+shape of each object (recall and no extras), motion
-    of each object, and the order of events. Each field is 1.0 (right) or 0.0; `mean` averages them."""
+    """Score a description against the truth, two ways.
+
+    Attribute accuracy (the headline, `attributes`): the object count (1 or 0); the colour, shape and motion of
+    each object, after the best one-to-one matching of the described objects to the true ones, each divided by
+    max(true objects, described objects) so that a missing or an invented object costs as much as a wrong one;
+    and the event order (1 if the described events are exactly the true ones in the true order, else 0).
+    `attributes` is the mean of count, colour, shape, motion and events.
+
+    Exact (all-or-nothing per field, `exact`): `objects` (the set of colour + shape pairs is exactly right),
+    `motion_all` (every object's motion is right) and, with `count` and `events`, their mean.
+
+    Returns: a dict of floats in [0, 1].
+    """
     claim = parse_description(text)
     objs = truth["objects"]
     want = {(o["colour"], o["shape"]): o["motion"] for o in objs}
     found = claim["objects"]
-    objects_ok = float(set(found) == set(want))
-    motion_ok = float(all(found.get(k) == v for k, v in want.items()))
     by_id = {o["id"]: o for o in objs}
     want_events = [(e["type"], by_id[e["object"]]["colour"], by_id[e["object"]]["shape"]) for e in truth["events"]]
-    events_ok = float(claim["events"] == want_events)
-    scores = {"count": float(claim["count"] == len(objs)), "objects": objects_ok, "motion": motion_ok,
-              "events": events_ok}
-    scores["mean"] = sum(scores.values()) / len(scores)
+    count = float(claim["count"] == len(objs))
+    events = float(claim["events"] == want_events)
+    n = max(len(objs), len(found))
+    colour, shape, motion = _attribute_matches([(c, s, m) for (c, s), m in found.items()],
+                                               [(o["colour"], o["shape"], o["motion"]) for o in objs])
+    scores = {"count": count, "colour": colour / n, "shape": shape / n, "motion": motion / n, "events": events}
+    scores["attributes"] = sum(scores.values()) / len(scores)
+    scores["objects"] = float(set(found) == set(want))
+    scores["motion_all"] = float(all(found.get(k) == v for k, v in want.items()))
+    scores["exact"] = (count + scores["objects"] + scores["motion_all"] + events) / 4
     return scores

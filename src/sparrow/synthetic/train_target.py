@@ -7,12 +7,12 @@ every `--save-every` steps and on SIGINT/SIGTERM, written atomically; `--resume`
 `--export DIR` writes the final model with `save_pretrained` (bf16 safetensors, config, tokenizer, chat
 template, generation config) for shipping.
 
-Data: every step draws fresh clips (mostly 64-512 visual tokens: 4-32 frames at 112-224 px, frame rates 2-8)
+Data: every step draws fresh clips (mostly 64-512 visual tokens: 2-32 frames, mostly at 224 px, frame rates 2-8)
 and a task: a detailed description (75%) or a short question (25%). Loss on answer tokens only.
 
 Dense vision supervision (`--aux-weight`, a training aid that is not shipped): a linear probe on the vision
 encoder's merged tokens (the visual embeddings the language model reads) predicts, for every merged cell
-(2 frames x 28 x 28 px), the colour, shape, size and texture of the object whose centre lies in it (or "none"),
+(2 frames x 28 x 28 px), the colour, shape, size, texture and motion of the object that covers it (or "none"),
 from the clip's ground truth. It gives the vision tower a per-token signal instead of the thin one that flows
 back from a few attribute words of the answer, which is what limits a language-only loss on this world.
 """
@@ -33,54 +33,86 @@ import torch
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..video import Video
 from .text import DESCRIBE_PROMPTS, describe, questions
-from .world import COLOURS, SHAPES as OBJECT_SHAPES, SIZES, TEXTURES, make_clip, plan_clip
+from .world import COLOURS, MOTIONS, SHAPES as OBJECT_SHAPES, SIZES, TEXTURES, _shape_mask, make_clip, plan_clip
 
 TEXT = dict(hidden=256, layers=12, heads=4, kv_heads=2, intermediate=768)
 VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14, temporal_patch_size=2,
               spatial_merge_size=2, window_size=112, fullatt_block_indexes=[2], tokens_per_second=2, in_channels=3)
-SHAPES = [(4, 112, 112), (8, 112, 112), (16, 112, 112), (8, 168, 168), (16, 168, 168), (32, 112, 112),
-          (12, 224, 224), (24, 112, 168), (2, 112, 112)]
-SHAPE_P = [0.08, 0.22, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05, 0.05]
+# (frames, height, width): mostly 224 px (the evaluation's frame size: objects span several patches, which is
+# what makes their shapes learnable), with other sizes, aspect ratios and lengths for variety.
+SHAPES = [(2, 224, 224), (4, 224, 224), (8, 224, 224), (16, 224, 224), (32, 224, 224), (8, 112, 112),
+          (16, 112, 112), (8, 168, 168), (12, 168, 224), (32, 112, 112)]
+SHAPE_P = [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05]
 VOCAB = 1024
 CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
-AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1)  # 0 = no object
+AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, len(MOTIONS) + 1)  # 0: none
 
 
-def cell_labels(truth: dict, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Per merged visual token, the attributes of the object centred in it at the token's first frame.
+def cell_labels(truth: dict, grid: tuple[int, int, int], min_cover: float = 0.25) -> torch.Tensor:
+    """Per merged visual token, the attributes of the object that covers it at the token's first frame.
+
+    A token (2 frames x 28 x 28 px) is labelled with the object that shows over the largest part of the cell,
+    if that is at least `min_cover` (sampled on a 7 x 7 grid of points; where objects overlap, the one drawn
+    last is the one that shows, as in the rendered frame). Labels from coverage, unlike "the cell holding the object's centre", are decidable
+    from the pixels of the cell and its neighbours, which is what lets the vision tower learn them quickly.
 
     Args: truth: a clip's ground truth (with tracks); grid: (t, h, w) merged-token grid of the clip, frames not
         resized (sides multiples of 28).
-    Returns: (t*h*w, 4) long: colour, shape, size, texture indices, 1-based, 0 where no object is centred.
+    Returns: (t*h*w, 5) long: colour, shape, size, texture, motion indices, 1-based, 0 where no object covers it.
     """
     t, h, w = grid
-    lab = torch.zeros((t, h, w, 4), dtype=torch.long)
-    colours, sizes = list(COLOURS), list(SIZES)
+    lab = torch.zeros((t, h, w, len(AUX_CLASSES)), dtype=torch.long)
+    side = min(truth["height"], truth["width"])
+    off = (np.arange(7) + 0.5) * CELL / 7
+    ys = (np.arange(h)[:, None] * CELL + off[None]).reshape(-1)
+    xs = (np.arange(w)[:, None] * CELL + off[None]).reshape(-1)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    colours, sizes, motions = list(COLOURS), list(SIZES), list(MOTIONS)
     change = {e["object"]: e["frame"] for e in truth["events"] if e["type"] == "changes colour"}
     for g in range(t):
         f = g * (truth["num_frames"] // t)
-        for o in truth["objects"]:  # drawing order: a later object covers an earlier one
-            if not o["appear"] <= f < o["disappear"]:
+        owner = np.full(yy.shape, -1)  # which object each sample point shows; a later object covers an earlier one
+        for k, o in enumerate(truth["objects"]):
+            if o["appear"] <= f < o["disappear"]:
+                cx, cy = o["track"][f]
+                owner[_shape_mask(o["shape"], xx, yy, cx, cy, SIZES[o["size"]] * side)] = k
+        best = np.zeros((h, w))
+        for k, o in enumerate(truth["objects"]):
+            cover = (owner == k).reshape(h, 7, w, 7).mean((1, 3))
+            sel = (cover >= min_cover) & (cover > best)
+            if not sel.any():
                 continue
-            cx, cy = o["track"][f]
-            i, j = min(h - 1, max(0, int(cy // CELL))), min(w - 1, max(0, int(cx // CELL)))
+            best = np.where(sel, cover, best)
             colour = o["final_colour"] if o["id"] in change and f >= change[o["id"]] else o["colour"]
-            lab[g, i, j] = torch.tensor([colours.index(colour) + 1, OBJECT_SHAPES.index(o["shape"]) + 1,
-                                         sizes.index(o["size"]) + 1, TEXTURES.index(o["texture"]) + 1])
-    return lab.reshape(-1, 4)
+            lab[g][torch.from_numpy(sel)] = torch.tensor([
+                colours.index(colour) + 1, OBJECT_SHAPES.index(o["shape"]) + 1, sizes.index(o["size"]) + 1,
+                TEXTURES.index(o["texture"]) + 1, motions.index(o["motion"]) + 1])
+    return lab.reshape(-1, len(AUX_CLASSES))
 
 
 class VisionProbe(torch.nn.Module):
-    """Linear probe on the merged visual tokens (N, hidden) -> summed cross-entropy of the 4 cell attributes."""
+    """Linear probe on the merged visual tokens: (N, hidden) features and (N, 5) `cell_labels` -> loss.
+
+    The loss is the cross-entropy of "which colour, or no object" over every token plus the cross-entropy of
+    shape, size, texture and motion over the tokens an object covers (most tokens are background; averaging
+    the attributes over all of them would drown the few that carry an object).
+    """
 
     def __init__(self, hidden: int):
         super().__init__()
         self.norm = torch.nn.LayerNorm(hidden, elementwise_affine=False)  # the embeddings' scale is the LM's
         self.head = torch.nn.Linear(hidden, sum(AUX_CLASSES))
 
+    def logits(self, feats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.head(self.norm(feats.float())).split(AUX_CLASSES, dim=-1)
+
     def forward(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.norm(feats.float())).split(AUX_CLASSES, dim=-1)
-        return sum(torch.nn.functional.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(logits))
+        ce = torch.nn.functional.cross_entropy
+        logits, obj = self.logits(feats), labels[:, 0] > 0
+        loss = ce(logits[0], labels[:, 0])
+        if obj.any():
+            loss = loss + sum(ce(lg[obj], labels[obj, k]) for k, lg in enumerate(logits) if k > 0)
+        return loss
 
 
 def corpus(n: int = 4000) -> list[str]:
@@ -224,6 +256,10 @@ def main(argv=None):
     ap.add_argument("--tokenizer", help="reuse this tokenizer directory (e.g. the target's, for a sibling model)")
     ap.add_argument("--aux-weight", type=float, default=1.0,
                     help="weight of the dense vision supervision (per-token object attributes; 0 turns it off)")
+    ap.add_argument("--vision-steps", type=int, default=0,
+                    help="first train only the vision tower and the probe for this many steps (about 4x cheaper "
+                         "than a full step), so that the language model then reads features that already carry "
+                         "the objects; counted in --steps")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
@@ -257,8 +293,11 @@ def main(argv=None):
     probe = VisionProbe(TEXT["hidden"])
     feats = {}
     model.model.visual.register_forward_hook(lambda m, i, o: feats.__setitem__("v", o.pooler_output))
-    params = list(model.parameters()) + (list(probe.parameters()) if a.aux_weight > 0 else [])
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    vision = list(model.model.visual.parameters()) + (list(probe.parameters()) if a.aux_weight > 0 else [])
+    seen = {id(p) for p in vision}
+    language = [p for p in model.parameters() if id(p) not in seen]
+    params = vision + language
+    opt = torch.optim.AdamW([{"params": vision}, {"params": language}], lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     batcher = Batcher(target, a.seed)
     step, log = 0, []
     ckpt = os.path.join(a.out, "ckpt", "state.pt")
@@ -286,22 +325,30 @@ def main(argv=None):
     while step < a.steps and not stop["now"]:
         batch = batcher.batch(a.batch)
         cells = batch.pop("cells")
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
+        opt.param_groups[0]["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
+        lm_step = step - a.vision_steps  # the language model warms up again when it starts to train
+        opt.param_groups[1]["lr"] = lr_at(max(0, lm_step), a.steps - a.vision_steps, a.lr, a.warmup)
+        vision_only = step < a.vision_steps and a.aux_weight > 0
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
+            if vision_only:
+                model.model.visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
+                loss = torch.zeros(())
+            else:
+                loss = model(**batch).loss
             aux = probe(feats.pop("v"), cells) if a.aux_weight > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + a.aux_weight * aux).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if not vision_only:
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         ema_aux = aux.item() if step == 1 else 0.98 * ema_aux + 0.02 * aux.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", aux=f"{ema_aux:.3f}")
+        bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", aux=f"{ema_aux:.3f}")
         if step % a.log_every == 0:
-            log.append({"step": step, "loss": round(ema, 4), "aux": round(ema_aux, 4), "s": round(time.time() - t0, 1)})
+            log.append({"step": step, "loss": None if ema is None else round(ema, 4), "aux": round(ema_aux, 4),
+                        "s": round(time.time() - t0, 1)})
         if a.minutes and time.time() - t0 > a.minutes * 60:
             stop["now"] = True
         if step % a.save_every == 0 or stop["now"] or step == a.steps:
