@@ -136,3 +136,22 @@ def test_cell_labels_match_rendered_pixels(seed):
         assert near.mean() >= 0.2, (seed, g, i, j, colour, near.mean())
         motions = {list(MOTIONS).index(o["motion"]) + 1 for o in clip.truth["objects"]}
         assert int(lab[g, i, j, 4]) in motions
+
+
+def test_evaluate_rescore_scores_stored_texts_again(tmp_path):
+    from sparrow.synthetic import evaluate as ev
+
+    seed = ev.HELD_OUT + 512 * 1000
+    truth = make_clip(seed, ev.frames_for_bucket(512), 56, 56, fps=4.0).truth
+    rows = [{"seed": seed, "bucket": 512, "visual_tokens": 512, "blank": False, "text": describe(truth, 7),
+             "attributes": 0.0},
+            {"seed": seed, "bucket": 512, "visual_tokens": 512, "blank": True, "text": "We see six objects.",
+             "attributes": 1.0}]
+    out = str(tmp_path / "eval")
+    (tmp_path / "eval.json").write_text(__import__("json").dumps({"summary": {}, "rows": rows}))
+    ev.main(["--rescore", "--out", out])
+    summary = __import__("json").loads((tmp_path / "eval.json").read_text())["summary"]
+    assert summary["buckets"]["512"]["attributes"] == 1.0 and summary["blank"]["512"]["attributes"] == 0.0
+    assert summary["chance"]["512"]["clips"] == 1 and (tmp_path / "eval.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="run the evaluation first"):
+        ev.main(["--rescore", "--out", str(tmp_path / "missing")])

@@ -75,14 +75,21 @@ def main(argv=None):
     import sparrow
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", required=True)
+    ap.add_argument("--target", help="the target to evaluate (required unless --rescore)")
     ap.add_argument("--buckets", default="512,1536,3072,8192")
     ap.add_argument("--clips", type=int, default=200)
     ap.add_argument("--long-buckets", default="25088")
     ap.add_argument("--long-clips", type=int, default=20)
     ap.add_argument("--blank-clips", type=int, default=50)
     ap.add_argument("--out", default="benchmarks/results/target_eval")
+    ap.add_argument("--rescore", action="store_true",
+                    help="no generation: score the texts stored in OUT.json again (after a change of the scorer) "
+                         "and rewrite its summary and plot")
     a = ap.parse_args(argv)
+    if a.rescore:
+        return rescore(a.out)
+    if not a.target:
+        ap.error("--target DIR is required (or --rescore to score stored texts again)")
     target = sparrow.load_target(a.target, device="cpu")
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     plan = [(int(b), a.clips) for b in a.buckets.split(",") if b] + \
@@ -103,6 +110,31 @@ def main(argv=None):
     print("chance", json.dumps(summary["chance"][str(smallest)]), flush=True)
     _write(a.out + ".json", {"summary": summary, "rows": rows})
     plot(summary, a.out + ".png")
+
+
+def rescore(out: str) -> dict:
+    """Score the texts of OUT.json again against their clips' ground truth (regenerated from the seeds) and
+    rewrite its summary, chance level and plot. Returns the new summary."""
+    try:
+        rows = json.load(open(out + ".json"))["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"sparrow: cannot rescore {out}.json ({e}); run the evaluation first") from None
+    truths = {}
+    for r in rows:
+        key = (r["seed"], r["bucket"])
+        if key not in truths:  # the truth does not depend on the frame size: render small
+            truths[key] = make_clip(r["seed"], frames_for_bucket(r["bucket"]), 56, 56, fps=4.0).truth
+        r.update(score_description(r["text"], truths[key]))
+    summary = {"buckets": {}, "blank": {}}
+    for blank, part in ((False, "buckets"), (True, "blank")):
+        for b in sorted({r["bucket"] for r in rows if r["blank"] == blank}):
+            summary[part][str(b)] = summarise([r for r in rows if r["bucket"] == b and r["blank"] == blank])
+    smallest = min(r["bucket"] for r in rows)
+    summary["chance"] = {str(smallest): summarise(chance(smallest, len([r for r in rows if r["bucket"] == smallest
+                                                                         and not r["blank"]])))}
+    _write(out + ".json", {"summary": summary, "rows": rows})
+    plot(summary, out + ".png")
+    return summary
 
 
 def _write(path: str, obj) -> None:
