@@ -53,8 +53,9 @@ def cell_labels(truth: dict, grid: tuple[int, int, int], min_cover: float = 0.25
 
     A token (2 frames x 28 x 28 px) is labelled with the object that shows over the largest part of the cell,
     if that is at least `min_cover` (sampled on a 7 x 7 grid of points; where objects overlap, the one drawn
-    last is the one that shows, as in the rendered frame). Labels from coverage, unlike "the cell holding the object's centre", are decidable
-    from the pixels of the cell and its neighbours, which is what lets the vision tower learn them quickly.
+    last is the one that shows, as in the rendered frame). Labels from coverage, unlike "the cell that holds
+    the object's centre", are decidable from the pixels of the cell and its neighbours, which is what lets the
+    vision tower learn them quickly.
 
     Args: truth: a clip's ground truth (with tracks); grid: (t, h, w) merged-token grid of the clip, frames not
         resized (sides multiples of 28).
@@ -303,10 +304,14 @@ def main(argv=None):
     ckpt = os.path.join(a.out, "ckpt", "state.pt")
     if a.resume and os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        if state.get("probe") is not None:
-            probe.load_state_dict(state["probe"])
-        opt.load_state_dict(state["opt"])
+        try:
+            model.load_state_dict(state["model"])
+            if state.get("probe") is not None:
+                probe.load_state_dict(state["probe"])
+            opt.load_state_dict(state["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SystemExit(f"train-target: {ckpt} was written by another version or model shape "
+                             f"({str(e).splitlines()[0][:120]}); start a new --out or drop --resume") from None
         step = state["step"]
         batcher.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
