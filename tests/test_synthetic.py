@@ -142,7 +142,7 @@ def test_evaluate_rescore_scores_stored_texts_again(tmp_path):
     from sparrow.synthetic import evaluate as ev
 
     seed = ev.HELD_OUT + 512 * 1000
-    truth = make_clip(seed, ev.frames_for_bucket(512), 56, 56, fps=4.0).truth
+    truth = ev.truth_of(seed, 512)
     rows = [{"seed": seed, "bucket": 512, "visual_tokens": 512, "blank": False, "text": describe(truth, 7),
              "attributes": 0.0},
             {"seed": seed, "bucket": 512, "visual_tokens": 512, "blank": True, "text": "We see six objects.",

@@ -33,6 +33,17 @@ def frames_for_bucket(visual_tokens: int) -> int:
     return max(2, 2 * round(visual_tokens / TOKENS_PER_PAIR))
 
 
+def held_out_seed(bucket: int, i: int) -> int:
+    """The seed of the i-th held-out clip of a bucket."""
+    return HELD_OUT + bucket * 1000 + i
+
+
+def truth_of(seed: int, bucket: int) -> dict:
+    """A held-out clip's ground truth without its full-size frames (the truth the scorer reads does not depend
+    on the frame size, so the clip is rendered at 56 px)."""
+    return make_clip(seed, frames_for_bucket(bucket), 56, 56, fps=4.0).truth
+
+
 def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_tokens: int = 160,
              prompt: str = "Describe the video.") -> list[dict]:
     from .. import generate
@@ -41,7 +52,7 @@ def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_token
     frames = frames_for_bucket(bucket)
     rows = []
     for i in tqdm(range(clips), desc=f"{bucket} tokens{' blank' if blank else ''}", leave=False):
-        seed = HELD_OUT + bucket * 1000 + i
+        seed = held_out_seed(bucket, i)
         clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, blank=blank)
         video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
         inputs = target.prepare(video, prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
@@ -56,8 +67,7 @@ def chance(bucket: int, clips: int) -> list[dict]:
     (right format, wrong video), which is what a model that ignores the frames can at best produce."""
     from .text import describe
 
-    frames = frames_for_bucket(bucket)
-    truths = [make_clip(HELD_OUT + bucket * 1000 + i, frames, 56, 56, fps=4.0).truth for i in range(clips + 1)]
+    truths = [truth_of(held_out_seed(bucket, i), bucket) for i in range(clips + 1)]
     return [{"seed": t["seed"], "bucket": bucket, "visual_tokens": bucket, "text": (d := describe(o, o["seed"])),
              **score_description(d, t)} for t, o in zip(truths[:-1], truths[1:])]
 
@@ -66,8 +76,7 @@ KEYS = ("attributes", "count", "colour", "shape", "motion", "events", "exact", "
 
 
 def summarise(rows: list[dict]) -> dict:
-    keys = KEYS
-    return {**{k: float(np.mean([r[k] for r in rows])) for k in keys}, "clips": len(rows),
+    return {**{k: float(np.mean([r[k] for r in rows])) for k in KEYS}, "clips": len(rows),
             "distinct_texts": len({r["text"] for r in rows}), "visual_tokens": rows[0]["visual_tokens"]}
 
 
@@ -122,8 +131,8 @@ def rescore(out: str) -> dict:
     truths = {}
     for r in rows:
         key = (r["seed"], r["bucket"])
-        if key not in truths:  # the truth does not depend on the frame size: render small
-            truths[key] = make_clip(r["seed"], frames_for_bucket(r["bucket"]), 56, 56, fps=4.0).truth
+        if key not in truths:
+            truths[key] = truth_of(*key)
         r.update(score_description(r["text"], truths[key]))
     summary = {"buckets": {}, "blank": {}}
     for blank, part in ((False, "buckets"), (True, "blank")):

@@ -155,15 +155,15 @@ def parse_description(text: str) -> dict:
 
 def _attribute_matches(claimed: list[tuple], truth: list[tuple]) -> tuple[int, int, int]:
     """Best one-to-one matching of claimed objects to true ones, each (colour, shape, motion): the numbers of
-    matched colours, shapes and motions (the matching maximises their sum). Small sets: brute force."""
+    matched colours, shapes and motions (the matching maximises their sum). Tries every assignment of a claimed
+    object (or none) to each true object: at most 32 x 31 x 30 for the world's 3 objects and 32 kinds."""
     from itertools import permutations
 
-    k = max(len(claimed), len(truth))
-    claimed = list(claimed) + [None] * (k - len(claimed))
+    claimed = list(claimed) + [None] * max(0, len(truth) - len(claimed))
     best = (0, 0, 0)
-    for perm in permutations(range(k), k):
+    for chosen in permutations(claimed, len(truth)):
         hits = [0, 0, 0]
-        for t, c in zip(truth, (claimed[j] for j in perm)):
+        for t, c in zip(truth, chosen):
             if c is not None:
                 for a in range(3):
                     hits[a] += c[a] == t[a]
