@@ -52,3 +52,33 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     assert target.tokenizer.chat_template and target.eos_token_ids
     assert sparrow.generate(target, None, target.prepare(None, "Describe the video."), max_new_tokens=3,
                             method="ar").stats.new_tokens >= 1
+
+
+def test_target_batches_supervise_every_answer_and_resume_exactly():
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher
+
+    target = sparrow.load_target()
+    tok, video = target.tokenizer, target.config.video_token_id
+    b = Batcher(target, seed=7, max_questions=2, pool=3)
+    for _ in range(4):  # labels are the answers (each closed by <|im_end|>), never the prompt or the questions
+        s = b.sample()
+        text = tok.decode(s["labels"][s["labels"] >= 0])
+        assert 1 <= text.count("<|im_end|>") <= 3 and "?" not in text and "<|im_start|>" not in text
+        assert (s["labels"][s["labels"] >= 0] == s["ids"][s["labels"] >= 0]).all()
+        assert (s["ids"] == video).sum() == s["cells"].shape[0]  # one probe label per visual token
+    first = Batcher(target, seed=3, pool=3)
+    lengths = []
+    for _ in range(3):  # one pool, cut by length: the batches' length ranges do not overlap
+        ids = first.batch(2)["input_ids"]
+        lengths.append(sorted((ids != tok.pad_token_id).sum(1).tolist()))
+    lengths.sort()
+    assert all(a[-1] <= b[0] for a, b in zip(lengths, lengths[1:]))
+    first = Batcher(target, seed=3, pool=3)
+    first.batch(2)
+    state = first.state()
+    want = [first.batch(2)["input_ids"] for _ in range(3)]  # the rest of the pool, then a new one
+    again = Batcher(target, seed=99, pool=3)
+    again.restore(state, 2)
+    assert all(torch.equal(again.batch(2)["input_ids"], w) for w in want)

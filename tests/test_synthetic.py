@@ -155,3 +155,13 @@ def test_evaluate_rescore_scores_stored_texts_again(tmp_path):
     assert summary["chance"]["512"]["clips"] == 1 and (tmp_path / "eval.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="run the evaluation first"):
         ev.main(["--rescore", "--out", str(tmp_path / "missing")])
+
+
+def test_reading_scores_the_true_description_word_by_word():
+    import sparrow
+    from sparrow.synthetic.evaluate import READING, reading
+
+    target = sparrow.load_target()  # the embedded target counts objects right ~90% of the time with the truth fed
+    acc = reading(target, 128, 3)
+    assert set(acc) == set(READING) and all(0 <= acc[k] <= 1 for k in ("count", "colour", "shape", "size"))
+    assert acc["count"] >= 0.5  # a shifted alignment of logits and words would score ~0

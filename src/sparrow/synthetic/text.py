@@ -101,7 +101,8 @@ def describe(truth: dict, seed: int) -> str:
 
 
 def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
-    """Short question-answer pairs (what colour / how many / which came first / where did X go)."""
+    """Short question-answer pairs: how many, what colour, where did X go, which came first (the issue's), and
+    what shape / how large / which objects / which events, which tie each attribute to the frames directly."""
     rng = np.random.default_rng(seed)
     objs = truth["objects"]
     n = len(objs)
@@ -115,7 +116,18 @@ def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
         where = {"left": "It moved to the left.", "right": "It moved to the right.", "up": "It moved up.",
                  "down": "It moved down.", "still": "It stayed in place."}[o["motion"]]
         qa.append((f"Where did the {mention(o, full=False)} go?", where))
+    for o in objs:
+        if sum(p["colour"] == o["colour"] for p in objs) == 1:
+            qa.append((f"What shape is the {o['colour']} object?", f"It is {_article(o['shape'])} {o['shape']}."))
+        qa.append((f"Is the {mention(o, full=False)} large or small?", f"It is {o['size']}."))
+    listed = [f"{_article(p := mention(o))} {p}" for o in objs]
+    qa.append(("Which objects are in the video?", (" and ".join(listed) if n <= 2 else
+               ", ".join(listed[:-1]) + " and " + listed[-1]).capitalize() + "."))
     ev = truth["events"]
+    by_id = {o["id"]: o for o in objs}
+    qa.append(("Does anything appear, disappear or change colour?",
+               "No, nothing does." if not ev else
+               "Yes: " + ", then ".join(_event_clause(e, by_id, rng) for e in ev) + "."))
     if len(ev) >= 2:
         a, b = ev[0], ev[1]
         objs_by_id = {o["id"]: o for o in objs}

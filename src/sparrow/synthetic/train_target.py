@@ -7,8 +7,9 @@ every `--save-every` steps and on SIGINT/SIGTERM, written atomically; `--resume`
 `--export DIR` writes the final model with `save_pretrained` (bf16 safetensors, config, tokenizer, chat
 template, generation config) for shipping.
 
-Data: every step draws fresh clips (mostly 64-512 visual tokens: 2-32 frames, mostly at 224 px, frame rates 2-8)
-and a task: a detailed description (75%) or a short question (25%). Loss on answer tokens only.
+Data: every step draws fresh clips (mostly 64-512 visual tokens: 2-32 frames, mostly at 224 px, frame rates 2-8),
+each with a conversation: a detailed description (75% of clips) and 1-2 short questions, or the questions alone.
+Loss on answer tokens only. Batches hold samples of similar length (see `Batcher`).
 
 Dense vision supervision (`--aux-weight`, a training aid that is not shipped): a linear probe on the vision
 encoder's merged tokens (the visual embeddings the language model reads) predicts, for every merged cell
@@ -45,6 +46,13 @@ SHAPES = [(2, 224, 224), (4, 224, 224), (8, 224, 224), (16, 224, 224), (32, 224,
 SHAPE_P = [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05]
 VOCAB = 1024
 CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
+# Answer words that only the frames decide (attributes, counts, directions, events), weighted by --grounded-weight
+# in the language loss: they are about a quarter of the answer tokens, and the template words around them would
+# otherwise dominate the loss long after the model has learned them.
+GROUNDED = (*COLOURS, *OBJECT_SHAPES, *SIZES, "striped", "one", "two", "three", "left", "right", "up", "down",
+            "leftward", "rightward", "upward", "downward", "top", "bottom", "still", "stays", "remains", "keeps",
+            "rises", "sinks", "appears", "shows", "disappears", "vanishes", "turns", "becomes", "changes", "Nothing",
+            "No", "nothing", "Yes")
 AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, len(MOTIONS) + 1)  # 0: none
 
 
@@ -154,12 +162,26 @@ def build_model(tokenizer, seed: int):
 
 
 class Batcher:
-    """Draws training samples: a clip (in memory), a prompt and its answer, tokenised with the answer mask."""
+    """Draws training samples and batches them.
 
-    def __init__(self, target, seed: int):
+    A sample is a clip (in memory) and a conversation about it: a detailed description (75%) then 1 to
+    `max_questions` short questions, or the questions alone; the loss covers every answer. Follow-up questions
+    add supervised tokens at a small cost next to the clip's visual tokens, and each one ties an attribute to
+    the frames directly.
+
+    Batches are cut from pools of `pool` batches sorted by length, so that a batch's samples have similar
+    lengths and little of the step is spent on padding. The state (`state()` / `restore()`) is the RNG state
+    at the start of the current pool and the position in it, so a resumed run draws the same batches.
+    """
+
+    def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4):
         self.t = target
         self.rng = np.random.default_rng(seed)
-        self.assistant = target.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self.max_questions, self.pool = max_questions, pool
+        self.queue: list[list[dict]] = []
+        grounded = [target.tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in GROUNDED]
+        self.grounded = torch.tensor([ids[0] for ids in grounded if len(ids) == 1])  # single-token words only
+        self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
 
     def sample(self) -> dict:
         rng = self.rng
@@ -167,39 +189,72 @@ class Batcher:
         fps = float(rng.choice([2.0, 4.0, 8.0]))
         seed = int(rng.integers(2**31))
         clip = make_clip(seed, frames, h, w, fps=fps)
-        if rng.random() < 0.75:
-            prompt, answer = str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed)
-        else:
-            qa = questions(clip.truth, seed)
-            prompt, answer = qa[int(rng.integers(len(qa)))]
+        qa = questions(clip.truth, seed)
+        order = rng.permutation(len(qa))[:int(rng.integers(1, self.max_questions + 1))]
+        turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed))] if rng.random() < 0.75 else []
+        turns += [qa[int(k)] for k in order]
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
-        inputs = self.t.prepare(video, prompt, max_pixels=h * w, min_pixels=h * w)
-        answer_ids = self.t.tokenizer(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
-        ids = torch.cat((inputs["input_ids"][0], torch.tensor(answer_ids)))
-        labels = torch.full_like(ids, -100)
-        labels[inputs["input_ids"].shape[1]:inputs["input_ids"].shape[1] + len(answer_ids) - 1] = \
-            torch.tensor(answer_ids[:-1])  # answer + <|im_end|>, not the trailing newline
+        inputs = self.t.prepare(video, turns[0][0], max_pixels=h * w, min_pixels=h * w)
+        ids, labels = [inputs["input_ids"][0]], [torch.full_like(inputs["input_ids"][0], -100)]
+        for i, (question, answer) in enumerate(turns):
+            if i:  # a follow-up question in the same conversation (ChatML, as the chat template renders it)
+                q = self.t.tokenizer(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
+                                     add_special_tokens=False)["input_ids"]
+                ids.append(torch.tensor(q))
+                labels.append(torch.full((len(q),), -100))
+            a = torch.tensor(self.t.tokenizer(answer + "<|im_end|>\n", add_special_tokens=False)["input_ids"])
+            ids.append(a)
+            labels.append(torch.cat((a[:-1], torch.tensor([-100]))))  # answer + <|im_end|>, not the newline
+            # (labels line up with ids; the HF loss shifts them)
+        ids, labels = torch.cat(ids), torch.cat(labels)
         grid = inputs["video_grid_thw"]
         cells = cell_labels(clip.truth, (int(grid[0, 0]), int(grid[0, 1]) // 2, int(grid[0, 2]) // 2))
         return {"ids": ids, "labels": labels, "pixels": inputs["pixel_values_videos"], "grid": grid,
-                "sgt": inputs["second_per_grid_ts"], "cells": cells}
+                "sgt": inputs["second_per_grid_ts"], "cells": cells,
+                "grounded": (labels >= 0) & torch.isin(labels, self.grounded)}
+
+    def state(self) -> dict:
+        return {"pool_state": self.pool_state, "pool_pos": self.pool_pos}
+
+    def restore(self, state: dict, size: int) -> None:
+        """Continue where `state()` was taken: redraw that pool and skip the batches already served."""
+        self.rng.bit_generator.state = state["pool_state"]
+        self.queue = []
+        for _ in range(state["pool_pos"]):
+            self.batch(size)
 
     def batch(self, size: int) -> dict:
-        samples = [self.sample() for _ in range(size)]
+        if not self.queue:
+            self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
+            samples = sorted((self.sample() for _ in range(size * self.pool)), key=lambda s: s["ids"].shape[0])
+            chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
+            self.queue = [chunks[int(k)] for k in self.rng.permutation(len(chunks))]
+        self.pool_pos += 1
+        samples = self.queue.pop()
         L = max(s["ids"].shape[0] for s in samples)
         pad = self.t.tokenizer.pad_token_id
         ids = torch.full((size, L), pad)
         labels = torch.full((size, L), -100)
         mask = torch.zeros((size, L), dtype=torch.long)
+        grounded = torch.zeros((size, L), dtype=torch.bool)
         for i, s in enumerate(samples):
             n = s["ids"].shape[0]
-            ids[i, :n], labels[i, :n], mask[i, :n] = s["ids"], s["labels"], 1
+            ids[i, :n], labels[i, :n], mask[i, :n], grounded[i, :n] = s["ids"], s["labels"], 1, s["grounded"]
         types = (ids == self.t.config.video_token_id).long() * 2
         return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types, "labels": labels,
                 "pixel_values_videos": torch.cat([s["pixels"] for s in samples]),
                 "video_grid_thw": torch.cat([s["grid"] for s in samples]),
                 "second_per_grid_ts": torch.cat([s["sgt"] for s in samples]),
-                "cells": torch.cat([s["cells"] for s in samples])}
+                "cells": torch.cat([s["cells"] for s in samples]), "grounded": grounded}
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, grounded: torch.Tensor, weight: float) -> torch.Tensor:
+    """Next-token cross-entropy over the answer tokens, (B, L, V) logits and (B, L) labels (-100: not scored,
+    aligned with the inputs), where the tokens flagged in `grounded` (B, L) count `weight` times."""
+    w = (labels[:, 1:] >= 0).float() * (1 + (weight - 1) * grounded[:, 1:].float())
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0),
+                                           reduction="none")
+    return (ce * w).sum() / w.sum().clamp(min=1)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 300) -> float:
@@ -215,7 +270,7 @@ def save_checkpoint(run: str, model, opt, step: int, batcher: Batcher, log: list
     os.makedirs(tmp)
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
                 "probe": probe.state_dict() if probe is not None else None,
-                "rng": batcher.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+                "batcher": batcher.state(), "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "log.json"), "w") as f:
         json.dump(log, f)
     old = os.path.join(run, "ckpt.old")
@@ -261,6 +316,9 @@ def main(argv=None):
                     help="first train only the vision tower and the probe for this many steps (about 4x cheaper "
                          "than a full step), so that the language model then reads features that already carry "
                          "the objects; counted in --steps")
+    ap.add_argument("--grounded-weight", type=float, default=1.0,
+                    help="weight, in the language loss, of the answer words that only the frames decide (colours, "
+                         "shapes, sizes, counts, directions, events; see GROUNDED); 1 is the plain loss")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
@@ -313,7 +371,9 @@ def main(argv=None):
             raise SystemExit(f"train-target: {ckpt} was written by another version or model shape "
                              f"({str(e).splitlines()[0][:120]}); start a new --out or drop --resume") from None
         step = state["step"]
-        batcher.rng.bit_generator.state = state["rng"]
+        if "batcher" not in state:
+            raise SystemExit(f"train-target: {ckpt} was written by an older version; start a new --out or drop --resume")
+        batcher.restore(state["batcher"], a.batch)
         torch.set_rng_state(state["torch_rng"])
         log = json.load(open(os.path.join(a.out, "ckpt", "log.json")))
         print(f"resumed at step {step}")
@@ -329,7 +389,7 @@ def main(argv=None):
     ema, ema_aux = None, 0.0
     while step < a.steps and not stop["now"]:
         batch = batcher.batch(a.batch)
-        cells = batch.pop("cells")
+        cells, grounded, labels = batch.pop("cells"), batch.pop("grounded"), batch.pop("labels")
         opt.param_groups[0]["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
         lm_step = step - a.vision_steps  # the language model warms up again when it starts to train
         opt.param_groups[1]["lr"] = lr_at(max(0, lm_step), a.steps - a.vision_steps, a.lr, a.warmup)
@@ -339,7 +399,7 @@ def main(argv=None):
                 model.model.visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
                 loss = torch.zeros(())
             else:
-                loss = model(**batch).loss
+                loss = answer_loss(model(**batch).logits, labels, grounded, a.grounded_weight)
             aux = probe(feats.pop("v"), cells) if a.aux_weight > 0 else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + a.aux_weight * aux).backward()
