@@ -45,18 +45,24 @@ def truth_of(seed: int, bucket: int) -> dict:
     return make_clip(seed, frames_for_bucket(bucket), 56, 56, fps=4.0).truth
 
 
-def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_tokens: int = 160,
-             prompt: str = "Describe the video.") -> list[dict]:
-    from .. import generate
+def held_out_inputs(target, bucket: int, seed: int, prompt: str, blank: bool = False):
+    """A held-out clip (224 x 224 frames at 4 fps) and the target's inputs for it and the prompt."""
     from ..video import Video
 
     frames = frames_for_bucket(bucket)
+    clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, blank=blank)
+    video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
+    return clip, target.prepare(video, prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+
+
+def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_tokens: int = 160,
+             prompt: str = "Describe the video.") -> list[dict]:
+    from .. import generate
+
     rows = []
     for i in tqdm(range(clips), desc=f"{bucket} tokens{' blank' if blank else ''}", leave=False):
         seed = held_out_seed(bucket, i)
-        clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, blank=blank)
-        video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
-        inputs = target.prepare(video, prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+        clip, inputs = held_out_inputs(target, bucket, seed, prompt, blank)
         out = generate(target, None, inputs, max_new_tokens=max_new_tokens, method="ar")
         rows.append({"seed": seed, "bucket": bucket, "visual_tokens": out.stats.visual_tokens, "blank": blank,
                      "text": out.text, **score_description(out.text, clip.truth)})
@@ -79,17 +85,15 @@ def reading(target, bucket: int, clips: int) -> dict:
     """
     import torch
 
-    from ..video import Video
     from .text import describe
 
-    tok, frames = target.tokenizer, frames_for_bucket(bucket)
-    words = {tok(" " + w, add_special_tokens=False)["input_ids"][0]: k for k, ws in READING.items() for w in ws}
+    tok = target.tokenizer
+    pieces = {w: tok(" " + w, add_special_tokens=False)["input_ids"] for ws in READING.values() for w in ws}
+    words = {pieces[w][0]: k for k, ws in READING.items() for w in ws if len(pieces[w]) == 1}  # one-token words
     hits: dict = {k: [] for k in READING}
     for i in tqdm(range(clips), desc=f"{bucket} tokens, teacher-forced", leave=False):
         seed = held_out_seed(bucket, i)
-        clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0)
-        video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
-        inputs = target.prepare(video, "Describe the video.", max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+        clip, inputs = held_out_inputs(target, bucket, seed, "Describe the video.")
         answer = torch.tensor(tok(describe(clip.truth, seed), add_special_tokens=False)["input_ids"])
         n = inputs["input_ids"].shape[1]
         ids = torch.cat((inputs["input_ids"], answer[None]), 1)

@@ -130,8 +130,7 @@ def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
                "Yes: " + ", then ".join(_event_clause(e, by_id, rng) for e in ev) + "."))
     if len(ev) >= 2:
         a, b = ev[0], ev[1]
-        objs_by_id = {o["id"]: o for o in objs}
-        ca, cb = _event_clause(a, objs_by_id, rng), _event_clause(b, objs_by_id, rng)
+        ca, cb = _event_clause(a, by_id, rng), _event_clause(b, by_id, rng)
         first, second = (ca, cb) if rng.random() < 0.5 else (cb, ca)
         qa.append((f"Which came first: {first}, or {second}?", f"First {ca}, then {cb}."))
     return qa
