@@ -37,17 +37,19 @@ def test_example_clips_ship_with_truth():
 
 
 def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
+    import torch
+
     from sparrow.synthetic import train_target
 
     monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
     run, export = str(tmp_path / "run"), str(tmp_path / "export")
-    train_target.main(["--out", run, "--steps", "2", "--batch", "2", "--save-every", "1"])
+    state = os.path.join(run, "ckpt", "state.pt")
+    train_target.main(["--out", run, "--steps", "3", "--until", "2", "--batch", "2", "--save-every", "5"])
+    assert torch.load(state, weights_only=False)["step"] == 2  # --until stops and checkpoints there
     train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export])
     log = json.load(open(os.path.join(run, "ckpt", "log.json")))
     assert log == [] or log[-1]["step"] <= 3
-    import torch
-
-    assert torch.load(os.path.join(run, "ckpt", "state.pt"), weights_only=False)["step"] == 3
+    assert torch.load(state, weights_only=False)["step"] == 3
     target = sparrow.load_target(export, device="cpu")
     assert target.tokenizer.chat_template and target.eos_token_ids
     assert sparrow.generate(target, None, target.prepare(None, "Describe the video."), max_new_tokens=3,

@@ -165,3 +165,20 @@ def test_reading_scores_the_true_description_word_by_word():
     acc = reading(target, 128, 3)
     assert set(acc) == set(READING) and all(0 <= acc[k] <= 1 for k in ("count", "colour", "shape", "size"))
     assert acc["count"] >= 0.5  # a shifted alignment of logits and words would score ~0
+
+
+def test_evaluate_main_with_a_draft_writes_the_same_texts_as_plain_decoding(tmp_path):
+    import json
+
+    from sparrow import defaults
+    from sparrow.synthetic import evaluate as ev
+
+    common = ["--target", defaults.target_path(), "--buckets", "64", "--clips", "2", "--long-buckets", "",
+              "--blank-clips", "1"]
+    ev.main(common + ["--out", str(tmp_path / "ar")])
+    ev.main(common + ["--draft", defaults.draft_path("sparrow"), "--out", str(tmp_path / "sp")])
+    ar, sp = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("ar", "sp"))
+    assert [r["text"] for r in ar["rows"]] == [r["text"] for r in sp["rows"]] and len(ar["rows"]) == 3
+    assert ar["summary"]["buckets"]["64"]["clips"] == 2 and ar["summary"]["chance"]["64"]["clips"] == 2
+    with pytest.raises(SystemExit):
+        ev.main(common[:4] + ["--clips", "2,2", "--out", str(tmp_path / "x")])  # two counts for one bucket

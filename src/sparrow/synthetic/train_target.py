@@ -304,6 +304,9 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
+    ap.add_argument("--until", type=int, default=None,
+                    help="stop (and checkpoint) at this step, the learning-rate schedule still planned for --steps "
+                         "(a resumable stage of a longer recipe, reproducible where --minutes is not)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", help="write the trained model here (save_pretrained, bf16)")
@@ -387,7 +390,8 @@ def main(argv=None):
     t0 = time.time()
     bar = tqdm(total=a.steps, initial=step, desc="train-target", dynamic_ncols=True)
     ema, ema_aux = None, 0.0
-    while step < a.steps and not stop["now"]:
+    end = min(a.steps, a.until or a.steps)
+    while step < end and not stop["now"]:
         batch = batcher.batch(a.batch)
         cells, grounded, labels = batch.pop("cells"), batch.pop("grounded"), batch.pop("labels")
         opt.param_groups[0]["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
@@ -416,7 +420,7 @@ def main(argv=None):
                         "s": round(time.time() - t0, 1)})
         if a.minutes and time.time() - t0 > a.minutes * 60:
             stop["now"] = True
-        if step % a.save_every == 0 or stop["now"] or step == a.steps:
+        if step % a.save_every == 0 or stop["now"] or step == end:
             save_checkpoint(a.out, model, opt, step, batcher, log, probe)
     bar.close()
     if a.export:
