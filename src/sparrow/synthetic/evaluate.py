@@ -156,7 +156,10 @@ def main(argv=None):
     draft = sparrow.load_draft(a.draft, target) if a.draft else None
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     buckets = [int(b) for b in a.buckets.split(",") if b]
-    clips = [int(c) for c in a.clips.split(",") if c]
+    try:
+        clips = [int(c) for c in a.clips.split(",") if c]
+    except ValueError:
+        ap.error(f"--clips {a.clips}: give whole numbers, e.g. 200 or 200,200,100,40")
     if len(clips) not in (1, len(buckets)):
         ap.error(f"--clips {a.clips}: give one number or one per bucket ({len(buckets)})")
     plan = list(zip(buckets, clips * len(buckets) if len(clips) == 1 else clips)) + \
