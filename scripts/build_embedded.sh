@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch (fixed seeds): the target, its example clips, its drafts, and the
-# measurements quoted in the README. About 5 hours on 2 CPU cores, 1 hour of it after the target. Run from the
+# measurements quoted in the README. About 4.5 hours on 2 CPU cores, 1 hour of it after the target. Run from the
 # repository root:
 #   bash scripts/build_embedded.sh [RUN_DIR]          # everything
 #   FROM=2 bash scripts/build_embedded.sh [RUN_DIR]   # keep the shipped target: its drafts and measurements
@@ -14,8 +14,10 @@ ASSETS=src/sparrow/assets
 FROM=${FROM:-1}  # the first stage to run: 2 keeps the shipped target, 4 only measures
 mkdir -p "$RUN"
 
-# 1. the target (Qwen2.5-VL class, ~11M parameters) on the synthetic world: a chain of resumable runs, each under
-#    90 minutes, every stop fixed by a step count (--until) so that a rerun draws the same batches. About 4 hours.
+# 1. the target (Qwen2.5-VL class, ~11M parameters) on the synthetic world: a chain of resumable runs, every stop
+#    fixed by a step count (--until) so that a rerun draws the same batches. About 3.5 hours: 1a about 2 hours at
+#    the current data mix (~2 s per step; the shipped weights' 1a ran an older, lighter mix in 82 minutes), 1b and
+#    1c under an hour each.
 if [ "$FROM" -le 1 ]; then
   # 1a. from random weights: conversations about 2-32-frame clips, dense vision probe on the merged visual tokens
   $SPARROW train-target --out "$RUN/target1" --steps 3600 --resume --export "$RUN/target1_export"
