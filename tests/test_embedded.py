@@ -44,16 +44,65 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
     run, export = str(tmp_path / "run"), str(tmp_path / "export")
     state = os.path.join(run, "ckpt", "state.pt")
-    train_target.main(["--out", run, "--steps", "3", "--until", "2", "--batch", "2", "--save-every", "5"])
+    bind = ["--bind-weight", "1", "--bind-layer", "1", "--log-every", "1"]
+    train_target.main(["--out", run, "--steps", "3", "--until", "2", "--batch", "2", "--save-every", "5", *bind])
     assert torch.load(state, weights_only=False)["step"] == 2  # --until stops and checkpoints there
-    train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export])
+    train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export, *bind])
     log = json.load(open(os.path.join(run, "ckpt", "log.json")))
-    assert log == [] or log[-1]["step"] <= 3
-    assert torch.load(state, weights_only=False)["step"] == 3
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["bind"] >= 0 for r in log)
+    saved = torch.load(state, weights_only=False)
+    assert saved["step"] == 3 and saved["bind_probe"] is not None
+    with pytest.raises(SystemExit, match="--bind-layer 2 is not a layer"):
+        train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--bind-weight", "1",
+                           "--bind-layer", "2"])
     target = sparrow.load_target(export, device="cpu")
     assert target.tokenizer.chat_template and target.eos_token_ids
     assert sparrow.generate(target, None, target.prepare(None, "Describe the video."), max_new_tokens=3,
                             method="ar").stats.new_tokens >= 1
+
+
+def test_binding_loss_marks_colour_words_and_teaches_the_head_to_fetch_them():
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher, BindingLoss, COLOURS
+
+    target = sparrow.load_target()
+    tok = target.tokenizer
+    b = Batcher(target, seed=5, pool=1)
+    ids = torch.tensor(tok(" a red circle on a dark green background", add_special_tokens=False)["input_ids"])
+    marked = b.colour_words(ids)
+    assert marked.tolist().count(list(COLOURS).index("red") + 1) == 1 and marked.count_nonzero() == 1
+    model = target.model
+    torch.manual_seed(0)
+    binding = BindingLoss(model, layer=1)
+    batch = b.batch(2)
+    cells, colour = batch.pop("cells"), batch.pop("colour")
+    for k in ("labels", "grounded"):
+        batch.pop(k)
+    attn = binding.attn
+    params = [attn.q_proj.weight, attn.k_proj.weight]
+    saved = [(p.detach().clone(), p.requires_grad) for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    losses = []
+    try:
+        for _ in range(8):  # only the supervised head's projections learn: its loss falls
+            model(**batch)
+            loss = binding(batch["input_ids"], colour, cells, model.config.video_token_id)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        with torch.no_grad():
+            for p, (w, grad) in zip(params, saved):
+                p.copy_(w)
+                p.requires_grad_(grad)
+            for p in model.parameters():
+                p.grad = None
+        binding.remove()
+    assert colour.count_nonzero() > 0 and losses[0] > 0 and losses[-1] < losses[0] - 0.1
 
 
 def test_target_batches_supervise_every_answer_and_resume_exactly():
