@@ -25,8 +25,11 @@ vision tower already encodes per token (pooled over an object's tokens, the visi
 of all 62 objects of 40 held-out clips). Why it is needed, measured on the shipped target: trained on one-object
 clips only, the language model goes from 0.38 to 0.90 teacher-forced shape accuracy (the word after a colour)
 within 50 steps; on the usual 1-3 object mix it stays at 0.3-0.5 over 150 steps. It reads a lone object but
-does not bind attributes across several. Whether this supervision fixes that is not established yet: with it,
-over 200-400 steps of the 1-3 object mix, its losses fall and the shape accuracy does not move.
+does not bind attributes across several. With this supervision it starts to: 690 steps continuing the shipped
+target (`--init`, `--lr 1e-3 --warmup 100 --grounded-weight 4 --bind-weight 1`, stopped at 690 of 1400) raise
+teacher-forced shape accuracy from 0.43 to 0.80 and motion from 0.63 to 0.77 (40 held-out clips at 512 visual
+tokens), and the attribute accuracy of greedy descriptions of those clips from 0.52 to 0.56 (shape 0.66).
+Over the first 200-400 steps nothing moves: the head learns to fetch before the model learns to use it.
 """
 
 from __future__ import annotations
