@@ -88,11 +88,11 @@ def reading(target, bucket: int, clips: int) -> dict:
     """
     import torch
 
-    from .text import describe
+    from .text import describe, one_token_ids
 
     tok = target.tokenizer
-    pieces = {w: tok(" " + w, add_special_tokens=False)["input_ids"] for ws in READING.values() for w in ws}
-    words = {pieces[w][0]: k for k, ws in READING.items() for w in ws if len(pieces[w]) == 1}  # one-token words
+    ids = one_token_ids(tok, [w for ws in READING.values() for w in ws])
+    words = {ids[w]: k for k, ws in READING.items() for w in ws if w in ids}
     hits: dict = {k: [] for k in READING}
     for i in tqdm(range(clips), desc=f"{bucket} tokens, teacher-forced", leave=False):
         seed = held_out_seed(bucket, i)

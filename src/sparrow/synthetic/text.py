@@ -27,6 +27,13 @@ MOTION_PHRASES = {
 CONNECTIVES = ("First,", "Then", "After that,", "Later,", "Next,", "Finally,")
 
 
+def one_token_ids(tokenizer, words) -> dict:
+    """{word: token id} for the words that the tokenizer writes as one token after a space (the form they take
+    inside a sentence); words written as several tokens are left out."""
+    pieces = {w: tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words}
+    return {w: ids[0] for w, ids in pieces.items() if len(ids) == 1}
+
+
 def mention(obj: dict, rng: np.random.Generator | None = None, full: bool = True) -> str:
     """'large striped red circle' (full) or 'red circle'."""
     words = ([obj["size"]] if full else []) + (["striped"] if full and obj["texture"] == "striped" else [])

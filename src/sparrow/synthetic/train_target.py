@@ -47,7 +47,7 @@ import torch
 
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..video import Video
-from .text import DESCRIBE_PROMPTS, describe, questions
+from .text import DESCRIBE_PROMPTS, describe, one_token_ids, questions
 from .world import COLOURS, MOTIONS, SHAPES as OBJECT_SHAPES, SIZES, TEXTURES, _shape_mask, make_clip, plan_clip
 
 TEXT = dict(hidden=256, layers=12, heads=4, kv_heads=2, intermediate=768)
@@ -193,12 +193,11 @@ class Batcher:
         self.rng = np.random.default_rng(seed)
         self.max_questions, self.pool = max_questions, pool
         self.queue: list[list[dict]] = []
-        grounded = [target.tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in GROUNDED]
-        self.grounded = torch.tensor([ids[0] for ids in grounded if len(ids) == 1])  # single-token words only
         tok = target.tokenizer
-        self.colour_ids = {tok(" " + c, add_special_tokens=False)["input_ids"][0]: k + 1 for k, c in enumerate(COLOURS)
-                           if len(tok(" " + c, add_special_tokens=False)["input_ids"]) == 1}
-        self.dark = tok(" dark", add_special_tokens=False)["input_ids"]  # "dark green" names a background
+        self.grounded = torch.tensor(list(one_token_ids(tok, GROUNDED).values()))  # single-token words only
+        colours = one_token_ids(tok, COLOURS)
+        self.colour_ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
+        self.dark = one_token_ids(tok, ["dark"]).get("dark")  # "dark green" names a background
         self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
 
     def sample(self) -> dict:
@@ -235,8 +234,8 @@ class Batcher:
         """(L,) long: at each colour word of the text (not "dark green", a background), the colour's 1-based
         index in COLOURS (the numbering of `cell_labels`), else 0."""
         out = torch.tensor([self.colour_ids.get(t, 0) for t in ids.tolist()])
-        if len(self.dark) == 1:
-            out[1:][ids[:-1] == self.dark[0]] = 0
+        if self.dark is not None:
+            out[1:][ids[:-1] == self.dark] = 0
         return out
 
     def state(self) -> dict:
@@ -321,20 +320,17 @@ class BindingLoss:
         q = torch.nn.functional.linear(x, a.q_proj.weight[h * d:(h + 1) * d], a.q_proj.bias[h * d:(h + 1) * d])
         k = torch.nn.functional.linear(x, a.k_proj.weight[kv * d:(kv + 1) * d], a.k_proj.bias[kv * d:(kv + 1) * d])
         q, k = self.rope(q[:, None], k[:, None], cos, sin)  # (B, 1, L, d) each
-        visual = input_ids == video_token
-        vis_colour = torch.full(input_ids.shape, -1, dtype=torch.long)
-        vis_colour[visual] = cells[:, 0]
-        vis_cells = torch.zeros(input_ids.shape + (cells.shape[1],), dtype=torch.long)
-        vis_cells[visual] = cells
+        vis_cells = torch.zeros(input_ids.shape + (cells.shape[1],), dtype=torch.long)  # 0 off the visual tokens
+        vis_cells[input_ids == video_token] = cells
         out = self.saved.pop("out")
         losses, words, labels = [], [], []
         for b in range(input_ids.shape[0]):
             rows = colour[b].nonzero()[:, 0]
-            if rows.numel() == 0 or not visual[b].any():
+            if rows.numel() == 0:
                 continue
             logits = (q[b, 0, rows].float() @ k[b, 0].float().T) * a.scaling  # (words, L): every key, as the head
             logits = logits.masked_fill(torch.arange(logits.shape[1])[None] > rows[:, None], -1e9)  # causal
-            match = vis_colour[b][None] == colour[b, rows][:, None]  # (words, L): visual tokens of the colour
+            match = vis_cells[b, :, 0][None] == colour[b, rows][:, None]  # (words, L): visual tokens of the colour
             ok = match.any(1)
             if ok.any():
                 lg = logits[ok]
