@@ -133,3 +133,24 @@ def test_target_batches_supervise_every_answer_and_resume_exactly():
     again = Batcher(target, seed=99, pool=3)
     again.restore(state, 2)
     assert all(torch.equal(again.batch(2)["input_ids"], w) for w in want)
+
+
+def test_grounded_words_cover_every_alternative_of_a_decision():
+    """--grounded-weight must not tilt a choice that the frames decide: the verb that says whether an object moves,
+    and the sentence that follows the last object (another object, an event, or "no events"), are weighted
+    whichever way the clip goes."""
+    from sparrow.synthetic.text import MOTION_PHRASES, describe, one_token_ids
+    from sparrow.synthetic.train_target import GROUNDED
+    from sparrow.synthetic.world import make_clip
+
+    tok = sparrow.load_target().tokenizer
+    grounded = set(one_token_ids(tok, GROUNDED).values())
+    first = lambda text: tok(" " + text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    assert all(first(p) in grounded for ps in MOTION_PHRASES.values() for p in ps)
+    openers = set()
+    for seed in range(40):
+        truth = make_clip(seed, 8, 56, 56).truth
+        sentences = describe(truth, seed).split(". ")
+        openers.add(sentences[1 + len(truth["objects"])].split()[0])  # the one after the last object
+        openers.update(s.split()[0] for s in sentences[1:1 + len(truth["objects"])])
+    assert {"Then", "Nothing", "There"} <= openers and all(first(w) in grounded for w in openers)

@@ -62,11 +62,14 @@ VOCAB = 1024
 CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
 # Answer words that only the frames decide (attributes, counts, directions, events), weighted by --grounded-weight
 # in the language loss: they are about a quarter of the answer tokens, and the template words around them would
-# otherwise dominate the loss long after the model has learned them.
+# otherwise dominate the loss long after the model has learned them. Every alternative of a decision must be in it,
+# or the weighting biases the decision: the verbs of moving as well as those of keeping still, and the words that
+# open the next sentence (another object, an event, or "no events").
 GROUNDED = (*COLOURS, *OBJECT_SHAPES, *SIZES, "striped", "one", "two", "three", "left", "right", "up", "down",
             "leftward", "rightward", "upward", "downward", "top", "bottom", "still", "stays", "remains", "keeps",
-            "rises", "sinks", "appears", "shows", "disappears", "vanishes", "turns", "becomes", "changes", "Nothing",
-            "No", "nothing", "Yes")
+            "does", "stayed", "moves", "drifts", "slides", "travels", "moved", "rises", "sinks", "once",
+            "appears", "shows", "disappears", "vanishes", "turns", "becomes", "changes", "Nothing", "No", "nothing",
+            "Yes", "A", "An", "There", "The", "scene", "Then", "First", "At", "Early", "Finally")
 AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, len(MOTIONS) + 1)  # 0: none
 
 
@@ -501,7 +504,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     t0 = time.time()
     bar = tqdm(total=a.steps, initial=step, desc="train-target", dynamic_ncols=True)
-    ema, ema_aux, ema_bind = None, 0.0, 0.0
+    ema, ema_aux, ema_bind = None, None, None
     end = min(a.steps, a.until or a.steps)
     while step < end and not stop["now"]:
         batch = batcher.batch(a.batch)
@@ -529,8 +532,8 @@ def main(argv=None):
         step += 1
         if not vision_only:
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        ema_aux = aux.item() if step == 1 else 0.98 * ema_aux + 0.02 * aux.item()
-        ema_bind = bind.item() if step == 1 else 0.98 * ema_bind + 0.02 * bind.item()
+        ema_aux = aux.item() if ema_aux is None else 0.98 * ema_aux + 0.02 * aux.item()
+        ema_bind = bind.item() if ema_bind is None else 0.98 * ema_bind + 0.02 * bind.item()
         bar.update(1)
         bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", aux=f"{ema_aux:.3f}",
                         **({"bind": f"{ema_bind:.3f}"} if binding is not None else {}))
