@@ -69,7 +69,7 @@ GROUNDED = (*COLOURS, *OBJECT_SHAPES, *SIZES, "striped", "one", "two", "three", 
             "leftward", "rightward", "upward", "downward", "top", "bottom", "still", "stays", "remains", "keeps",
             "does", "stayed", "moves", "drifts", "slides", "travels", "moved", "rises", "sinks", "once",
             "appears", "shows", "disappears", "vanishes", "turns", "becomes", "changes", "Nothing", "No", "nothing",
-            "Yes", "A", "An", "There", "The", "scene", "Then", "First", "At", "Early", "Finally")
+            "Yes", "A", "There", "The", "scene", "Then", "First", "At", "Early", "Finally")
 AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, len(MOTIONS) + 1)  # 0: none
 
 
