@@ -75,7 +75,7 @@ fi
 
 # 4. measurements
 $SPARROW evaluate-target --target "$ASSETS/target" --draft "$ASSETS/drafts/sparrow" --buckets 512,1536,3072,8192 \
-  --clips 200,200,100,40 --long-buckets 25088 --long-clips 10 --blank-clips 50 --out benchmarks/results/target_eval
+  --clips 200,200,100,40 --long-buckets 25088 --long-clips 20 --blank-clips 50 --resume --out benchmarks/results/target_eval
 $SPARROW bench --visual-tokens 500,1500,3000,8000 --synthetic 3 --max-new-tokens 128 \
   --methods ar,sparrow,eagle,no_mtp,no_ivsb,sparrow:absolute,hf-assisted --out benchmarks/results/bench_cpu
 $SPARROW bench --visual-tokens 25000 --synthetic 1 --max-new-tokens 128 --methods ar,sparrow,eagle \

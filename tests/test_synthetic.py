@@ -182,3 +182,27 @@ def test_evaluate_main_with_a_draft_writes_the_same_texts_as_plain_decoding(tmp_
     assert ar["summary"]["buckets"]["64"]["clips"] == 2 and ar["summary"]["chance"]["64"]["clips"] == 2
     with pytest.raises(SystemExit):
         ev.main(common[:4] + ["--clips", "2,2", "--out", str(tmp_path / "x")])  # two counts for one bucket
+
+
+def test_evaluate_resume_reuses_the_same_targets_texts_only(tmp_path):
+    import json
+
+    from sparrow import defaults
+    from sparrow.synthetic import evaluate as ev
+
+    out = tmp_path / "eval"
+    common = ["--target", defaults.target_path(), "--buckets", "64", "--clips", "2", "--long-buckets", "",
+              "--blank-clips", "0", "--out", str(out), "--resume"]
+    ev.main(common)
+    first = json.loads((tmp_path / "eval.json").read_text())
+    assert first["target"] == ev.weights_digest(defaults.target_path()) and len(first["rows"]) == 2
+    # an interrupted run: one clip saved, with a text the model would not write
+    marked = {**first["rows"][0], "text": "We see four objects."}
+    (tmp_path / "eval.json").write_text(json.dumps({**first, "rows": [marked]}))
+    ev.main(common)
+    again = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert again[0]["text"] == "We see four objects." and again[1]["text"] == first["rows"][1]["text"]
+    # written by another target: nothing is reused
+    (tmp_path / "eval.json").write_text(json.dumps({**first, "target": "0" * 16, "rows": [marked]}))
+    ev.main(common)
+    assert json.loads((tmp_path / "eval.json").read_text())["rows"][0]["text"] == first["rows"][0]["text"]

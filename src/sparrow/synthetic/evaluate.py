@@ -2,7 +2,7 @@
 the blank-frames control, and how much descriptions of different clips differ.
 
     python -m sparrow.synthetic.evaluate --target DIR [--buckets 512,1536,3072,8192] [--clips 200]
-        [--long-clips 20] [--out benchmarks/results/target_eval]
+        [--long-clips 20] [--out benchmarks/results/target_eval] [--resume]
 
 Clips are held out (seeds from 10**9 on; training draws seeds below 2**31 at random, so overlap is negligible and
 the seeds are never the ones listed here). Frames are 224 x 224 (64 visual tokens per 2 frames); the frame count
@@ -10,7 +10,8 @@ sets the bucket: 16 frames = 512 tokens, 784 frames = 25,088 tokens. Greedy deco
 (method "ar"). Scores: `text.score_description` (per-attribute accuracy, the headline, and the all-or-nothing
 "exact" score). Controls: the same clips with blank frames, and chance (each clip scored against another clip's
 true description). `--reading N` adds what the model reads with the true description fed in (`reading`). Writes
-JSON (per clip and summary) and a PNG of accuracy by bucket.
+JSON (per clip and summary, saved after every clip with a digest of the target's weights) and a PNG of accuracy
+by bucket; `--resume` continues an interrupted run of the same target where it stopped.
 """
 
 from __future__ import annotations
@@ -56,20 +57,41 @@ def held_out_inputs(target, bucket: int, seed: int, prompt: str, blank: bool = F
 
 
 def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_tokens: int = 160,
-             prompt: str = "Describe the video.", draft=None) -> list[dict]:
+             prompt: str = "Describe the video.", draft=None, done: dict | None = None, on_row=None) -> list[dict]:
     """Greedy descriptions of `clips` held-out clips of a bucket, scored against their truth: a list of rows
     (seed, text, and the `score_description` fields). With a `draft` (attached to `target`) the text comes from
-    lossless speculative decoding, the same text as plain decoding, sooner."""
+    lossless speculative decoding, the same text as plain decoding, sooner. `done` ({seed: row}, rows of an
+    interrupted run of the same target) are reused instead of generated again; `on_row(rows)` is called after
+    each clip (to save the rows so far)."""
     from .. import generate
 
-    rows = []
+    rows, done = [], done or {}
     for i in tqdm(range(clips), desc=f"{bucket} tokens{' blank' if blank else ''}", leave=False):
         seed = held_out_seed(bucket, i)
+        if seed in done:
+            rows.append(done[seed])
+            continue
         clip, inputs = held_out_inputs(target, bucket, seed, prompt, blank)
         out = generate(target, draft, inputs, max_new_tokens=max_new_tokens, method="ar" if draft is None else "sparrow")
         rows.append({"seed": seed, "bucket": bucket, "visual_tokens": out.stats.visual_tokens, "blank": blank,
                      "text": out.text, **score_description(out.text, clip.truth)})
+        if on_row is not None:
+            on_row(rows)
     return rows
+
+
+def weights_digest(path: str) -> str:
+    """A short digest (sha256, 16 hex digits) of a model directory's safetensors weights: which target wrote an
+    evaluation file, so that `--resume` never mixes the texts of two targets."""
+    import glob
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 READING = {"count": ("one", "two", "three"), "size": ("small", "large"), "colour": tuple(COLOURS),
@@ -144,6 +166,9 @@ def main(argv=None):
     ap.add_argument("--draft", help="generate through lossless speculative decoding with this Sparrow draft of the "
                                     "target (the same greedy text, faster on long clips)")
     ap.add_argument("--out", default="benchmarks/results/target_eval")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the texts already in OUT.json (saved after every clip) when the same target wrote "
+                         "them, and generate only the missing ones")
     ap.add_argument("--rescore", action="store_true",
                     help="no generation: score the texts stored in OUT.json again (after a change of the scorer) "
                          "and rewrite its summary and plot")
@@ -164,32 +189,54 @@ def main(argv=None):
         ap.error(f"--clips {a.clips}: give one number or one per bucket ({len(buckets)})")
     plan = list(zip(buckets, clips * len(buckets) if len(clips) == 1 else clips)) + \
         [(int(b), a.long_clips) for b in a.long_buckets.split(",") if b]
+    digest = weights_digest(target.path) if getattr(target, "path", None) else None
+    done = _resumable(a.out + ".json", digest) if a.resume else {}
     rows, summary = [], {"buckets": {}, "blank": {}}
+    head = {"target": digest}
+    save = lambda part: _write(a.out + ".json", {**head, "summary": summary, "rows": rows + part})  # noqa: E731
     for bucket, n in plan:
-        r = evaluate(target, bucket, n, draft=draft)
+        r = evaluate(target, bucket, n, draft=draft, done=done.get((bucket, False)), on_row=save)
         rows += r
         summary["buckets"][str(bucket)] = summarise(r)
         if a.reading:
             summary["buckets"][str(bucket)]["reading"] = reading(target, bucket, a.reading)
         print(bucket, json.dumps(summary["buckets"][str(bucket)]), flush=True)
-        _write(a.out + ".json", {"summary": summary, "rows": rows})
+        save([])
     smallest = plan[0][0]
     if a.blank_clips:
-        b = evaluate(target, smallest, a.blank_clips, blank=True, draft=draft)
+        b = evaluate(target, smallest, a.blank_clips, blank=True, draft=draft, done=done.get((smallest, True)),
+                     on_row=save)
         rows += b
         summary["blank"][str(smallest)] = summarise(b)
         print("blank", json.dumps(summary["blank"][str(smallest)]), flush=True)
     summary["chance"] = {str(smallest): summarise(chance(smallest, plan[0][1]))}
     print("chance", json.dumps(summary["chance"][str(smallest)]), flush=True)
-    _write(a.out + ".json", {"summary": summary, "rows": rows})
+    save([])
     plot(summary, a.out + ".png")
+
+
+def _resumable(path: str, digest: str | None) -> dict:
+    """{(bucket, blank): {seed: row}} from an earlier run's OUT.json written by the same target, else {}."""
+    try:
+        old = json.load(open(path))
+    except (OSError, ValueError):
+        return {}
+    if digest is None or old.get("target") != digest:
+        print(f"sparrow: {path} was written by another target (or before --resume existed); starting afresh")
+        return {}
+    done: dict = {}
+    for r in old.get("rows", []):
+        done.setdefault((r["bucket"], r["blank"]), {})[r["seed"]] = r
+    print(f"sparrow: resuming from {path}: {len(old.get('rows', []))} clips already described")
+    return done
 
 
 def rescore(out: str) -> dict:
     """Score the texts of OUT.json again against their clips' ground truth (regenerated from the seeds) and
     rewrite its summary, chance level and plot. Returns the new summary."""
     try:
-        rows = json.load(open(out + ".json"))["rows"]
+        old = json.load(open(out + ".json"))
+        rows = old["rows"]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"sparrow: cannot rescore {out}.json ({e}); run the evaluation first") from None
     truths = {}
@@ -205,7 +252,7 @@ def rescore(out: str) -> dict:
     smallest = min(r["bucket"] for r in rows)
     summary["chance"] = {str(smallest): summarise(chance(smallest, len([r for r in rows if r["bucket"] == smallest
                                                                          and not r["blank"]])))}
-    _write(out + ".json", {"summary": summary, "rows": rows})
+    _write(out + ".json", {"target": old.get("target"), "summary": summary, "rows": rows})
     plot(summary, out + ".png")
     return summary
 
