@@ -206,3 +206,25 @@ def test_evaluate_resume_reuses_the_same_targets_texts_only(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps({**first, "target": "0" * 16, "rows": [marked]}))
     ev.main(common)
     assert json.loads((tmp_path / "eval.json").read_text())["rows"][0]["text"] == first["rows"][0]["text"]
+
+
+def test_evaluate_resume_keeps_the_earlier_rows_not_reached_yet_in_every_save(tmp_path, monkeypatch):
+    import json
+
+    from sparrow import defaults
+    from sparrow.synthetic import evaluate as ev
+
+    out = tmp_path / "eval"
+    digest = ev.weights_digest(defaults.target_path())
+    later = {"seed": ev.held_out_seed(64, 1), "bucket": 64, "visual_tokens": 64, "blank": False,
+             "text": "We see four objects.", **ev.score_description("We see four objects.", ev.truth_of(
+                 ev.held_out_seed(64, 1), 64))}
+    (tmp_path / "eval.json").write_text(json.dumps({"target": digest, "summary": {}, "rows": [later]}))
+    writes, real = [], ev._write
+    monkeypatch.setattr(ev, "_write", lambda path, obj: (writes.append(json.loads(json.dumps(obj))),
+                                                         real(path, obj)))
+    ev.main(["--target", defaults.target_path(), "--buckets", "64", "--clips", "2", "--long-buckets", "",
+             "--blank-clips", "0", "--out", str(out), "--resume"])
+    # the first save (after clip 0, generated) still holds clip 1 of the interrupted run, which is then reused
+    assert [r["text"] for r in writes[0]["rows"]][1] == "We see four objects."
+    assert [r["text"] for r in writes[-1]["rows"]][1] == "We see four objects." and len(writes[-1]["rows"]) == 2

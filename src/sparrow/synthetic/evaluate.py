@@ -193,7 +193,16 @@ def main(argv=None):
     done = _resumable(a.out + ".json", digest) if a.resume else {}
     rows, summary = [], {"buckets": {}, "blank": {}}
     head = {"target": digest}
-    save = lambda part: _write(a.out + ".json", {**head, "summary": summary, "rows": rows + part})  # noqa: E731
+    earlier = [r for d in done.values() for r in d.values()]
+
+    def save(part: list, final: bool = False) -> None:
+        """Write the rows so far, and until the end the earlier run's rows not reached yet (an interrupted
+        resume loses nothing)."""
+        now = rows + part
+        seen = {(r["bucket"], r["blank"], r["seed"]) for r in now}
+        rest = [] if final else [r for r in earlier if (r["bucket"], r["blank"], r["seed"]) not in seen]
+        _write(a.out + ".json", {**head, "summary": summary, "rows": now + rest})
+
     for bucket, n in plan:
         r = evaluate(target, bucket, n, draft=draft, done=done.get((bucket, False)), on_row=save)
         rows += r
@@ -211,7 +220,7 @@ def main(argv=None):
         print("blank", json.dumps(summary["blank"][str(smallest)]), flush=True)
     summary["chance"] = {str(smallest): summarise(chance(smallest, plan[0][1]))}
     print("chance", json.dumps(summary["chance"][str(smallest)]), flush=True)
-    save([])
+    save([], final=True)
     plot(summary, a.out + ".png")
 
 
