@@ -92,6 +92,36 @@ def test_descriptions_parse_back_and_vary():
     assert scores["colour"] == (n - 1) / n and scores["shape"] == scores["motion"] == 1.0  # partial credit
 
 
+def test_descriptions_settle_each_event_fact_at_one_word():
+    """Grounded first: the word after the object sentences decides the event count (none / one / two) and the
+    verb's first word decides the event type, the same word whatever wording follows, so greedy decoding never
+    weighs one fact against a fraction of another split over several wordings."""
+    import re
+
+    opener = {0: set(), 1: set(), 2: set()}
+    verb = {"appears": set(), "disappears": set(), "changes colour": set()}
+    for seed in range(300):
+        truth = make_clip(seed, 16).truth
+        sentences = re.split(r"(?<=\.) ", describe(truth, seed))
+        k = 1 + len(truth["objects"])  # the opening, then one sentence per object
+        opener[len(truth["events"])].add(sentences[k].split()[0])
+        names = {o["id"]: f"{o['colour']} {o['shape']}" for o in truth["objects"]}
+        for e, s in zip(truth["events"], sentences[k:]):
+            verb[e["type"]].add(s.split(names[e["object"]] + " ")[1].split()[0].rstrip("."))
+    assert opener == {0: {"Nothing"}, 1: {"Then"}, 2: {"First,"}}
+    assert verb == {"appears": {"appears"}, "disappears": {"disappears"}, "changes colour": {"changes"}}
+
+
+def test_questions_ask_what_happens_to_each_object():
+    truth = make_clip(1, 16).truth  # the cyan square disappears; the red diamond turns white
+    qa = dict(questions(truth, 1))
+    assert qa["What happens to the cyan square?"].startswith("It disappears")
+    assert qa["What happens to the red diamond?"] in ("It changes colour to white.", "It changes to white.",
+                                                       "It changes its colour to white.")
+    truth = make_clip(2, 16).truth  # no events
+    assert dict(questions(truth, 2))["What happens to the green square?"] == "Nothing happens to it."
+
+
 def test_attribute_score_counts_invented_and_missing_objects():
     truth = {"objects": [{"id": 0, "colour": "red", "shape": "circle", "motion": "left"},
                          {"id": 1, "colour": "blue", "shape": "square", "motion": "still"}], "events": []}

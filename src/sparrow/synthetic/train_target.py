@@ -59,7 +59,11 @@ VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patc
 # what makes their shapes learnable), with other sizes, aspect ratios and lengths for variety.
 SHAPES = [(2, 224, 224), (4, 224, 224), (8, 224, 224), (16, 224, 224), (32, 224, 224), (8, 112, 112),
           (16, 112, 112), (8, 168, 168), (12, 168, 224), (32, 112, 112)]
-SHAPE_P = [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05]
+MIXES = {"short": [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05],  # ~230 visual tokens a clip
+         # 16- and 32-frame clips (the 0.5k bucket and beyond, where events lie several frame pairs apart) twice as
+         # often: ~310 visual tokens a clip, steps about a third slower
+         "long": [0.05, 0.12, 0.22, 0.25, 0.06, 0.06, 0.08, 0.06, 0.05, 0.05]}
+SHAPE_P = MIXES["short"]
 VOCAB = 1024
 CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
 # Answer words that only the frames decide (attributes, counts, directions, events), weighted by --grounded-weight
@@ -72,6 +76,7 @@ GROUNDED = (*COLOURS, *OBJECT_SHAPES, *SIZES, "striped", "one", "two", "three", 
             "does", "stayed", "moves", "drifts", "slides", "travels", "moved", "rises", "sinks", "once",
             "appears", "shows", "disappears", "vanishes", "turns", "becomes", "changes", "Nothing", "No", "nothing",
             "Yes", "A", "There", "The", "scene", "Then", "First", "At", "Early", "Finally")
+ANSWER_OPENINGS = ("Yes", "No", "Nothing", "It")
 AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, len(MOTIONS) + 1)  # 0: none
 
 
@@ -193,13 +198,16 @@ class Batcher:
     at the start of the current pool and the position in it, so a resumed run draws the same batches.
     """
 
-    def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4):
-        self.t = target
+    def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short"):
+        self.t, self.shape_p = target, MIXES[mix]
         self.rng = np.random.default_rng(seed)
         self.max_questions, self.pool = max_questions, pool
         self.queue: list[list[dict]] = []
         tok = target.tokenizer
-        self.grounded = torch.tensor(list(one_token_ids(tok, GROUNDED).values()))  # single-token words only
+        # single-token words only, and the first piece of the words that open a short answer ("Yes" / "No" /
+        # "Nothing" / "It": whether anything happened is decided there)
+        opening = {tok(w, add_special_tokens=False)["input_ids"][0] for w in ANSWER_OPENINGS}
+        self.grounded = torch.tensor(sorted(set(one_token_ids(tok, GROUNDED).values()) | opening))
         colours = one_token_ids(tok, COLOURS)
         self.colour_ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
         self.dark = one_token_ids(tok, ["dark"]).get("dark")  # "dark green" names a background
@@ -207,7 +215,7 @@ class Batcher:
 
     def sample(self) -> dict:
         rng = self.rng
-        frames, h, w = SHAPES[rng.choice(len(SHAPES), p=SHAPE_P)]
+        frames, h, w = SHAPES[rng.choice(len(SHAPES), p=self.shape_p)]
         fps = float(rng.choice([2.0, 4.0, 8.0]))
         seed = int(rng.integers(2**31))
         clip = make_clip(seed, frames, h, w, fps=fps)
@@ -429,6 +437,8 @@ def main(argv=None):
                          "the visual tokens of that colour; see BindingLoss); 0 turns it off")
     ap.add_argument("--bind-layer", type=int, default=1,
                     help="the text layer whose head 0 the binding supervision trains")
+    ap.add_argument("--mix", choices=sorted(MIXES), default="short",
+                    help="clip lengths drawn: short (mostly 4-8 frames) or long (16-32 frames twice as often)")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
@@ -467,7 +477,7 @@ def main(argv=None):
     language = [p for p in model.parameters() if id(p) not in seen]
     params = vision + language
     opt = torch.optim.AdamW([{"params": vision}, {"params": language}], lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    batcher = Batcher(target, a.seed)
+    batcher = Batcher(target, a.seed, mix=a.mix)
     layers = model.config.text_config.num_hidden_layers
     if a.bind_weight > 0 and not 0 <= a.bind_layer < layers:
         raise SystemExit(f"train-target: --bind-layer {a.bind_layer} is not a layer of this {layers}-layer model; "
