@@ -33,7 +33,8 @@ CONNECTIVES = ("First,", "Then", "After that,", "Later,", "Next,", "Finally,")
 EVENT_VERBS = {"appears": ("appears", "appears in the frame", "appears in view"),
                "disappears": ("disappears", "disappears from view", "disappears from the frame"),
                "changes colour": ("changes colour to", "changes to", "changes its colour to")}
-NO_EVENTS = ("Nothing appears or disappears.", "Nothing else happens.", "Nothing appears, disappears or changes colour.")
+NO_EVENTS = ("Nothing appears or disappears.", "Nothing else happens.",
+             "Nothing appears, disappears or changes colour.")
 
 
 def one_token_ids(tokenizer, words) -> dict:
@@ -112,7 +113,8 @@ def describe(truth: dict, seed: int) -> str:
 
 def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
     """Short question-answer pairs: how many, what colour, where did X go, which came first (the issue's), and
-    what shape / how large / which objects / which events, which tie each attribute to the frames directly."""
+    what shape / how large / which objects / what happens to each object / which events, which tie each attribute
+    to the frames directly."""
     rng = np.random.default_rng(seed)
     objs = truth["objects"]
     n = len(objs)
@@ -137,7 +139,8 @@ def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
     by_id = {o["id"]: o for o in objs}
     for o in objs:  # each object's own events, in order: whether and what happened is the answer's first word
         own = [e for e in ev if e["object"] == o["id"]]
-        did = [("It " if i == 0 else "then it ") + _event_clause(e, by_id, rng).split(" ", 3)[3] for i, e in enumerate(own)]
+        did = [("It " if i == 0 else "then it ") + _event_clause(e, by_id, rng).split(" ", 3)[3]  # the verb on
+               for i, e in enumerate(own)]
         qa.append((f"What happens to the {mention(o, full=False)}?", ", ".join(did) + "." if own else
                    "Nothing happens to it."))
     qa.append(("Does anything appear, disappear or change colour?",
