@@ -44,7 +44,7 @@ if [ "$FROM" -le 1 ]; then
     --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1 --save-every 100 --resume --export "$RUN/target5_export"
   # 1f. the same losses on the descriptions that settle each event fact at one word (sparrow.synthetic.text: the
   #     shipped 1a-1e ran the earlier wording, with three openings of "no events"), the per-object event question,
-  #     16- and 32-frame clips twice as often (--mix long), new clips (--seed 8). 900 steps, 42 minutes.
+  #     16- and 32-frame clips twice as often (--mix long), new clips (--seed 8). 900 steps, 46 minutes.
   $SPARROW train-target --out "$RUN/target6" --init "$RUN/target5_export" --seed 8 --steps 900 --lr 5e-4 \
     --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1 --mix long --save-every 100 --resume \
     --export "$RUN/target_export"
