@@ -54,11 +54,14 @@ def _article(phrase: str) -> str:
     return "an" if phrase[0] in "aeiou" else "a"
 
 
-def _event_clause(e: dict, objs: dict, rng) -> str:
-    o = objs[e["object"]]
-    name = f"the {mention(o, full=False)}"
+def _event_verb(e: dict, rng) -> str:
+    """'appears in view', 'changes to white': what an event does, one wording drawn from EVENT_VERBS."""
     verb = str(rng.choice(EVENT_VERBS[e["type"]]))
-    return f"{name} {verb}" + (f" {e['colour']}" if e["type"] == "changes colour" else "")
+    return verb + (f" {e['colour']}" if e["type"] == "changes colour" else "")
+
+
+def _event_clause(e: dict, objs: dict, rng) -> str:
+    return f"the {mention(objs[e['object']], full=False)} {_event_verb(e, rng)}"
 
 
 def describe(truth: dict, seed: int) -> str:
@@ -139,8 +142,7 @@ def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
     by_id = {o["id"]: o for o in objs}
     for o in objs:  # each object's own events, in order: whether and what happened is the answer's first word
         own = [e for e in ev if e["object"] == o["id"]]
-        did = [("It " if i == 0 else "then it ") + _event_clause(e, by_id, rng).split(" ", 3)[3]  # the verb on
-               for i, e in enumerate(own)]
+        did = [("It " if i == 0 else "then it ") + _event_verb(e, rng) for i, e in enumerate(own)]
         qa.append((f"What happens to the {mention(o, full=False)}?", ", ".join(did) + "." if own else
                    "Nothing happens to it."))
     qa.append(("Does anything appear, disappear or change colour?",

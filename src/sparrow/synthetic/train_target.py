@@ -63,7 +63,6 @@ MIXES = {"short": [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05],  
          # 16- and 32-frame clips (the 0.5k bucket and beyond, where events lie several frame pairs apart) twice as
          # often: ~310 visual tokens a clip, steps about a third slower
          "long": [0.05, 0.12, 0.22, 0.25, 0.06, 0.06, 0.08, 0.06, 0.05, 0.05]}
-SHAPE_P = MIXES["short"]
 VOCAB = 1024
 CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
 # Answer words that only the frames decide (attributes, counts, directions, events), weighted by --grounded-weight
@@ -74,8 +73,8 @@ CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
 GROUNDED = (*COLOURS, *OBJECT_SHAPES, *SIZES, "striped", "one", "two", "three", "left", "right", "up", "down",
             "leftward", "rightward", "upward", "downward", "top", "bottom", "still", "stays", "remains", "keeps",
             "does", "stayed", "moves", "drifts", "slides", "travels", "moved", "rises", "sinks", "once",
-            "appears", "shows", "disappears", "vanishes", "turns", "becomes", "changes", "Nothing", "No", "nothing",
-            "Yes", "A", "There", "The", "scene", "Then", "First", "At", "Early", "Finally")
+            "appears", "shows", "disappears", "turns", "changes", "Nothing", "No", "nothing", "Yes", "A", "There", "The",
+            "Then", "First", "Finally")
 ANSWER_OPENINGS = ("Yes", "No", "Nothing", "It")
 AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, len(MOTIONS) + 1)  # 0: none
 
