@@ -44,14 +44,15 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
     run, export = str(tmp_path / "run"), str(tmp_path / "export")
     state = os.path.join(run, "ckpt", "state.pt")
-    bind = ["--bind-weight", "1", "--bind-layer", "1", "--log-every", "1"]
+    bind = ["--bind-weight", "1", "--bind-layer", "1", "--event-weight", "1", "--event-layer", "1",
+            "--time-weight", "1", "--log-every", "1"]
     train_target.main(["--out", run, "--steps", "3", "--until", "2", "--batch", "2", "--save-every", "5", *bind])
     assert torch.load(state, weights_only=False)["step"] == 2  # --until stops and checkpoints there
     train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export, *bind])
     log = json.load(open(os.path.join(run, "ckpt", "log.json")))
-    assert [r["step"] for r in log] == [1, 2, 3] and all(r["bind"] >= 0 for r in log)
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 for r in log)
     saved = torch.load(state, weights_only=False)
-    assert saved["step"] == 3 and saved["bind_probe"] is not None
+    assert saved["step"] == 3 and saved["bind_probe"] is not None and saved["event_probe"] is not None
     with pytest.raises(SystemExit, match="--bind-layer 2 is not a layer"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--bind-weight", "1",
                            "--bind-layer", "2"])
@@ -103,6 +104,47 @@ def test_binding_loss_marks_colour_words_and_teaches_the_head_to_fetch_them():
                 p.grad = None
         binding.remove()
     assert colour.count_nonzero() > 0 and losses[0] > 0 and losses[-1] < losses[0] - 0.1
+
+
+def test_event_labels_name_what_happens_to_the_object_of_each_colour_word():
+    import torch
+
+    from sparrow.synthetic.train_target import COLOURS, event_labels, named_objects
+
+    names = list(COLOURS)
+    truth = {"objects": [{"id": 0, "colour": "white", "final_colour": "cyan"},
+                         {"id": 1, "colour": "red", "final_colour": "red"},
+                         {"id": 2, "colour": "blue", "final_colour": "blue"},
+                         {"id": 3, "colour": "blue", "final_colour": "blue"}],
+             "events": [{"type": "appears", "object": 0}, {"type": "changes colour", "object": 0},
+                        {"type": "disappears", "object": 1}]}
+    words = ["white", None, "red", "blue", "cyan", "green"]  # "blue" names two objects; no object is green
+    colour = torch.tensor([names.index(w) + 1 if w else 0 for w in words])
+    named = named_objects(colour, truth)
+    assert named.tolist() == [1, 0, 2, 0, 1, 0]
+    got = event_labels(named, truth).tolist()
+    cyan = names.index("cyan")
+    assert got == [[1, 0, 1, cyan], [-1] * 4, [0, 1, 0, names.index("red")], [-1] * 4, [1, 0, 1, cyan], [-1] * 4]
+
+
+def test_time_binding_targets_the_object_as_first_and_last_seen():
+    import torch
+
+    from sparrow.synthetic.train_target import TimeBindingLoss
+
+    S, V = 7, 9  # <|vision_start|> and video token ids; the clip: 3 temporal groups of 2 x 2 merged tokens
+    ids = torch.tensor([[1, S] + [V] * 12 + [3, 4, 5]])
+    obj = torch.zeros(12, dtype=torch.long)
+    obj[[0, 1, 4, 5]] = 1  # object 0 in the first two groups (it disappears)
+    obj[[6, 10, 11]] = 2  # object 1 from the second group on (it appears)
+    cells = torch.zeros(12, 6, dtype=torch.long)
+    cells[:, 5] = obj
+    named = torch.tensor([[0] * 15 + [1, 2]])  # the last two words name objects 0 and 1
+    [(b, rows, first, last)] = TimeBindingLoss.targets(ids, named, cells, torch.tensor([[3, 4, 4]]), V, S)
+    assert b == 0 and rows.tolist() == [15, 16]
+    assert first[0].nonzero()[:, 0].tolist() == [2, 3] and last[0].nonzero()[:, 0].tolist() == [1]
+    assert first[1].nonzero()[:, 0].tolist() == [1] and last[1].nonzero()[:, 0].tolist() == [12, 13]
+    assert TimeBindingLoss.targets(ids, torch.zeros_like(named), cells, torch.tensor([[3, 4, 4]]), V, S) == []
 
 
 def test_target_batches_supervise_every_answer_and_resume_exactly():

@@ -96,7 +96,9 @@ def weights_digest(path: str) -> str:
 
 READING = {"count": ("one", "two", "three"), "size": ("small", "large"), "colour": tuple(COLOURS),
            "shape": tuple(SHAPES), "motion": ("left", "right", "up", "down", "leftward", "rightward", "upward",
-                                              "downward", "top", "bottom", "still", "place", "move")}
+                                              "downward", "top", "bottom", "still", "place", "move"),
+           # how many events (the opener of the sentence after the objects) and which (the verb)
+           "events": ("Nothing", "Then", "First", "Finally", "appears", "disappears", "changes")}
 
 
 def reading(target, bucket: int, clips: int) -> dict:
