@@ -417,8 +417,8 @@ class TimeBindingLoss:
     object appears, disappears or changes colour is read only by a head that picks the object's tokens at one
     time. With one head on the start and one on the end, the layer's output at the word holds the object as it
     was first and last seen, or nothing: appears, disappears and the colour after a change become a readout of
-    it, which `EventLoss` (on the same layer) asks for. A probe alone, without this, stayed at the label prior
-    for 800 steps.
+    it, which `EventLoss` (on the same layer) asks for. The probe alone, without this (layer 3, from the shipped
+    target), stayed above the labels' prior entropy (about 1.6 nats) for 800 steps and reached 1.52 at step 1266.
 
     Args: model: the Qwen2.5-VL model; layer: text layer; heads: (first, last) query heads of that layer.
     Call: input_ids, named (B, L), cells (N, 6) `cell_labels` of the batch's N visual tokens in order, grid
