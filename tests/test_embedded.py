@@ -50,7 +50,8 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     assert torch.load(state, weights_only=False)["step"] == 2  # --until stops and checkpoints there
     train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export, *bind])
     log = json.load(open(os.path.join(run, "ckpt", "log.json")))
-    assert [r["step"] for r in log] == [1, 2, 3] and all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 for r in log)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 for r in log)
     saved = torch.load(state, weights_only=False)
     assert saved["step"] == 3 and saved["bind_probe"] is not None and saved["event_probe"] is not None
     with pytest.raises(SystemExit, match="--bind-layer 2 is not a layer"):

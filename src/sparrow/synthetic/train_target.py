@@ -159,7 +159,7 @@ def event_labels(named: torch.Tensor, truth: dict) -> torch.Tensor:
 
 
 class VisionProbe(torch.nn.Module):
-    """Linear probe on the merged visual tokens: (N, hidden) features and (N, 5) `cell_labels` -> loss.
+    """Linear probe on the merged visual tokens: (N, hidden) features and (N, 6) `cell_labels` -> loss.
 
     The loss is the cross-entropy of "which colour, or no object" over every token plus the cross-entropy of
     shape, size, texture and motion over the tokens an object covers (most tokens are background; averaging
@@ -329,12 +329,22 @@ class Batcher:
                 "named": named, "event": event}
 
 
+def _keep_attention_input(saved: dict):
+    """A forward pre-hook (with_kwargs) for a text layer's attention that keeps its input (B, L, hidden) as
+    saved["x"] and its rotary embeddings (cos, sin) as saved["pe"], for `_head_qk`."""
+    def keep(module, args, kwargs):
+        saved["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        saved["pe"] = kwargs["position_embeddings"]
+    return keep
+
+
 def _head_qk(attn, x: torch.Tensor, pe: tuple, head: int, rope) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries and keys of one attention head as the layer computes them: x (B, L, hidden) the layer's input,
     pe its (cos, sin) -> q, k (B, 1, L, head_dim) each, after the projections and mRoPE."""
     d, kv = attn.head_dim, head // attn.num_key_value_groups
-    q = torch.nn.functional.linear(x, attn.q_proj.weight[head * d:(head + 1) * d], attn.q_proj.bias[head * d:(head + 1) * d])
-    k = torch.nn.functional.linear(x, attn.k_proj.weight[kv * d:(kv + 1) * d], attn.k_proj.bias[kv * d:(kv + 1) * d])
+    qs, ks = slice(head * d, (head + 1) * d), slice(kv * d, (kv + 1) * d)
+    q = torch.nn.functional.linear(x, attn.q_proj.weight[qs], attn.q_proj.bias[qs])
+    k = torch.nn.functional.linear(x, attn.k_proj.weight[ks], attn.k_proj.bias[ks])
     return rope(q[:, None], k[:, None], *pe)
 
 
@@ -365,7 +375,7 @@ class BindingLoss:
         self.attn = block.self_attn
         self.head, self.rope, self.saved = head, apply_rotary_pos_emb, {}
         keep_out = lambda m, i, o: self.saved.__setitem__("out", o[0] if isinstance(o, tuple) else o)  # noqa: E731
-        self.hooks = [self.attn.register_forward_pre_hook(self._keep, with_kwargs=True),
+        self.hooks = [self.attn.register_forward_pre_hook(_keep_attention_input(self.saved), with_kwargs=True),
                       block.register_forward_hook(keep_out)]
         self.probe = VisionProbe(model.config.text_config.hidden_size)  # reads the fetched object at the word
 
@@ -375,14 +385,10 @@ class BindingLoss:
             h.remove()
         self.saved.clear()
 
-    def _keep(self, module, args, kwargs):
-        self.saved["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.saved["pe"] = kwargs["position_embeddings"]
-
     def __call__(self, input_ids: torch.Tensor, colour: torch.Tensor, cells: torch.Tensor,
                  video_token: int) -> torch.Tensor:
-        """input_ids, colour (B, L) (colour: `Batcher.colour_words`), cells (N, 5) for the batch's N visual
-        tokens in order -> scalar loss (0 when the batch has no colour word with a matching visual token)."""
+        """input_ids, colour (B, L) (colour: `Batcher.colour_words`), cells (N, 6) `cell_labels` of the batch's
+        N visual tokens in order -> scalar loss (0 when the batch has no colour word with a matching visual token)."""
         a = self.attn
         x, pe = self.saved.pop("x"), self.saved.pop("pe")
         q, k = _head_qk(a, x, pe, self.head, self.rope)
@@ -430,16 +436,12 @@ class TimeBindingLoss:
 
         self.attn = model.model.language_model.layers[layer].self_attn
         self.heads, self.rope, self.saved = heads, apply_rotary_pos_emb, {}
-        self.hook = self.attn.register_forward_pre_hook(self._keep, with_kwargs=True)
+        self.hook = self.attn.register_forward_pre_hook(_keep_attention_input(self.saved), with_kwargs=True)
 
     def remove(self) -> None:
         """Detach the hook from the model."""
         self.hook.remove()
         self.saved.clear()
-
-    def _keep(self, module, args, kwargs):
-        self.saved["x"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.saved["pe"] = kwargs["position_embeddings"]
 
     @staticmethod
     def targets(input_ids: torch.Tensor, named: torch.Tensor, cells: torch.Tensor, grid: torch.Tensor,
@@ -699,7 +701,7 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, on_signal)
     t0 = time.time()
     bar = tqdm(total=a.steps, initial=step, desc="train-target", dynamic_ncols=True)
-    ema, ema_aux, ema_bind, ema_event, ema_time = None, None, None, None, None
+    ema, emas = None, {}  # the answer loss's and each auxiliary loss's moving average
     end = min(a.steps, a.until or a.steps)
     while step < end and not stop["now"]:
         batch = batcher.batch(a.batch)
@@ -722,7 +724,8 @@ def main(argv=None):
                 if binding is not None and not vision_only else torch.zeros(())
             ev = events(event) if events is not None and not vision_only else torch.zeros(())
             tm = timing(batch["input_ids"], named, cells, batch["video_grid_thw"], model.config.video_token_id,
-                        model.config.vision_start_token_id) if timing is not None and not vision_only else torch.zeros(())
+                        model.config.vision_start_token_id) \
+                if timing is not None and not vision_only else torch.zeros(())
         opt.zero_grad(set_to_none=True)
         (loss + a.aux_weight * aux + a.bind_weight * bind + a.event_weight * ev + a.time_weight * tm).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -730,21 +733,16 @@ def main(argv=None):
         step += 1
         if not vision_only:
             ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        ema_aux = aux.item() if ema_aux is None else 0.98 * ema_aux + 0.02 * aux.item()
-        ema_bind = bind.item() if ema_bind is None else 0.98 * ema_bind + 0.02 * bind.item()
-        ema_event = ev.item() if ema_event is None else 0.98 * ema_event + 0.02 * ev.item()
-        ema_time = tm.item() if ema_time is None else 0.98 * ema_time + 0.02 * tm.item()
+        terms = {"aux": aux, "bind": bind if binding is not None else None,
+                 "event": ev if events is not None else None, "time": tm if timing is not None else None}
+        for k, v in terms.items():
+            if v is not None:
+                emas[k] = v.item() if k not in emas else 0.98 * emas[k] + 0.02 * v.item()
         bar.update(1)
-        bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", aux=f"{ema_aux:.3f}",
-                        **({"bind": f"{ema_bind:.3f}"} if binding is not None else {}),
-                        **({"event": f"{ema_event:.3f}"} if events is not None else {}),
-                        **({"time": f"{ema_time:.3f}"} if timing is not None else {}))
+        bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", **{k: f"{v:.3f}" for k, v in emas.items()})
         if step % a.log_every == 0:
-            log.append({"step": step, "loss": None if ema is None else round(ema, 4), "aux": round(ema_aux, 4),
-                        **({"bind": round(ema_bind, 4)} if binding is not None else {}),
-                        **({"event": round(ema_event, 4)} if events is not None else {}),
-                        **({"time": round(ema_time, 4)} if timing is not None else {}),
-                        "s": round(time.time() - t0, 1)})
+            log.append({"step": step, "loss": None if ema is None else round(ema, 4),
+                        **{k: round(v, 4) for k, v in emas.items()}, "s": round(time.time() - t0, 1)})
         if a.minutes and time.time() - t0 > a.minutes * 60:
             stop["now"] = True
         if step % a.save_every == 0 or stop["now"] or step == end:
