@@ -25,13 +25,14 @@ per token (pooled over an object's tokens, the vision probe reads shape and moti
 held-out clips). Why it is needed: trained on one-object clips only, the language model goes from 0.38 to 0.90
 teacher-forced shape accuracy (the word after a colour) within 50 steps; on the usual 1-3 object mix it stays at
 0.3-0.5 over 150 steps. It reads a lone object but does not bind attributes across several.
-The shipped target's last two stages trained with it. In the first (1900 steps, `--lr 1e-3 --warmup 100
+Stages 1d to 1g of the shipped target trained with it. In the first (1900 steps, `--lr 1e-3 --warmup 100
 --grounded-weight 4 --bind-weight 1`; scripts/build_embedded.sh, stage 1d), on 40 held-out clips at 512 visual
 tokens, teacher-forced shape accuracy went from 0.43 to 0.94 and motion from 0.63 to 0.86, and the attribute
 accuracy of greedy descriptions from 0.52 to 0.63. Over the first 200-400 steps nothing moves: the head learns to
 fetch before the model learns to use it. The second (1500 steps, stage 1e: the same losses, `--seed 7 --lr 5e-4`,
 fresh probes and optimiser) took the loss from 0.55 to 0.50 and attribute accuracy from 0.58 to 0.61 (200 clips
-at 512 tokens) and from 0.57 to 0.59 (100 clips at 1536).
+at 512 tokens) and from 0.57 to 0.59 (100 clips at 1536). Stages 1f and 1g kept it; 1g added the event probe
+(`--event-weight`, see `EventLoss`).
 """
 
 from __future__ import annotations
@@ -496,6 +497,10 @@ class EventLoss(torch.nn.Module):
     of the event sentence, long after the object was named, and the shipped target gets the event order of 34%
     of clips right (200 clips at 512 visual tokens). The probe asks for it where the object is first named, so
     that the event sentence can copy it from there, as the binding supervision does for shape and motion.
+    The shipped target's last stage (1g: 2000 steps, `--event-weight 1 --event-layer 3`) trained with it: the
+    probe's loss stayed at about the labels' prior entropy (1.6 nats) for 800 steps and ended at 1.47, and on the
+    same 200 clips event order went from 0.34 to 0.50 and attribute accuracy from 0.65 to 0.71 (no control run
+    without the probe, so the gain is not split between the probe and the extra steps).
 
     Args: model: the Qwen2.5-VL model; layer: the text layer whose output (B, L, hidden) the probe reads.
     Call: (B, L, 4) labels (-1: no label) after the model's forward -> scalar loss (0 without labels).
