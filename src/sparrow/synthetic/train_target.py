@@ -494,12 +494,12 @@ class EventLoss(torch.nn.Module):
     Why: the vision tower sees each pair of frames alone and attention values carry no position, so whether an
     object appears, disappears or changes colour exists only once some head of the language model compares the
     object's visual tokens across time. Trained on the description alone, that comparison is decided at one word
-    of the event sentence, long after the object was named, and the shipped target gets the event order of 34%
+    of the event sentence, long after the object was named, and the stage-1f target got the event order of 34%
     of clips right (200 clips at 512 visual tokens). The probe asks for it where the object is first named, so
     that the event sentence can copy it from there, as the binding supervision does for shape and motion.
     The shipped target's last stage (1g: 2000 steps, `--event-weight 1 --event-layer 3`) trained with it: the
     probe's loss stayed at about the labels' prior entropy (1.6 nats) for 800 steps and ended at 1.47, and on the
-    same 200 clips event order went from 0.34 to 0.50 and attribute accuracy from 0.65 to 0.71 (no control run
+    same 200 clips event order went from 0.34 to 0.49 and attribute accuracy from 0.65 to 0.71 (no control run
     without the probe, so the gain is not split between the probe and the extra steps).
 
     Args: model: the Qwen2.5-VL model; layer: the text layer whose output (B, L, hidden) the probe reads.
