@@ -112,6 +112,28 @@ def test_descriptions_settle_each_event_fact_at_one_word():
     assert verb == {"appears": {"appears"}, "disappears": {"disappears"}, "changes colour": {"changes"}}
 
 
+def test_descriptions_and_lists_name_objects_in_one_fixed_order():
+    """Objects come by colour in COLOURS order, then by shape, whatever the seed: the next object is decided by
+    the frames and the last one named, never a free choice (a free order made the target repeat objects)."""
+    import re
+
+    from sparrow.synthetic.text import _MENTION
+    from sparrow.synthetic.world import SHAPES
+
+    rank = {(c, s): (i, j) for i, c in enumerate(COLOURS) for j, s in enumerate(SHAPES)}
+    reordered = 0
+    for seed in range(200):
+        truth = make_clip(seed, 16).truth
+        drawn = [(o["colour"], o["shape"]) for o in truth["objects"]]
+        sentences = re.split(r"(?<=\.) ", describe(truth, seed))[1:1 + len(drawn)]
+        named = [(m.group(3), m.group(4)) for m in map(_MENTION.search, sentences)]
+        assert named == sorted(drawn, key=rank.get), (seed, sentences)
+        listed = dict(questions(truth, seed))["Which objects are in the video?"].lower()
+        assert [(m.group(3), m.group(4)) for m in _MENTION.finditer(listed)] == named, (seed, listed)
+        reordered += named != drawn
+    assert reordered > 20  # the world draws objects in any order; the text does not follow it
+
+
 def test_questions_ask_what_happens_to_each_object():
     truth = make_clip(1, 16).truth  # the cyan square disappears; the red diamond turns white
     qa = dict(questions(truth, 1))

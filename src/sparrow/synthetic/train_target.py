@@ -432,7 +432,8 @@ class TimeBindingLoss:
     was first and last seen, or nothing: appears, disappears and the colour after a change become a readout of
     it, which `EventLoss` (on the same layer) asks for. The probe alone, without this (layer 3, from the stage-1f
     target: stage 1g), stayed at or above the labels' prior entropy (about 1.6 nats) for 800 steps and ended at
-    1.47 after 2000.
+    1.47 after 2000. With this loss too (weight 1, 1000 steps from stage 1g) the probe reached 1.09, yet greedy
+    event order on 200 held-out clips at 512 visual tokens stayed at 0.50 (attributes 0.706 against 0.71).
 
     Args: model: the Qwen2.5-VL model; layer: text layer; heads: (first, last) query heads of that layer.
     Call: input_ids, named (B, L), cells (N, 6) `cell_labels` of the batch's N visual tokens in order, grid
