@@ -112,6 +112,30 @@ def test_descriptions_settle_each_event_fact_at_one_word():
     assert verb == {"appears": {"appears"}, "disappears": {"disappears"}, "changes colour": {"changes"}}
 
 
+def test_descriptions_give_each_object_its_own_events_where_it_is_named():
+    """An object's sentence ends with what happens to it, in time order ("... and appears, then changes to
+    white"), and nothing for an object without events: whether and how it changes is written where the object is
+    named, before the event sentences order all events in time."""
+    import re
+
+    from sparrow.synthetic.text import _MENTION, object_order
+
+    with_events = 0
+    for seed in range(300):
+        truth = make_clip(seed, 16).truth
+        n = len(truth["objects"])
+        sentences = re.split(r"(?<=\.) ", describe(truth, seed))[1:1 + n]
+        for o, s in zip(object_order(truth["objects"]), sentences):
+            m = _MENTION.search(s.lower())
+            assert (m.group(3), m.group(4)) == (o["colour"], o["shape"]), (seed, s)
+            own = [e["type"].split()[0] for e in truth["events"] if e["object"] == o["id"]]
+            said = [c.split()[0] for c in re.split(r" and |, then ", s.rstrip("."))[1:]]
+            assert said == own, (seed, s, own)
+            with_events += bool(own)
+        assert score_description(describe(truth, seed), truth)["events"] == 1.0
+    assert with_events > 100
+
+
 def test_descriptions_and_lists_name_objects_in_one_fixed_order():
     """Objects come by colour in COLOURS order, then by shape, whatever the seed: the next object is decided by
     the frames and the last one named, never a free choice (a free order made the target repeat objects)."""
