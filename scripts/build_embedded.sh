@@ -58,11 +58,11 @@ if [ "$FROM" -le 1 ]; then
   #     and extended to 2500 at step 1000 (--steps on resume). About 115 minutes. The shipped run named the objects
   #     of a description in a free order up to step 1093 and in `object_order` after; this script runs the fixed
   #     order throughout.
-  T8="--init $RUN/target7_export --seed 10 --lr 5e-4 --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1
-    --event-weight 1 --event-layer 3 --time-weight 1 --mix long --save-every 50 --resume"
-  $SPARROW train-target --out "$RUN/target8" $T8 --steps 1500 --until 125
-  $SPARROW train-target --out "$RUN/target8" $T8 --steps 1000
-  $SPARROW train-target --out "$RUN/target8" $T8 --steps 2500 --export "$RUN/target_export"
+  T8=(--init "$RUN/target7_export" --seed 10 --lr 5e-4 --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1
+    --event-weight 1 --event-layer 3 --time-weight 1 --mix long --save-every 50 --resume)
+  $SPARROW train-target --out "$RUN/target8" "${T8[@]}" --steps 1500 --until 125
+  $SPARROW train-target --out "$RUN/target8" "${T8[@]}" --steps 1000
+  $SPARROW train-target --out "$RUN/target8" "${T8[@]}" --steps 2500 --export "$RUN/target_export"
   rm -rf "$ASSETS/target" && cp -r "$RUN/target_export" "$ASSETS/target"
   $PY -m sparrow.synthetic.examples --out "$ASSETS/clips"
 fi

@@ -123,8 +123,8 @@ def test_descriptions_give_each_object_its_own_events_where_it_is_named():
     with_events = 0
     for seed in range(300):
         truth = make_clip(seed, 16).truth
-        n = len(truth["objects"])
-        sentences = re.split(r"(?<=\.) ", describe(truth, seed))[1:1 + n]
+        text = describe(truth, seed)
+        sentences = re.split(r"(?<=\.) ", text)[1:1 + len(truth["objects"])]
         for o, s in zip(object_order(truth["objects"]), sentences):
             m = _MENTION.search(s.lower())
             assert (m.group(3), m.group(4)) == (o["colour"], o["shape"]), (seed, s)
@@ -132,7 +132,7 @@ def test_descriptions_give_each_object_its_own_events_where_it_is_named():
             said = [c.split()[0] for c in re.split(r" and |, then ", s.rstrip("."))[1:]]
             assert said == own, (seed, s, own)
             with_events += bool(own)
-        assert score_description(describe(truth, seed), truth)["events"] == 1.0
+        assert score_description(text, truth)["events"] == 1.0
     assert with_events > 100
 
 

@@ -97,11 +97,12 @@ def describe(truth: dict, seed: int) -> str:
     events = truth["events"]
     for o in object_order(list(objs.values())):
         phrase = mention(o)
+        motion = str(rng.choice(MOTION_PHRASES[o["motion"]]))
         # the object's own events, in time order, where it is named: "... moves left and appears in view, then
         # changes to white"; the event sentences after the objects put every event in time order
-        motion = str(rng.choice(MOTION_PHRASES[o["motion"]]))
         own = [_event_verb(e, rng) for e in events if e["object"] == o["id"]]
-        motion += " and " + ", then ".join(own) if own else ""
+        if own:
+            motion += " and " + ", then ".join(own)
         form = int(rng.integers(3))
         if form == 0:
             sentences.append(f"{_article(phrase).capitalize()} {phrase} {motion}.")
