@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -181,19 +182,27 @@ def test_target_batches_supervise_every_answer_and_resume_exactly():
 def test_grounded_words_cover_every_alternative_of_a_decision():
     """--grounded-weight must not tilt a choice that the frames decide: the verb that says whether an object moves,
     and the sentence that follows the last object (another object, an event, or "no events"), are weighted
-    whichever way the clip goes."""
-    from sparrow.synthetic.text import MOTION_PHRASES, describe, one_token_ids
-    from sparrow.synthetic.train_target import GROUNDED
+    whichever way the clip goes, and so is the token after an object's motion or event, which says whether (another)
+    event of that object follows."""
+    from sparrow.synthetic.text import MOTION_PHRASES, describe
+    from sparrow.synthetic.train_target import grounded_ids
     from sparrow.synthetic.world import make_clip
 
     tok = sparrow.load_target().tokenizer
-    grounded = set(one_token_ids(tok, GROUNDED).values())
+    grounded = grounded_ids(tok)
     first = lambda text: tok(" " + text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
     assert all(first(p) in grounded for ps in MOTION_PHRASES.values() for p in ps)
-    openers = set()
+    openers, after = set(), set()
     for seed in range(40):
         truth = make_clip(seed, 8, 56, 56).truth
-        sentences = describe(truth, seed).split(". ")
+        text = describe(truth, seed)
+        sentences = text.split(". ")
         openers.add(sentences[1 + len(truth["objects"])].split()[0])  # the one after the last object
         openers.update(s.split()[0] for s in sentences[1:1 + len(truth["objects"])])
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        ends = [m.end() for p in {p for ps in MOTION_PHRASES.values() for p in ps} for m in re.finditer(p, text)]
+        ends += [m.start() for m in re.finditer(", then", text)]  # after an object's event, another one follows
+        for end in ends:  # the token after the phrase: " and" (an event follows), "," or "."
+            after.add(ids[len(tok(text[:end], add_special_tokens=False)["input_ids"])])
     assert {"Then", "Nothing", "There"} <= openers and all(first(w) in grounded for w in openers)
+    assert {first("and"), tok(".")["input_ids"][0], tok(",")["input_ids"][0]} <= after <= grounded
