@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch (fixed seeds): the target, its example clips, its drafts, and the
-# measurements quoted in the README. About 12.5 hours on 2 CPU cores, 1.5 hours of it after the target. Run from the
+# measurements quoted in the README. About 13 hours on 2 CPU cores, 2 hours of it after the target. Run from the
 # repository root:
 #   bash scripts/build_embedded.sh [RUN_DIR]          # everything
 #   FROM=2 bash scripts/build_embedded.sh [RUN_DIR]   # keep the shipped target: its drafts and measurements
@@ -109,7 +109,7 @@ fi
 
 # 4. measurements
 $SPARROW evaluate-target --target "$ASSETS/target" --draft "$ASSETS/drafts/sparrow" --buckets 512,1536,3072,8192 \
-  --clips 200,200,100,40 --long-buckets 25088 --long-clips 20 --blank-clips 50 --resume --out benchmarks/results/target_eval
+  --clips 200,200,200,200 --long-buckets 25088 --long-clips 20 --blank-clips 50 --resume --out benchmarks/results/target_eval
 $SPARROW bench --visual-tokens 500,1500,3000,8000 --synthetic 3 --max-new-tokens 128 \
   --methods ar,sparrow,eagle,no_mtp,no_ivsb,sparrow:absolute,hf-assisted --out benchmarks/results/bench_cpu
 $SPARROW bench --visual-tokens 25000 --synthetic 1 --max-new-tokens 128 --methods ar,sparrow,eagle \
