@@ -74,7 +74,8 @@ CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
 # open the next sentence (another object, an event, or "no events"), and the token after an object's motion or
 # event, which says whether (another) event of that object follows: " and" / ", then" against "." (stage 1i's
 # first run weighted neither, and at step 893 left the event out in 64 of 98 one-event clips), likewise " at
-# first" against "." after a colour.
+# first" against "." after a colour, and " after about N seconds" against "." after an event (a free choice of
+# wording, weighted both ways so that the weighting does not change how often it is written).
 GROUNDED = (*COLOURS, *OBJECT_SHAPES, *SIZES, "striped", "one", "two", "three", "left", "right", "up", "down",
             "leftward", "rightward", "upward", "downward", "top", "bottom", "still", "stays", "remains", "keeps",
             "does", "stayed", "moves", "drifts", "slides", "travels", "moved", "rises", "sinks", "once",
