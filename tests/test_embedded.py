@@ -55,6 +55,15 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     assert all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 for r in log)
     saved = torch.load(state, weights_only=False)
     assert saved["step"] == 3 and saved["bind_probe"] is not None and saved["event_probe"] is not None
+    # the next stage starts its probes where this one left them (with lr 0 they keep those weights exactly)
+    for init, same in ((["--init-probes", state], True), ([], False)):
+        nxt = str(tmp_path / f"next{same}")
+        train_target.main(["--out", nxt, "--init", export, *init, "--steps", "1", "--batch", "2", "--lr", "0", *bind])
+        probes = torch.load(os.path.join(nxt, "ckpt", "state.pt"), weights_only=False)
+        for key in ("probe", "bind_probe", "event_probe"):
+            assert torch.equal(probes[key]["head.weight"], saved[key]["head.weight"]) == same, key
+    with pytest.raises(SystemExit, match="--init-probes .* is not a file"):
+        train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--init-probes", str(tmp_path / "no")])
     with pytest.raises(SystemExit, match="--bind-layer 2 is not a layer"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--bind-weight", "1",
                            "--bind-layer", "2"])
@@ -206,3 +215,22 @@ def test_grounded_words_cover_every_alternative_of_a_decision():
             after.add(ids[len(tok(text[:end], add_special_tokens=False)["input_ids"])])
     assert {"Then", "Nothing", "There"} <= openers and all(first(w) in grounded for w in openers)
     assert {first("and"), tok(".")["input_ids"][0], tok(",")["input_ids"][0]} <= after <= grounded
+
+
+def test_clip_mixes_keep_earlier_stages_draws_and_longer_reaches_the_3k_bucket():
+    import numpy as np
+
+    from sparrow.synthetic.train_target import MIXES, SHAPES, Batcher
+
+    for name, p in MIXES.items():
+        assert len(p) == len(SHAPES) and min(p) >= 0 and abs(sum(p) - 1) < 1e-9, name
+    long_mass = {name: sum(q for q, (frames, _, _) in zip(p, SHAPES) if frames >= 48) for name, p in MIXES.items()}
+    # the mixes of the shipped stages never draw the long shapes appended after them, so they draw as before
+    assert long_mass["short"] == long_mass["long"] == 0 and long_mass["longer"] >= 0.05
+    assert (96, 224, 224) in SHAPES  # the 3072 bucket's clips
+    target = sparrow.load_target()
+    b = Batcher(target, seed=4, pool=1, mix="longer")
+    b.shape_p = np.eye(len(SHAPES))[SHAPES.index((48, 224, 224))]  # force the 1536 bucket's clip
+    s = b.sample()
+    assert s["grid"][0].tolist() == [24, 16, 16]  # 24 frame pairs of 16 x 16 patches: 24 x 64 visual tokens
+    assert (s["ids"] == target.config.video_token_id).sum() == s["cells"].shape[0] == 24 * 64

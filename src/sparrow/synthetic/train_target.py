@@ -58,13 +58,17 @@ TEXT = dict(hidden=256, layers=12, heads=4, kv_heads=2, intermediate=768)
 VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14, temporal_patch_size=2,
               spatial_merge_size=2, window_size=112, fullatt_block_indexes=[2], tokens_per_second=2, in_channels=3)
 # (frames, height, width): mostly 224 px (the evaluation's frame size: objects span several patches, which is
-# what makes their shapes learnable), with other sizes, aspect ratios and lengths for variety.
+# what makes their shapes learnable), with other sizes, aspect ratios and lengths for variety. The last two are the
+# 1.5k and 3k buckets' clips (48 and 96 frames at 224 px), which hold 3-6x the visual tokens of the longest others.
 SHAPES = [(2, 224, 224), (4, 224, 224), (8, 224, 224), (16, 224, 224), (32, 224, 224), (8, 112, 112),
-          (16, 112, 112), (8, 168, 168), (12, 168, 224), (32, 112, 112)]
-MIXES = {"short": [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05],  # ~230 visual tokens a clip
+          (16, 112, 112), (8, 168, 168), (12, 168, 224), (32, 112, 112), (48, 224, 224), (96, 224, 224)]
+MIXES = {"short": [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05, 0, 0],  # ~230 visual tokens a clip
          # 16- and 32-frame clips (the 0.5k bucket and beyond, where events lie several frame pairs apart) twice as
          # often: ~310 visual tokens a clip, steps about a third slower
-         "long": [0.05, 0.12, 0.22, 0.25, 0.06, 0.06, 0.08, 0.06, 0.05, 0.05]}
+         "long": [0.05, 0.12, 0.22, 0.25, 0.06, 0.06, 0.08, 0.06, 0.05, 0.05, 0, 0],
+         # "long" with one clip in 14 of 48 or 96 frames at 224 px: from 1.5k visual tokens on, the target trained
+         # on "long" loses the thread of its own sentences ("on a blac happens"); ~2x the visual tokens of "long"
+         "longer": [0.047, 0.111, 0.204, 0.232, 0.056, 0.056, 0.074, 0.056, 0.047, 0.047, 0.05, 0.02]}
 VOCAB = 1024
 CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
 # Answer words that only the frames decide (attributes, counts, directions, events), weighted by --grounded-weight
@@ -640,7 +644,12 @@ def main(argv=None):
                     help="weight of the time binding (at each colour word, one head of --event-layer fetches the "
                          "object as first seen, one as last seen; see TimeBindingLoss); 0 turns it off")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
-                    help="clip lengths drawn: short (mostly 4-8 frames) or long (16-32 frames twice as often)")
+                    help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
+                         "longer (long plus 48- and 96-frame clips at 224 px)")
+    ap.add_argument("--init-probes", metavar="STATE_PT",
+                    help="start the probes (--aux/--bind/--event-weight; not part of an exported target) from this "
+                         "checkpoint of an earlier stage (RUN/ckpt/state.pt) instead of random weights, whose "
+                         "large early losses would otherwise jolt the model while they learn")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
@@ -695,6 +704,18 @@ def main(argv=None):
             opt.add_param_group({"params": list(extra.parameters())})
             params += list(extra.parameters())
     step, log = 0, []
+    if a.init_probes:
+        if not os.path.isfile(a.init_probes):
+            raise SystemExit(f"train-target: --init-probes {a.init_probes} is not a file; give an earlier stage's "
+                             "RUN/ckpt/state.pt")
+        state = torch.load(a.init_probes, weights_only=False)
+        try:
+            for module, key in ((probe, "probe"), (binding.probe if binding else None, "bind_probe"), (events, "event_probe")):
+                if module is not None and state.get(key) is not None:
+                    module.load_state_dict(state[key])
+        except (RuntimeError, KeyError) as e:
+            raise SystemExit(f"train-target: the probes of {a.init_probes} do not fit this model "
+                             f"({str(e).splitlines()[0][:120]}); drop --init-probes") from None
     ckpt = os.path.join(a.out, "ckpt", "state.pt")
     if a.resume and os.path.exists(ckpt):
         state = torch.load(ckpt, weights_only=False)
