@@ -27,6 +27,26 @@ def test_embedded_target_describes_an_example_clip():
             assert spec.token_ids == out.token_ids
 
 
+def test_embedded_target_resizes_frames_to_its_training_sizes():
+    import numpy as np
+
+    from sparrow.video import Video
+
+    target = sparrow.load_target()
+
+    def grid(h, w):
+        frames = np.zeros((4, h, w, 3), dtype=np.uint8)
+        video = Video(frames=frames, fps=4.0, indices=np.arange(4), total_frames=4)
+        return target.prepare(video, "Describe the video.")["video_grid_thw"][0].tolist()
+
+    # its video_preprocessor_config.json bounds a frame's area to [112^2, 224^2]: a 224-px clip keeps its size (the
+    # Qwen defaults would scale it up to 336 px), a larger video is scaled down to the sizes the target learned
+    assert grid(224, 224) == [2, 16, 16]
+    t, h, w = grid(480, 640)
+    assert h * w * 14 * 14 <= 224 * 224 and w > h
+    assert grid(56, 56) == [2, 8, 8]  # a small one is scaled up to 112 px
+
+
 def test_example_clips_ship_with_truth():
     for i in range(5):
         clip = defaults.example_clip(i)
@@ -69,6 +89,7 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
                            "--bind-layer", "2"])
     target = sparrow.load_target(export, device="cpu")
     assert target.tokenizer.chat_template and target.eos_token_ids
+    assert (target.settings["min_pixels"], target.settings["max_pixels"]) == (112 * 112, 224 * 224)
     assert sparrow.generate(target, None, target.prepare(None, "Describe the video."), max_new_tokens=3,
                             method="ar").stats.new_tokens >= 1
 
@@ -234,3 +255,17 @@ def test_clip_mixes_keep_earlier_stages_draws_and_longer_reaches_the_3k_bucket()
     s = b.sample()
     assert s["grid"][0].tolist() == [24, 16, 16]  # 24 frame pairs of 16 x 16 patches: 24 x 64 visual tokens
     assert (s["ids"] == target.config.video_token_id).sum() == s["cells"].shape[0] == 24 * 64
+
+
+def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsys):
+    from sparrow.cli import main
+
+    assert main(["demo", "--clip", "1", "--max-new-tokens", "80"]) == 0
+    out = capsys.readouterr().out
+    truth = json.load(open(defaults.example_clip(1).replace(".mp4", ".json")))
+    assert f"on a {truth['background']} background" in out.lower() and "identical output" in out
+    acc = re.search(r"attribute accuracy (\d\.\d\d) \(count", out)
+    assert acc and 0 <= float(acc.group(1)) <= 1
+    assert "visual tokens 512 " in out  # 16 frames at the clip's own 224 px
+    assert main(["demo", "--clip", "9"]) == 2
+    assert "--clip 9: the shipped example clips are 0 to 4" in capsys.readouterr().err

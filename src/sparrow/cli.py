@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "visual gain, attention dilution (see --help)", add_help=False)
     d = sub.add_parser("demo", help="the embedded target and drafts on an example clip: speculative decoding vs "
                                      "plain decoding, identical output")
-    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--clip", type=int, default=0, help="which shipped example clip to describe (0-4)")
+    d.add_argument("--max-new-tokens", type=int, default=128)
     return ap
 
 
@@ -152,10 +153,21 @@ def cmd_make_tiny(a) -> int:
 
 def cmd_demo(a) -> int:
     """Answer "Describe the video." about an example clip with --method sparrow, eagle and ar on the embedded
-    target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree."""
-    from . import defaults, generate, load_draft, load_target
+    target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree. Prints
+    the clip's true description (from its ground truth, clipN.json) and the answer's attribute accuracy
+    (`sparrow.synthetic.text.score_description`), so that what the target gets wrong is in plain sight."""
+    import glob
+    import json
 
-    target, video = load_target(device="cpu"), defaults.example_clip(0)
+    from . import defaults, generate, load_draft, load_target
+    from .synthetic.text import describe, score_description
+
+    n = len(glob.glob(os.path.join(defaults.CLIPS, "clip*.mp4")))
+    if not 0 <= a.clip < n:
+        raise SparrowError(f"--clip {a.clip}: the shipped example clips are 0 to {n - 1}")
+    target, video = load_target(device="cpu"), defaults.example_clip(a.clip)
+    with open(video[:-len(".mp4")] + ".json") as f:
+        truth = json.load(f)
     drafts = {}
     for m in ("sparrow", "eagle"):
         if not defaults.draft_path(m):
@@ -163,11 +175,15 @@ def cmd_demo(a) -> int:
         drafts[m] = load_draft(defaults.draft_path(m), target)
     inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16)
     print(f"video: {video}")
+    print(f"truth: {describe(truth, truth['seed'])}")
     outs = {}
     for method in ("sparrow", "eagle", "ar"):
         outs[method] = generate(target, drafts.get(method), inputs, max_new_tokens=a.max_new_tokens, method=method)
         if method == "sparrow":
-            print(outs[method].text)
+            print(f"answer: {outs[method].text}")
+            sc = score_description(outs[method].text, truth)
+            print(f"attribute accuracy {sc['attributes']:.2f} (count {sc['count']:.0f}, colour {sc['colour']:.2f}, "
+                  f"shape {sc['shape']:.2f}, motion {sc['motion']:.2f}, event order {sc['events']:.0f})")
         print(_summary(outs[method]))
     same = outs["sparrow"].token_ids == outs["ar"].token_ids == outs["eagle"].token_ids
     print(f"lossless: {'identical output' if same else 'OUTPUT DIFFERS'} for sparrow, eagle and ar "

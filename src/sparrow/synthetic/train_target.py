@@ -589,13 +589,29 @@ def save_checkpoint(run: str, model, opt, step: int, batcher: Batcher, log: list
     shutil.rmtree(old, ignore_errors=True)
 
 
+def video_preprocessor_config() -> dict:
+    """The frame sizes the target is trained on, as a Qwen2-VL video processor config (what a real checkpoint ships
+    in video_preprocessor_config.json): frames are resized to an area within [112^2, 224^2] pixels. Without it the
+    Qwen default bounds ([128, 768] x 28^2 pixels) would scale a 224 x 224 clip up to 336 x 336, a frame size the
+    target never saw, with 2.25x the visual tokens."""
+    lo, hi = min(h * w for _, h, w in SHAPES), max(h * w for _, h, w in SHAPES)
+    return {"video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": lo, "max_pixels": hi,
+            "size": {"shortest_edge": lo, "longest_edge": hi}, "patch_size": VISION["patch_size"],
+            "temporal_patch_size": VISION["temporal_patch_size"], "merge_size": VISION["spatial_merge_size"],
+            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
+
+
 def export(model, tokenizer, out: str) -> None:
-    """save_pretrained in bf16 (the shipped default stays small); loads back in fp32 on CPU."""
+    """save_pretrained in bf16 (the shipped default stays small), with the tokenizer and the video preprocessor
+    config (`video_preprocessor_config`); loads back in fp32 on CPU."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(tmp)
     model.to(torch.float32)
     tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "video_preprocessor_config.json"), "w") as f:
+        json.dump(video_preprocessor_config(), f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
