@@ -175,7 +175,7 @@ def cmd_demo(a) -> int:
         drafts[m] = load_draft(defaults.draft_path(m), target)
     inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16)
     print(f"video: {video}")
-    print(f"truth: {describe(truth, truth['seed'])}")
+    print(f"truth: {truth.get('reference_description') or describe(truth, truth['seed'])}")
     outs = {}
     for method in ("sparrow", "eagle", "ar"):
         outs[method] = generate(target, drafts.get(method), inputs, max_new_tokens=a.max_new_tokens, method=method)

@@ -49,6 +49,7 @@ import time
 import numpy as np
 import torch
 
+from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..video import Video
 from .text import DESCRIBE_PROMPTS, describe, one_token_ids, questions
@@ -598,8 +599,8 @@ def video_preprocessor_config() -> dict:
     return {"video_processor_type": "Qwen2VLVideoProcessor", "min_pixels": lo, "max_pixels": hi,
             "size": {"shortest_edge": lo, "longest_edge": hi}, "patch_size": VISION["patch_size"],
             "temporal_patch_size": VISION["temporal_patch_size"], "merge_size": VISION["spatial_merge_size"],
-            "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True}
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True}
 
 
 def export(model, tokenizer, out: str) -> None:
