@@ -721,15 +721,20 @@ def main(argv=None):
             opt.add_param_group({"params": list(extra.parameters())})
             params += list(extra.parameters())
     step, log = 0, []
+
+    def load_probes(state: dict) -> None:
+        """The probes saved in a checkpoint (those this run trains), into this run's probes."""
+        for module, key in ((probe, "probe"), (binding.probe if binding else None, "bind_probe"), (events, "event_probe")):
+            if module is not None and state.get(key) is not None:
+                module.load_state_dict(state[key])
+
     if a.init_probes:
         if not os.path.isfile(a.init_probes):
             raise SystemExit(f"train-target: --init-probes {a.init_probes} is not a file; give an earlier stage's "
                              "RUN/ckpt/state.pt")
         state = torch.load(a.init_probes, weights_only=False)
         try:
-            for module, key in ((probe, "probe"), (binding.probe if binding else None, "bind_probe"), (events, "event_probe")):
-                if module is not None and state.get(key) is not None:
-                    module.load_state_dict(state[key])
+            load_probes(state)
         except (RuntimeError, KeyError) as e:
             raise SystemExit(f"train-target: the probes of {a.init_probes} do not fit this model "
                              f"({str(e).splitlines()[0][:120]}); drop --init-probes") from None
@@ -738,12 +743,7 @@ def main(argv=None):
         state = torch.load(ckpt, weights_only=False)
         try:
             model.load_state_dict(state["model"])
-            if state.get("probe") is not None:
-                probe.load_state_dict(state["probe"])
-            if binding is not None and state.get("bind_probe") is not None:
-                binding.probe.load_state_dict(state["bind_probe"])
-            if events is not None and state.get("event_probe") is not None:
-                events.load_state_dict(state["event_probe"])
+            load_probes(state)
             opt.load_state_dict(state["opt"])
         except (RuntimeError, ValueError, KeyError) as e:
             raise SystemExit(f"train-target: {ckpt} was written by another version or model shape "
