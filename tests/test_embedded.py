@@ -66,22 +66,30 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     run, export = str(tmp_path / "run"), str(tmp_path / "export")
     state = os.path.join(run, "ckpt", "state.pt")
     bind = ["--bind-weight", "1", "--bind-layer", "1", "--event-weight", "1", "--event-layer", "1",
-            "--time-weight", "1", "--log-every", "1"]
+            "--time-weight", "1", "--carry-weight", "1", "--carry-layer", "0", "--log-every", "1"]
     train_target.main(["--out", run, "--steps", "3", "--until", "2", "--batch", "2", "--save-every", "5", *bind])
     assert torch.load(state, weights_only=False)["step"] == 2  # --until stops and checkpoints there
     train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export, *bind])
     log = json.load(open(os.path.join(run, "ckpt", "log.json")))
     assert [r["step"] for r in log] == [1, 2, 3]
-    assert all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 for r in log)
+    assert all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 and r["carry"] >= 0 for r in log)
     saved = torch.load(state, weights_only=False)
-    assert saved["step"] == 3 and saved["bind_probe"] is not None and saved["event_probe"] is not None
+    assert saved["step"] == 3 and all(saved[k] is not None for k in ("bind_probe", "event_probe", "carry_probe"))
     # the next stage starts its probes where this one left them (with lr 0 they keep those weights exactly)
     for init, same in ((["--init-probes", state], True), ([], False)):
         nxt = str(tmp_path / f"next{same}")
         train_target.main(["--out", nxt, "--init", export, *init, "--steps", "1", "--batch", "2", "--lr", "0", *bind])
         probes = torch.load(os.path.join(nxt, "ckpt", "state.pt"), weights_only=False)
-        for key in ("probe", "bind_probe", "event_probe"):
+        for key in ("probe", "bind_probe", "event_probe", "carry_probe"):
             assert torch.equal(probes[key]["head.weight"], saved[key]["head.weight"]) == same, key
+    # a stage that adds the carried probe starts it from the earlier stage's event probe
+    older = {**saved, "carry_probe": None}
+    torch.save(older, str(tmp_path / "older.pt"))
+    nxt = str(tmp_path / "from_older")
+    train_target.main(["--out", nxt, "--init", export, "--init-probes", str(tmp_path / "older.pt"), "--steps", "1",
+                       "--batch", "2", "--lr", "0", *bind])
+    probes = torch.load(os.path.join(nxt, "ckpt", "state.pt"), weights_only=False)
+    assert torch.equal(probes["carry_probe"]["head.weight"], saved["event_probe"]["head.weight"])
     with pytest.raises(SystemExit, match="--init-probes .* is not a file"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--init-probes", str(tmp_path / "no")])
     with pytest.raises(SystemExit, match="--bind-layer 2 is not a layer"):
@@ -157,6 +165,33 @@ def test_event_labels_name_what_happens_to_the_object_of_each_colour_word():
     got = event_labels(named, truth).tolist()
     cyan = names.index("cyan")
     assert got == [[1, 0, 1, cyan], [-1] * 4, [0, 1, 0, names.index("red")], [-1] * 4, [1, 0, 1, cyan], [-1] * 4]
+
+
+def test_carried_labels_reach_the_word_that_says_whether_an_event_follows():
+    """The event label of a colour word is carried over the rest of its clause, up to the token whose next token is
+    " and" (an event follows) or "." (none), and no further."""
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher, carried_labels, event_labels, named_objects
+
+    target = sparrow.load_target()
+    tok = target.tokenizer
+    b = Batcher(target, seed=5, pool=1)
+    text = " The large orange circle stays still and disappears. A small red square moves up."
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    truth = {"objects": [{"id": 0, "colour": "orange", "final_colour": "orange"},
+                         {"id": 1, "colour": "red", "final_colour": "red"}],
+             "events": [{"type": "disappears", "object": 0}]}
+    colour = b.colour_words(ids)
+    event = event_labels(named_objects(colour, truth), truth)
+    got = carried_labels(event, ids, colour, b.stops)
+    words = [tok.decode([t]) for t in ids.tolist()]
+    orange, red = words.index(" orange"), words.index(" red")
+    carried = [words[j] for j in range(len(words)) if got[j, 0] >= 0]
+    assert "".join(carried) == " circle stays still" + " square moves up", carried
+    assert got[orange + 1].tolist() == event[orange].tolist() and got[orange + 1, 1] == 1  # disappears
+    assert got[red + 1].tolist() == event[red].tolist() and got[red + 1, 1] == 0
+    assert (got[orange] < 0).all() and (got[red] < 0).all()  # the colour words keep their own probe
 
 
 def test_time_binding_targets_the_object_as_first_and_last_seen():

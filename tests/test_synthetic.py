@@ -239,8 +239,21 @@ def test_reading_scores_the_true_description_word_by_word():
 
     target = sparrow.load_target()  # the embedded target counts objects right ~90% of the time with the truth fed
     acc = reading(target, 128, 3)
-    assert set(acc) == set(READING) and all(0 <= acc[k] <= 1 for k in ("count", "colour", "shape", "size"))
+    assert set(acc) == set(READING) | {"event_follows", "no_event_follows", "event_auc"}
+    assert all(0 <= acc[k] <= 1 for k in ("count", "colour", "shape", "size", "no_event_follows"))
     assert acc["count"] >= 0.5  # a shifted alignment of logits and words would score ~0
+
+
+def test_event_decisions_find_the_word_that_says_whether_an_event_follows():
+    from sparrow.synthetic.evaluate import event_decisions
+
+    text = ("We see two objects in front of a gray background. The large orange circle stays still and disappears "
+            "from the frame. A small red square moves up. Then the orange circle disappears from the frame.")
+    got = event_decisions(text)
+    assert [(text[i:i + 4], ev) for i, ev in got] == [(" and", True), (". Th", False)]
+    none = ("The video shows one object on a gray background. A small white circle stays still. Nothing appears, "
+            "disappears or changes colour.")
+    assert event_decisions(none) == [(none.index("still.") + 5, False)]
 
 
 def test_evaluate_main_with_a_draft_writes_the_same_texts_as_plain_decoding(tmp_path):

@@ -108,7 +108,13 @@ def reading(target, bucket: int, clips: int) -> dict:
     its shape, once the colour is written, is decided by the frames alone, so shape accuracy near 1/len(SHAPES)
     means the model does not read shapes at all.
 
-    Returns: {category: accuracy} over all such words of `clips` clips (224 x 224 frames, as `evaluate`).
+    It also scores the word that says whether an object's event is written: after each object's motion in the
+    object sentences, " and" (an event of that object follows) against "." (none). "event_follows" and
+    "no_event_follows" are the top-1 accuracies there, and "event_auc" how well P(" and") / (P(" and") + P("."))
+    separates the two (1: perfectly, 0.5: not at all).
+
+    Returns: {category: accuracy} over all such words of `clips` clips (224 x 224 frames, as `evaluate`), plus
+        the three event-decision scores (nan where a clip set has none).
     """
     import torch
 
@@ -118,10 +124,14 @@ def reading(target, bucket: int, clips: int) -> dict:
     ids = one_token_ids(tok, [w for ws in READING.values() for w in ws])
     words = {ids[w]: k for k, ws in READING.items() for w in ws if w in ids}
     hits: dict = {k: [] for k in READING}
+    AND, DOT = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" and", "."))
+    decisions = []  # (an event follows, P(" and") / (P(" and") + P(".")), top-1 right)
     for i in tqdm(range(clips), desc=f"{bucket} tokens, teacher-forced", leave=False):
         seed = held_out_seed(bucket, i)
         clip, inputs = held_out_inputs(target, bucket, seed, "Describe the video.")
-        answer = torch.tensor(tok(describe(clip.truth, seed), add_special_tokens=False)["input_ids"])
+        text = describe(clip.truth, seed)
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        answer = torch.tensor(enc["input_ids"])
         n = inputs["input_ids"].shape[1]
         ids = torch.cat((inputs["input_ids"], answer[None]), 1)
         types = torch.cat((inputs["mm_token_type_ids"], torch.zeros_like(answer)[None]), 1)
@@ -131,7 +141,38 @@ def reading(target, bucket: int, clips: int) -> dict:
         for t, p in zip(answer.tolist(), logits.argmax(-1).tolist()):
             if t in words:
                 hits[words[t]].append(p == t)
-    return {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+        for start, event in event_decisions(text):
+            k = next(j for j, (a, b) in enumerate(enc["offset_mapping"]) if a <= start < b or a == start)
+            word = int(answer[k])
+            if word not in (AND, DOT) or (word == AND) != event:
+                raise AssertionError(f"event decision misplaced in {text!r}")  # the wording changed
+            p = logits[k].float().softmax(-1)
+            decisions.append((event, float(p[AND] / (p[AND] + p[DOT])), int(p.argmax()) == word))
+    out = {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
+    yes = np.array([d[1] for d in decisions if d[0]])
+    no = np.array([d[1] for d in decisions if not d[0]])
+    out["event_follows"] = float(np.mean([d[2] for d in decisions if d[0]])) if len(yes) else float("nan")
+    out["no_event_follows"] = float(np.mean([d[2] for d in decisions if not d[0]])) if len(no) else float("nan")
+    out["event_auc"] = float((yes[:, None] > no[None]).mean() + 0.5 * (yes[:, None] == no[None]).mean()) \
+        if len(yes) and len(no) else float("nan")
+    return out
+
+
+def event_decisions(text: str) -> list[tuple[int, bool]]:
+    """Where a description says whether an object's event is written: for each object sentence, the character
+    offset of the " and" that goes on to its event, or of the "." that ends it (no event); with whether an
+    event follows. The object sentences are those after the first (the scene) and before the one that opens the
+    events ("Then", "First", "Nothing")."""
+    import re
+
+    out = []
+    for m in list(re.finditer(r"[^.]*\.", text))[1:]:
+        sentence = m.group().strip()
+        if sentence.startswith(("Then", "First", "Finally", "Nothing", "In total")):
+            break
+        ev = re.search(r" and (appears|disappears|changes)", m.group())
+        out.append((m.start() + ev.start(), True) if ev else (m.end() - 1, False))
+    return out
 
 
 def chance(bucket: int, clips: int) -> list[dict]:
