@@ -118,13 +118,13 @@ def reading(target, bucket: int, clips: int) -> dict:
     """
     import torch
 
-    from .text import describe, one_token_ids
+    from .text import describe, first_token_id, one_token_ids
 
     tok = target.tokenizer
     ids = one_token_ids(tok, [w for ws in READING.values() for w in ws])
     words = {ids[w]: k for k, ws in READING.items() for w in ws if w in ids}
     hits: dict = {k: [] for k in READING}
-    AND, DOT = (tok(w, add_special_tokens=False)["input_ids"][0] for w in (" and", "."))
+    AND, DOT = (first_token_id(tok, w) for w in (" and", "."))
     decisions = []  # (an event follows, P(" and") / (P(" and") + P(".")), top-1 right)
     for i in tqdm(range(clips), desc=f"{bucket} tokens, teacher-forced", leave=False):
         seed = held_out_seed(bucket, i)

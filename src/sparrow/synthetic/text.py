@@ -45,6 +45,12 @@ def one_token_ids(tokenizer, words) -> dict:
     return {w: ids[0] for w, ids in pieces.items() if len(ids) == 1}
 
 
+def first_token_id(tokenizer, text: str) -> int:
+    """The id of the first token the tokenizer writes for `text` as given (" and", ".", "Yes"): the token that
+    decides a word where the word may span several."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"][0]
+
+
 def mention(obj: dict, rng: np.random.Generator | None = None, full: bool = True) -> str:
     """'large striped red circle' (full) or 'red circle'."""
     words = ([obj["size"]] if full else []) + (["striped"] if full and obj["texture"] == "striped" else [])

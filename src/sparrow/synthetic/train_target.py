@@ -62,7 +62,7 @@ import torch
 from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..video import Video
-from .text import DESCRIBE_PROMPTS, describe, one_token_ids, questions
+from .text import DESCRIBE_PROMPTS, describe, first_token_id, one_token_ids, questions
 from .world import COLOURS, MOTIONS, SHAPES as OBJECT_SHAPES, SIZES, TEXTURES, _shape_mask, make_clip, plan_clip
 
 TEXT = dict(hidden=256, layers=12, heads=4, kv_heads=2, intermediate=768)
@@ -106,9 +106,8 @@ def grounded_ids(tokenizer) -> set[int]:
     """The token ids that --grounded-weight weighs: `GROUNDED`'s single-token words (after a space), the first piece
     of the words that open a short answer (`ANSWER_OPENINGS`: whether anything happened is decided there), and
     `GROUNDED_PUNCTUATION`."""
-    first = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-    return set(one_token_ids(tokenizer, GROUNDED).values()) | {first(w) for w in ANSWER_OPENINGS} \
-        | {first(m) for m in GROUNDED_PUNCTUATION}
+    return set(one_token_ids(tokenizer, GROUNDED).values()) | {first_token_id(tokenizer, w) for w in ANSWER_OPENINGS} \
+        | {first_token_id(tokenizer, m) for m in GROUNDED_PUNCTUATION}
 
 
 def cell_labels(truth: dict, grid: tuple[int, int, int], min_cover: float = 0.25) -> torch.Tensor:
@@ -294,8 +293,7 @@ class Batcher:
         colours = one_token_ids(tok, COLOURS)
         self.colour_ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
         self.dark = one_token_ids(tok, ["dark"]).get("dark")  # "dark green" names a background
-        first = lambda text: tok(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-        self.stops = torch.tensor(sorted({first(w) for w in (" and", ",", ".", "?")}
+        self.stops = torch.tensor(sorted({first_token_id(tok, w) for w in (" and", ",", ".", "?")}
                                          | {tok.convert_tokens_to_ids("<|im_end|>")}))
         self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
 
