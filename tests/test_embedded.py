@@ -66,13 +66,14 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     run, export = str(tmp_path / "run"), str(tmp_path / "export")
     state = os.path.join(run, "ckpt", "state.pt")
     bind = ["--bind-weight", "1", "--bind-layer", "1", "--event-weight", "1", "--event-layer", "1",
-            "--time-weight", "1", "--carry-weight", "1", "--carry-layer", "0", "--log-every", "1"]
+            "--time-weight", "1", "--carry-weight", "1", "--carry-layer", "0", "--copy-weight", "1", "--copy-head", "1",
+            "--log-every", "1"]
     train_target.main(["--out", run, "--steps", "3", "--until", "2", "--batch", "2", "--save-every", "5", *bind])
     assert torch.load(state, weights_only=False)["step"] == 2  # --until stops and checkpoints there
     train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export, *bind])
     log = json.load(open(os.path.join(run, "ckpt", "log.json")))
     assert [r["step"] for r in log] == [1, 2, 3]
-    assert all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 and r["carry"] >= 0 for r in log)
+    assert all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 and r["carry"] >= 0 and r["copy"] >= 0 for r in log)
     saved = torch.load(state, weights_only=False)
     assert saved["step"] == 3 and all(saved[k] is not None for k in ("bind_probe", "event_probe", "carry_probe"))
     # the next stage starts its probes where this one left them (with lr 0 they keep those weights exactly)
@@ -95,6 +96,9 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="--bind-layer 2 is not a layer"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--bind-weight", "1",
                            "--bind-layer", "2"])
+    with pytest.raises(SystemExit, match="--copy-head 4 is not a head"):
+        train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--copy-weight", "1",
+                           "--carry-layer", "1", "--copy-head", "4"])
     target = sparrow.load_target(export, device="cpu")
     assert target.tokenizer.chat_template and target.eos_token_ids
     assert (target.settings["min_pixels"], target.settings["max_pixels"]) == (112 * 112, 224 * 224)
@@ -172,7 +176,7 @@ def test_carried_labels_reach_the_word_that_says_whether_an_event_follows():
     " and" (an event follows) or "." (none), and no further."""
     import torch
 
-    from sparrow.synthetic.train_target import Batcher, carried_labels, event_labels, named_objects
+    from sparrow.synthetic.train_target import Batcher, carried_labels, carry_sources, event_labels, named_objects
 
     target = sparrow.load_target()
     tok = target.tokenizer
@@ -184,14 +188,49 @@ def test_carried_labels_reach_the_word_that_says_whether_an_event_follows():
              "events": [{"type": "disappears", "object": 0}]}
     colour = b.colour_words(ids)
     event = event_labels(named_objects(colour, truth), truth)
-    got = carried_labels(event, ids, colour, b.stops)
+    source = carry_sources(event, ids, colour, b.stops)
+    got = carried_labels(event, source)
     words = [tok.decode([t]) for t in ids.tolist()]
     orange, red = words.index(" orange"), words.index(" red")
+    assert {words[c] for c in source[source >= 0].tolist()} == {" orange", " red"}
+    assert all(words[source[j]] == " orange" for j in range(orange + 1, red) if source[j] >= 0)
     carried = [words[j] for j in range(len(words)) if got[j, 0] >= 0]
     assert "".join(carried) == " circle stays still" + " square moves up", carried
     assert got[orange + 1].tolist() == event[orange].tolist() and got[orange + 1, 1] == 1  # disappears
     assert got[red + 1].tolist() == event[red].tolist() and got[red + 1, 1] == 0
     assert (got[orange] < 0).all() and (got[red] < 0).all()  # the colour words keep their own probe
+
+
+def test_copy_loss_is_the_real_attention_on_the_clauses_colour_word():
+    """CopyLoss recomputes one head's attention outside the model: it must equal -log of the attention weight that
+    the model's own (eager) forward gives that head from each token of a clause to the clause's colour word."""
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher, CopyLoss
+
+    target = sparrow.load_target()
+    model = target.model
+    batch = Batcher(target, seed=5, pool=1).batch(2)
+    source = batch["source"]
+    for k in ("cells", "grounded", "labels", "colour", "named", "event", "carry", "source"):
+        batch.pop(k)
+    assert (source >= 0).sum() > 10
+    copy = CopyLoss(model, layer=4, head=3)
+    impl = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True)
+            got = copy(source)
+    finally:
+        model.set_attn_implementation(impl)
+        copy.remove()
+    att = out.attentions[4][:, 3].double()  # (B, L, L)
+    want = []
+    for b in range(2):
+        rows = (source[b] >= 0).nonzero()[:, 0]
+        want.append(-torch.log(att[b, rows, source[b, rows]]))
+    assert torch.allclose(got.double(), torch.cat(want).mean(), rtol=1e-4)
 
 
 def test_time_binding_targets_the_object_as_first_and_last_seen():
