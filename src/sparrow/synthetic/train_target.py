@@ -434,7 +434,26 @@ def _fetch_loss(logits: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) 
     return torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~target, -1e9), 1)
 
 
-class BindingLoss:
+class _HeadSupervision:
+    """What the attention supervisions share: a forward pre-hook on text layer `layer`'s attention keeps its input
+    (B, L, hidden) and rotary embeddings in `saved`, from which `_head_qk` recomputes a head's queries and keys;
+    `remove` detaches every hook in `hooks`."""
+
+    def __init__(self, model, layer: int):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+        self.block = model.model.language_model.layers[layer]
+        self.attn, self.rope, self.saved = self.block.self_attn, apply_rotary_pos_emb, {}
+        self.hooks = [self.attn.register_forward_pre_hook(_keep_attention_input(self.saved), with_kwargs=True)]
+
+    def remove(self) -> None:
+        """Detach the hooks from the model."""
+        for h in self.hooks:
+            h.remove()
+        self.saved.clear()
+
+
+class BindingLoss(_HeadSupervision):
     """Attention supervision for one head of the language model (a training aid; nothing of it is shipped).
 
     A forward pre-hook on layer `layer`'s attention keeps its input (B, L, hidden) and rotary embeddings; after
@@ -448,20 +467,10 @@ class BindingLoss:
     """
 
     def __init__(self, model, layer: int, head: int = 0):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-        block = model.model.language_model.layers[layer]
-        self.attn = block.self_attn
-        self.head, self.rope, self.saved = head, apply_rotary_pos_emb, {}
-        self.hooks = [self.attn.register_forward_pre_hook(_keep_attention_input(self.saved), with_kwargs=True),
-                      block.register_forward_hook(_keep_layer_output(self.saved))]
+        super().__init__(model, layer)
+        self.head = head
+        self.hooks.append(self.block.register_forward_hook(_keep_layer_output(self.saved)))
         self.probe = VisionProbe(model.config.text_config.hidden_size)  # reads the fetched object at the word
-
-    def remove(self) -> None:
-        """Detach the hooks from the model."""
-        for h in self.hooks:
-            h.remove()
-        self.saved.clear()
 
     def __call__(self, input_ids: torch.Tensor, colour: torch.Tensor, cells: torch.Tensor,
                  video_token: int) -> torch.Tensor:
@@ -491,7 +500,7 @@ class BindingLoss:
         return torch.cat(losses).mean() + self.probe(torch.stack(words), torch.stack(labels))
 
 
-class TimeBindingLoss:
+class TimeBindingLoss(_HeadSupervision):
     """Attention supervision for two heads of one text layer (a training aid, not shipped): at each colour word
     that names exactly one object (`named_objects`), head `heads[0]` learns to attend to that object's visual
     tokens in the clip's first temporal group and head `heads[1]` to those in its last group, each to
@@ -514,16 +523,8 @@ class TimeBindingLoss:
     """
 
     def __init__(self, model, layer: int, heads: tuple[int, int] = (0, 2)):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-        self.attn = model.model.language_model.layers[layer].self_attn
-        self.heads, self.rope, self.saved = heads, apply_rotary_pos_emb, {}
-        self.hook = self.attn.register_forward_pre_hook(_keep_attention_input(self.saved), with_kwargs=True)
-
-    def remove(self) -> None:
-        """Detach the hook from the model."""
-        self.hook.remove()
-        self.saved.clear()
+        super().__init__(model, layer)
+        self.heads = heads
 
     @staticmethod
     def targets(input_ids: torch.Tensor, named: torch.Tensor, cells: torch.Tensor, grid: torch.Tensor,
@@ -568,7 +569,7 @@ class TimeBindingLoss:
         return torch.cat(losses).mean()
 
 
-class CopyLoss:
+class CopyLoss(_HeadSupervision):
     """Attention supervision for one head of one text layer (a training aid, not shipped): at every token of a
     clause about one object (`carry_sources`), head `head` of layer `layer` learns to attend to the clause's colour
     word, where the layer below has read what happens to the object (`EventLoss`).
@@ -592,16 +593,8 @@ class CopyLoss:
     """
 
     def __init__(self, model, layer: int, head: int = 0):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-        self.attn = model.model.language_model.layers[layer].self_attn
-        self.head, self.rope, self.saved = head, apply_rotary_pos_emb, {}
-        self.hook = self.attn.register_forward_pre_hook(_keep_attention_input(self.saved), with_kwargs=True)
-
-    def remove(self) -> None:
-        """Detach the hook from the model."""
-        self.hook.remove()
-        self.saved.clear()
+        super().__init__(model, layer)
+        self.head = head
 
     def __call__(self, source: torch.Tensor) -> torch.Tensor:
         x, pe = self.saved.pop("x"), self.saved.pop("pe")
