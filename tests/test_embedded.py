@@ -67,7 +67,7 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     state = os.path.join(run, "ckpt", "state.pt")
     bind = ["--bind-weight", "1", "--bind-layer", "1", "--event-weight", "1", "--event-layer", "1",
             "--time-weight", "1", "--carry-weight", "1", "--carry-layer", "0", "--copy-weight", "1", "--copy-head", "1",
-            "--log-every", "1"]
+            "--time-clause", "--log-every", "1"]
     train_target.main(["--out", run, "--steps", "3", "--until", "2", "--batch", "2", "--save-every", "5", *bind])
     assert torch.load(state, weights_only=False)["step"] == 2  # --until stops and checkpoints there
     train_target.main(["--out", run, "--steps", "3", "--batch", "2", "--resume", "--export", export, *bind])
@@ -176,7 +176,8 @@ def test_carried_labels_reach_the_word_that_says_whether_an_event_follows():
     " and" (an event follows) or "." (none), and no further."""
     import torch
 
-    from sparrow.synthetic.train_target import Batcher, carried_labels, carry_sources, event_labels, named_objects
+    from sparrow.synthetic.train_target import (Batcher, carried_labels, carry_sources, clause_named, event_labels,
+                                                named_objects)
 
     target = sparrow.load_target()
     tok = target.tokenizer
@@ -199,6 +200,12 @@ def test_carried_labels_reach_the_word_that_says_whether_an_event_follows():
     assert got[orange + 1].tolist() == event[orange].tolist() and got[orange + 1, 1] == 1  # disappears
     assert got[red + 1].tolist() == event[red].tolist() and got[red + 1, 1] == 0
     assert (got[orange] < 0).all() and (got[red] < 0).all()  # the colour words keep their own probe
+    # --time-clause: the time binding fetches the clause's object at the colour word and at each of these tokens
+    named = named_objects(colour, truth)
+    about = clause_named(named, source)
+    assert "".join(words[j] for j in range(len(words)) if about[j] == 1) == " orange circle stays still"
+    assert "".join(words[j] for j in range(len(words)) if about[j] == 2) == " red square moves up"
+    assert torch.equal(clause_named(named[None], source[None])[0], about)  # batched (B, L) as the trainer calls it
 
 
 def test_copy_loss_is_the_real_attention_on_the_clauses_colour_word():

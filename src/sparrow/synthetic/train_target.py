@@ -226,6 +226,19 @@ def carried_labels(event: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def clause_named(named: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`named_objects` carried from each colour word to the tokens of its clause (`carry_sources`): the object
+    each colour word and each clause token is about, where `--time-clause` asks the time binding to fetch it.
+
+    Args: named: (..., L) long, `named_objects` (0: none); source: (..., L) long, `carry_sources` (-1: none).
+    Returns: (..., L) long: `named`, and at every token that `source` points from, the clause's object (1 + id).
+    """
+    out = named.clone()
+    sel = source >= 0
+    out[sel] = named.gather(-1, source.clamp(min=0))[sel]
+    return out
+
+
 class VisionProbe(torch.nn.Module):
     """Linear probe on the merged visual tokens: (N, hidden) features and (N, 6) `cell_labels` -> loss.
 
@@ -772,6 +785,10 @@ def main(argv=None):
     ap.add_argument("--time-weight", type=float, default=0.0,
                     help="weight of the time binding (at each colour word, one head of --event-layer fetches the "
                          "object as first seen, one as last seen; see TimeBindingLoss); 0 turns it off")
+    ap.add_argument("--time-clause", action="store_true",
+                    help="apply the time binding also at every token of an object's clause after its colour word "
+                         "(`clause_named`), up to the word that says whether an event follows, so that layer "
+                         "--event-layer reads the event there itself rather than through a copy")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
                     help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
                          "longer (long plus 48- and 96-frame clips at 224 px)")
@@ -912,7 +929,7 @@ def main(argv=None):
                 if binding is not None and not vision_only else torch.zeros(())
             ev = events(event) if events is not None and not vision_only else torch.zeros(())
             cr = carry(carried) if carry is not None and not vision_only else torch.zeros(())
-            tm = timing(batch["input_ids"], named, cells, batch["video_grid_thw"], model.config.video_token_id,
+            tm = timing(batch["input_ids"], clause_named(named, source) if a.time_clause else named, cells, batch["video_grid_thw"], model.config.video_token_id,
                         model.config.vision_start_token_id) \
                 if timing is not None and not vision_only else torch.zeros(())
             cp = copying(source) if copying is not None and not vision_only else torch.zeros(())
