@@ -86,8 +86,13 @@ def _event_clause(e: dict, objs: dict, rng) -> str:
     return f"the {mention(objs[e['object']], full=False)} {_event_verb(e, rng)}"
 
 
-def describe(truth: dict, seed: int) -> str:
-    """A detailed description (about 40-200 tokens) of a clip from its ground truth."""
+def describe(truth: dict, seed: int, events_first: bool = False) -> str:
+    """A detailed description (about 40-200 tokens) of a clip from its ground truth.
+
+    events_first: in each object's sentence, write its own events right after its name, before its motion ("A
+    large red circle appears in view and moves left.") instead of after the motion ("... moves left and appears
+    in view."), so that the word that says whether the object has an event comes next to its colour word (an
+    experiment: `train-target --events-first`); the same draws, so the other wording is unchanged."""
     rng = np.random.default_rng(seed)
     objs = {o["id"]: o for o in truth["objects"]}
     n = len(objs)
@@ -107,7 +112,9 @@ def describe(truth: dict, seed: int) -> str:
         # the object's own events, in time order, where it is named: "... moves left and appears in view, then
         # changes to white"; the event sentences after the objects put every event in time order
         own = [_event_verb(e, rng) for e in events if e["object"] == o["id"]]
-        if own:
+        if own and events_first:
+            motion = ", then ".join(own) + " and " + motion
+        elif own:
             motion += " and " + ", then ".join(own)
         form = int(rng.integers(3))
         if form == 0:
