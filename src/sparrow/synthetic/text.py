@@ -92,7 +92,8 @@ def describe(truth: dict, seed: int, events_first: bool = False) -> str:
     events_first: in each object's sentence, write its own events right after its name, before its motion ("A
     large red circle appears in view and moves left.") instead of after the motion ("... moves left and appears
     in view."), so that the word that says whether the object has an event comes next to its colour word (an
-    experiment: `train-target --events-first`); the same draws, so the other wording is unchanged."""
+    experiment: `train-target --events-first`; stage 1o, 258 steps from 1k on it, left the event out in 58 of 98
+    one-event clips at 512 visual tokens, against 1k's 64); the same draws, so the other wording is unchanged."""
     rng = np.random.default_rng(seed)
     objs = {o["id"]: o for o in truth["objects"]}
     n = len(objs)
