@@ -938,7 +938,8 @@ def main(argv=None):
                 if binding is not None and not vision_only else torch.zeros(())
             ev = events(event) if events is not None and not vision_only else torch.zeros(())
             cr = carry(carried) if carry is not None and not vision_only else torch.zeros(())
-            tm = timing(batch["input_ids"], clause_named(named, source) if a.time_clause else named, cells, batch["video_grid_thw"], model.config.video_token_id,
+            about = clause_named(named, source) if a.time_clause else named  # where the time binding fetches
+            tm = timing(batch["input_ids"], about, cells, batch["video_grid_thw"], model.config.video_token_id,
                         model.config.vision_start_token_id) \
                 if timing is not None and not vision_only else torch.zeros(())
             cp = copying(source) if copying is not None and not vision_only else torch.zeros(())
