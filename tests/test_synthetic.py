@@ -164,6 +164,33 @@ def test_events_first_wording_names_the_event_right_after_the_object():
     assert with_events > 60
 
 
+def test_colour_last_wording_puts_the_event_right_after_the_colour_word():
+    """colour_last with events_first: every mention ends with its colour ("a large circle in red", "the circle
+    in red"), the word after an object sentence's colour is its first event's verb exactly when it has an event,
+    and the description parses back to a perfect score (the scorer reads both wordings)."""
+    import re
+
+    from sparrow.synthetic.text import EVENT_VERBS, MOTION_PHRASES, _MENTION, _MENTION_LAST, object_order
+
+    event_words = {v.split()[0] for vs in EVENT_VERBS.values() for v in vs}
+    motion_words = {p.split()[0] for ps in MOTION_PHRASES.values() for p in ps}
+    with_events = 0
+    for seed in range(200):
+        truth = make_clip(seed, 16).truth
+        text = describe(truth, seed, events_first=True, colour_last=True)
+        assert score_description(text, truth)["attributes"] == 1.0, text
+        assert _MENTION.search(text.lower()) is None, text  # no mention puts the colour first
+        sentences = re.split(r"(?<=\.) ", text)
+        for o, s in zip(object_order(truth["objects"]), sentences[1:]):
+            m = _MENTION_LAST.search(s.lower())
+            assert (m.group(3), m.group(4)) == (o["shape"], o["colour"]), (seed, s)
+            nxt = s[m.end():].split()[0].rstrip(".,")
+            own = [e for e in truth["events"] if e["object"] == o["id"]]
+            assert nxt in (event_words if own else motion_words), (seed, s)
+            with_events += bool(own)
+    assert with_events > 60
+
+
 def test_descriptions_and_lists_name_objects_in_one_fixed_order():
     """Objects come by colour in COLOURS order, then by shape, whatever the seed: the next object is decided by
     the frames and the last one named, never a free choice (a free order made the target repeat objects)."""

@@ -51,10 +51,11 @@ def first_token_id(tokenizer, text: str) -> int:
     return tokenizer(text, add_special_tokens=False)["input_ids"][0]
 
 
-def mention(obj: dict, rng: np.random.Generator | None = None, full: bool = True) -> str:
-    """'large striped red circle' (full) or 'red circle'."""
+def mention(obj: dict, rng: np.random.Generator | None = None, full: bool = True, colour_last: bool = False) -> str:
+    """'large striped red circle' (full) or 'red circle'; colour_last: 'large striped circle in red' or 'circle in
+    red' (see `describe`)."""
     words = ([obj["size"]] if full else []) + (["striped"] if full and obj["texture"] == "striped" else [])
-    return " ".join(words + [obj["colour"], obj["shape"]])
+    return " ".join(words + ([obj["shape"], "in", obj["colour"]] if colour_last else [obj["colour"], obj["shape"]]))
 
 
 def object_order(objects: list[dict]) -> list[dict]:
@@ -82,18 +83,23 @@ def _event_verb(e: dict, rng) -> str:
     return verb + (f" {e['colour']}" if e["type"] == "changes colour" else "")
 
 
-def _event_clause(e: dict, objs: dict, rng) -> str:
-    return f"the {mention(objs[e['object']], full=False)} {_event_verb(e, rng)}"
+def _event_clause(e: dict, objs: dict, rng, colour_last: bool = False) -> str:
+    return f"the {mention(objs[e['object']], full=False, colour_last=colour_last)} {_event_verb(e, rng)}"
 
 
-def describe(truth: dict, seed: int, events_first: bool = False) -> str:
+def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bool = False) -> str:
     """A detailed description (about 40-200 tokens) of a clip from its ground truth.
 
     events_first: in each object's sentence, write its own events right after its name, before its motion ("A
     large red circle appears in view and moves left.") instead of after the motion ("... moves left and appears
     in view."), so that the word that says whether the object has an event comes next to its colour word (an
     experiment: `train-target --events-first`; stage 1o, 258 steps from 1k on it, left the event out in 58 of 98
-    one-event clips at 512 visual tokens, against 1k's 64); the same draws, so the other wording is unchanged."""
+    one-event clips at 512 visual tokens, against 1k's 64); the same draws, so the other wording is unchanged.
+    colour_last: every mention puts the colour last ("a large circle in red", "the circle in red"), and with
+    events_first the word after the colour says whether the object has an event ("A large circle in red appears
+    and moves left."; the "There is ... that" form becomes "A ..."): the word that decides is then written
+    by the output at the colour word itself, where the event probe reads the event (an experiment:
+    `train-target --colour-last`); the same draws."""
     rng = np.random.default_rng(seed)
     objs = {o["id"]: o for o in truth["objects"]}
     n = len(objs)
@@ -108,7 +114,7 @@ def describe(truth: dict, seed: int, events_first: bool = False) -> str:
     sentences = [opening]
     events = truth["events"]
     for o in object_order(list(objs.values())):
-        phrase = mention(o)
+        phrase = mention(o, colour_last=colour_last)
         motion = str(rng.choice(MOTION_PHRASES[o["motion"]]))
         # the object's own events, in time order, where it is named: "... moves left and appears in view, then
         # changes to white"; the event sentences after the objects put every event in time order
@@ -118,7 +124,7 @@ def describe(truth: dict, seed: int, events_first: bool = False) -> str:
         elif own:
             motion += " and " + ", then ".join(own)
         form = int(rng.integers(3))
-        if form == 0:
+        if form == 0 or form == 1 and colour_last:  # "... in red that appears": the word after the colour is "that"
             sentences.append(f"{_article(phrase).capitalize()} {phrase} {motion}.")
         elif form == 1:
             sentences.append(f"There is {_article(phrase)} {phrase} that {motion}.")
@@ -128,7 +134,7 @@ def describe(truth: dict, seed: int, events_first: bool = False) -> str:
         conn = list(CONNECTIVES[1:-1])
         rng.shuffle(conn)
         for i, e in enumerate(events):
-            clause = _event_clause(e, objs, rng)
+            clause = _event_clause(e, objs, rng, colour_last)
             if rng.random() < 0.35:
                 clause += f" after about {max(1, round(e['time_s']))} seconds"
             if len(events) > 1 and i == len(events) - 1:
@@ -188,9 +194,26 @@ def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
 
 
 # ---- scoring a description against the truth ----
-_MENTION = re.compile(r"\b(?:(small|large) )?(?:(striped) )?(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
-_EVENT = re.compile(r"the (" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r") (appears|shows up|disappears|vanishes"
-                    r"|turns|changes colour to|changes its colour to|changes to|becomes)(?: (" + "|".join(COLOURS) + r"))?")
+_C, _S = "(" + "|".join(COLOURS) + ")", "(" + "|".join(SHAPES) + ")"
+_VERB = r"(appears|shows up|disappears|vanishes|turns|changes colour to|changes its colour to|changes to|becomes)"
+_MENTION = re.compile(r"\b(?:(small|large) )?(?:(striped) )?" + _C + " " + _S + r"\b")
+_MENTION_LAST = re.compile(r"\b(?:(small|large) )?(?:(striped) )?" + _S + " in " + _C + r"\b")  # colour_last
+_EVENT = re.compile("the " + _C + " " + _S + " " + _VERB + "(?: " + _C + ")?")
+_EVENT_LAST = re.compile("the " + _S + " in " + _C + " " + _VERB + "(?: " + _C + ")?")
+
+
+def _mentions(sentence: str):
+    """(colour, shape) of each object mention in a sentence, in either wording, in text order."""
+    hits = [(m.start(), m.group(3), m.group(4)) for m in _MENTION.finditer(sentence)]
+    hits += [(m.start(), m.group(4), m.group(3)) for m in _MENTION_LAST.finditer(sentence)]
+    return [(c, s) for _, c, s in sorted(hits)]
+
+
+def _events(text: str):
+    """(verb, colour, shape) of each event clause of a text, in either wording, in text order."""
+    hits = [(m.start(), m.group(3), m.group(1), m.group(2)) for m in _EVENT.finditer(text)]
+    hits += [(m.start(), m.group(3), m.group(2), m.group(1)) for m in _EVENT_LAST.finditer(text)]
+    return [h[1:] for h in sorted(hits)]
 
 
 def parse_description(text: str) -> dict:
@@ -201,17 +224,16 @@ def parse_description(text: str) -> dict:
     count = WORD_NUMBER[m.group(1)] if m else None
     objects: dict = {}
     for sent in re.split(r"(?<=\.)\s+", t):
-        if _EVENT.search(sent) and not any(p in sent for ps in MOTION_PHRASES.values() for p in ps):
+        if _events(sent) and not any(p in sent for ps in MOTION_PHRASES.values() for p in ps):
             continue
-        for mm in _MENTION.finditer(sent):
+        for colour, shape in _mentions(sent):
             motion = next((d for d, ps in MOTION_PHRASES.items() if any(p in sent for p in ps)), None)
-            objects.setdefault((mm.group(3), mm.group(4)), motion)
+            objects.setdefault((colour, shape), motion)
     events = []
-    for mm in _EVENT.finditer(t):
-        verb = mm.group(3)
+    for verb, colour, shape in _events(t):
         kind = "appears" if verb in ("appears", "shows up") else "disappears" if verb in ("disappears", "vanishes") \
             else "changes colour"
-        events.append((kind, mm.group(1), mm.group(2)))
+        events.append((kind, colour, shape))
     return {"count": count, "objects": objects, "events": events}
 
 

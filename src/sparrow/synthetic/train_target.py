@@ -315,8 +315,8 @@ class Batcher:
     """
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
-                 events_first: bool = False):
-        self.t, self.shape_p, self.events_first = target, MIXES[mix], events_first
+                 events_first: bool = False, colour_last: bool = False):
+        self.t, self.shape_p, self.events_first, self.colour_last = target, MIXES[mix], events_first, colour_last
         self.rng = np.random.default_rng(seed)
         self.max_questions, self.pool = max_questions, pool
         self.queue: list[list[dict]] = []
@@ -337,7 +337,8 @@ class Batcher:
         clip = make_clip(seed, frames, h, w, fps=fps)
         qa = questions(clip.truth, seed)
         order = rng.permutation(len(qa))[:int(rng.integers(1, self.max_questions + 1))]
-        turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed, self.events_first))] \
+        turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed, self.events_first,
+                                                                          self.colour_last))] \
             if rng.random() < 0.75 else []
         turns += [qa[int(k)] for k in order]
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
@@ -798,6 +799,9 @@ def main(argv=None):
     ap.add_argument("--events-first", action="store_true",
                     help="describe each object's own events right after its name, before its motion (see "
                          "`describe`): an experiment, not the shipped wording")
+    ap.add_argument("--colour-last", action="store_true",
+                    help="name objects colour last ('a large circle in red'; see `describe`); with --events-first the "
+                         "output at the colour word says whether the object has an event: an experiment")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
                     help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
                          "longer (long plus 48- and 96-frame clips at 224 px)")
@@ -843,7 +847,8 @@ def main(argv=None):
     language = [p for p in model.parameters() if id(p) not in seen]
     params = vision + language
     opt = torch.optim.AdamW([{"params": vision}, {"params": language}], lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    batcher = Batcher(target, a.seed, mix=a.mix, events_first=a.events_first)
+    batcher = Batcher(target, a.seed, mix=a.mix, events_first=a.events_first,
+                      colour_last=a.colour_last)
     layers = model.config.text_config.num_hidden_layers
     if a.bind_weight > 0 and not 0 <= a.bind_layer < layers:
         raise SystemExit(f"train-target: --bind-layer {a.bind_layer} is not a layer of this {layers}-layer model; "
