@@ -191,6 +191,32 @@ def test_colour_last_wording_puts_the_event_right_after_the_colour_word():
     assert with_events > 60
 
 
+def test_restate_wording_names_the_object_again_and_then_says_whether_it_has_an_event():
+    """restate: each object sentence names the object as usual, then again colour last; the word after that
+    colour is its first event's verb, or "stays" when it has none; the description parses back to a perfect
+    score (the restated mention is not read as an event sentence), and the other wording is unchanged."""
+    import re
+
+    from sparrow.synthetic.text import _MENTION, _MENTION_LAST, object_order
+
+    with_events = 0
+    for seed in range(200):
+        truth = make_clip(seed, 16).truth
+        text = describe(truth, seed, restate=True)
+        assert score_description(text, truth)["attributes"] == 1.0, text
+        assert text.split(". ")[0] == describe(truth, seed).split(". ")[0]  # same draws: the same opening
+        for o, s in zip(object_order(truth["objects"]), re.split(r"(?<=\.) ", text)[1:]):
+            first, again = _MENTION.search(s.lower()), _MENTION_LAST.search(s.lower())
+            assert (first.group(3), first.group(4)) == (o["colour"], o["shape"]), (seed, s)
+            assert (again.group(4), again.group(3)) == (o["colour"], o["shape"]), (seed, s)
+            assert first.end() < again.start(), (seed, s)
+            nxt = s[again.end():].split()[0].rstrip(".,")
+            own = [e for e in truth["events"] if e["object"] == o["id"]]
+            assert nxt == (own[0]["type"].split()[0] if own else "stays"), (seed, s)
+            with_events += bool(own)
+    assert with_events > 60
+
+
 def test_descriptions_and_lists_name_objects_in_one_fixed_order():
     """Objects come by colour in COLOURS order, then by shape, whatever the seed: the next object is decided by
     the frames and the last one named, never a free choice (a free order made the target repeat objects)."""

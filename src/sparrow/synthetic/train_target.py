@@ -315,8 +315,9 @@ class Batcher:
     """
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
-                 events_first: bool = False, colour_last: bool = False):
+                 events_first: bool = False, colour_last: bool = False, restate: bool = False):
         self.t, self.shape_p, self.events_first, self.colour_last = target, MIXES[mix], events_first, colour_last
+        self.restate = restate
         self.rng = np.random.default_rng(seed)
         self.max_questions, self.pool = max_questions, pool
         self.queue: list[list[dict]] = []
@@ -338,7 +339,7 @@ class Batcher:
         qa = questions(clip.truth, seed)
         order = rng.permutation(len(qa))[:int(rng.integers(1, self.max_questions + 1))]
         turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed, self.events_first,
-                                                                          self.colour_last))] \
+                                                                          self.colour_last, self.restate))] \
             if rng.random() < 0.75 else []
         turns += [qa[int(k)] for k in order]
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
@@ -802,6 +803,10 @@ def main(argv=None):
     ap.add_argument("--colour-last", action="store_true",
                     help="name objects colour last ('a large circle in red'; see `describe`); with --events-first the "
                          "output at the colour word says whether the object has an event: an experiment")
+    ap.add_argument("--restate", action="store_true",
+                    help="end each object's sentence by naming it again colour last, then its events or 'stays in "
+                         "view' (see `describe`), so that the output at that colour word says whether the object has "
+                         "an event: an experiment")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
                     help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
                          "longer (long plus 48- and 96-frame clips at 224 px)")
@@ -848,7 +853,7 @@ def main(argv=None):
     params = vision + language
     opt = torch.optim.AdamW([{"params": vision}, {"params": language}], lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     batcher = Batcher(target, a.seed, mix=a.mix, events_first=a.events_first,
-                      colour_last=a.colour_last)
+                      colour_last=a.colour_last, restate=a.restate)
     layers = model.config.text_config.num_hidden_layers
     if a.bind_weight > 0 and not 0 <= a.bind_layer < layers:
         raise SystemExit(f"train-target: --bind-layer {a.bind_layer} is not a layer of this {layers}-layer model; "
