@@ -192,29 +192,34 @@ def test_colour_last_wording_puts_the_event_right_after_the_colour_word():
 
 
 def test_restate_wording_names_the_object_again_and_then_says_whether_it_has_an_event():
-    """restate: each object sentence names the object as usual, then again colour last; the word after that
-    colour is its first event's verb, or "stays" when it has none; the description parses back to a perfect
-    score (the restated mention is not read as an event sentence), and the other wording is unchanged."""
+    """restate: each object sentence names the object as usual, then again with its colour last ("the large
+    circle in red" or "the one in red"); the word after that colour is its first event's verb, or "stays" when it
+    has none; the description parses back to a perfect score (the restated name is not read as an event
+    sentence), the other wording is unchanged, and an unknown wording is refused."""
     import re
 
-    from sparrow.synthetic.text import _MENTION, _MENTION_LAST, object_order
+    from sparrow.synthetic.text import _MENTION, object_order
 
     with_events = 0
-    for seed in range(200):
-        truth = make_clip(seed, 16).truth
-        text = describe(truth, seed, restate=True)
-        assert score_description(text, truth)["attributes"] == 1.0, text
-        assert text.split(". ")[0] == describe(truth, seed).split(". ")[0]  # same draws: the same opening
-        for o, s in zip(object_order(truth["objects"]), re.split(r"(?<=\.) ", text)[1:]):
-            first, again = _MENTION.search(s.lower()), _MENTION_LAST.search(s.lower())
-            assert (first.group(3), first.group(4)) == (o["colour"], o["shape"]), (seed, s)
-            assert (again.group(4), again.group(3)) == (o["colour"], o["shape"]), (seed, s)
-            assert first.end() < again.start(), (seed, s)
-            nxt = s[again.end():].split()[0].rstrip(".,")
-            own = [e for e in truth["events"] if e["object"] == o["id"]]
-            assert nxt == (own[0]["type"].split()[0] if own else "stays"), (seed, s)
-            with_events += bool(own)
+    for restate in ("mention", "one"):
+        for seed in range(100):
+            truth = make_clip(seed, 16).truth
+            text = describe(truth, seed, restate=restate)
+            assert score_description(text, truth)["attributes"] == 1.0, text
+            assert text.split(". ")[0] == describe(truth, seed).split(". ")[0]  # same draws: the same opening
+            for o, s in zip(object_order(truth["objects"]), re.split(r"(?<=\.) ", text)[1:]):
+                first = _MENTION.search(s.lower())
+                assert (first.group(3), first.group(4)) == (o["colour"], o["shape"]), (seed, s)
+                again = f"the {o['size']} {o['shape']} in {o['colour']} " if restate == "mention" \
+                    else f"the one in {o['colour']} "
+                assert s.index(again) > first.end(), (seed, s)
+                nxt = s[s.index(again) + len(again):].split()[0].rstrip(".,")
+                own = [e for e in truth["events"] if e["object"] == o["id"]]
+                assert nxt == (own[0]["type"].split()[0] if own else "stays"), (seed, s)
+                with_events += bool(own)
     assert with_events > 60
+    with pytest.raises(ValueError, match="restate='once' is not a wording"):
+        describe(make_clip(0, 16).truth, 0, restate="once")
 
 
 def test_descriptions_and_lists_name_objects_in_one_fixed_order():
@@ -222,7 +227,7 @@ def test_descriptions_and_lists_name_objects_in_one_fixed_order():
     the frames and the last one named, never a free choice (a free order made the target repeat objects)."""
     import re
 
-    from sparrow.synthetic.text import _MENTION
+    from sparrow.synthetic.text import _MENTION, object_order
     from sparrow.synthetic.world import SHAPES
 
     rank = {(c, s): (i, j) for i, c in enumerate(COLOURS) for j, s in enumerate(SHAPES)}

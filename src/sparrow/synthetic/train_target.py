@@ -315,7 +315,7 @@ class Batcher:
     """
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
-                 events_first: bool = False, colour_last: bool = False, restate: bool = False):
+                 events_first: bool = False, colour_last: bool = False, restate: str = ""):
         self.t, self.shape_p, self.events_first, self.colour_last = target, MIXES[mix], events_first, colour_last
         self.restate = restate
         self.rng = np.random.default_rng(seed)
@@ -803,10 +803,10 @@ def main(argv=None):
     ap.add_argument("--colour-last", action="store_true",
                     help="name objects colour last ('a large circle in red'; see `describe`); with --events-first the "
                          "output at the colour word says whether the object has an event: an experiment")
-    ap.add_argument("--restate", action="store_true",
-                    help="end each object's sentence by naming it again colour last, then its events or 'stays in "
-                         "view' (see `describe`), so that the output at that colour word says whether the object has "
-                         "an event: an experiment")
+    ap.add_argument("--restate", choices=("mention", "one"), default="",
+                    help="end each object's sentence by naming it again colour last ('the large circle in red' or "
+                         "'the one in red'), then its events or 'stays in view' (see `describe`), so that the output "
+                         "at that colour word says whether the object has an event: an experiment")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
                     help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
                          "longer (long plus 48- and 96-frame clips at 224 px)")
