@@ -227,7 +227,7 @@ def test_descriptions_and_lists_name_objects_in_one_fixed_order():
     the frames and the last one named, never a free choice (a free order made the target repeat objects)."""
     import re
 
-    from sparrow.synthetic.text import _MENTION, object_order
+    from sparrow.synthetic.text import _MENTION
     from sparrow.synthetic.world import SHAPES
 
     rank = {(c, s): (i, j) for i, c in enumerate(COLOURS) for j, s in enumerate(SHAPES)}
