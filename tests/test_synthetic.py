@@ -220,6 +220,8 @@ def test_restate_wording_names_the_object_again_and_then_says_whether_it_has_an_
     assert with_events > 60
     with pytest.raises(ValueError, match="restate='once' is not a wording"):
         describe(make_clip(0, 16).truth, 0, restate="once")
+    with pytest.raises(ValueError, match="restate and events_first both place"):
+        describe(make_clip(0, 16).truth, 0, events_first=True, restate="one")
 
 
 def test_descriptions_and_lists_name_objects_in_one_fixed_order():

@@ -111,6 +111,8 @@ def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bo
     restates only the colour."""
     if restate not in ("", "mention", "one"):
         raise ValueError(f"describe: restate={restate!r} is not a wording; use '', 'mention' or 'one'")
+    if restate and events_first:
+        raise ValueError("describe: restate and events_first both place the object's events; pass one of them")
     rng = np.random.default_rng(seed)
     objs = {o["id"]: o for o in truth["objects"]}
     n = len(objs)
@@ -131,7 +133,8 @@ def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bo
         # changes to white"; the event sentences after the objects put every event in time order
         own = [_event_verb(e, rng) for e in events if e["object"] == o["id"]]
         if restate:
-            again = f"{o['size']} {o['shape']} in {o['colour']}" if restate == "mention" else f"one in {o['colour']}"
+            again = f"{o['size']} {mention(o, full=False, colour_last=True)}" if restate == "mention" \
+                else f"one in {o['colour']}"
             motion += f", and the {again} " + (", then ".join(own) if own else "stays in view")
         elif own and events_first:
             motion = ", then ".join(own) + " and " + motion

@@ -316,8 +316,8 @@ class Batcher:
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
                  events_first: bool = False, colour_last: bool = False, restate: str = ""):
-        self.t, self.shape_p, self.events_first, self.colour_last = target, MIXES[mix], events_first, colour_last
-        self.restate = restate
+        self.t, self.shape_p = target, MIXES[mix]
+        self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate)  # see `describe`
         self.rng = np.random.default_rng(seed)
         self.max_questions, self.pool = max_questions, pool
         self.queue: list[list[dict]] = []
@@ -338,7 +338,7 @@ class Batcher:
         clip = make_clip(seed, frames, h, w, fps=fps)
         qa = questions(clip.truth, seed)
         order = rng.permutation(len(qa))[:int(rng.integers(1, self.max_questions + 1))]
-        text = describe(clip.truth, seed, self.events_first, self.colour_last, self.restate)
+        text = describe(clip.truth, seed, **self.wording)
         turns = [(str(rng.choice(DESCRIBE_PROMPTS)), text)] if rng.random() < 0.75 else []
         turns += [qa[int(k)] for k in order]
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
@@ -818,6 +818,8 @@ def main(argv=None):
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
                                    "shipped one with a fresh optimiser) instead of a random initialisation")
     a = ap.parse_args(argv)
+    if a.restate and a.events_first:
+        raise SystemExit("train-target: --restate and --events-first both place the object's events; pass one of them")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
     TEXT["layers"] = a.layers
