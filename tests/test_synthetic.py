@@ -332,6 +332,69 @@ def test_reading_scores_the_true_description_word_by_word():
     assert acc["count"] >= 0.5  # a shifted alignment of logits and words would score ~0
 
 
+def test_reading_feeds_the_wording_the_target_was_trained_on(tmp_path, monkeypatch):
+    """A target whose directory records the restate wording is fed restate descriptions, and its event decision
+    is read at the word after the restated colour (a decision at any other word raises)."""
+    import json
+    import shutil
+
+    import sparrow
+    from sparrow.defaults import target_path
+    from sparrow.synthetic import evaluate
+    from sparrow.synthetic.text import WORDING_FILE
+
+    shutil.copytree(target_path(), tmp_path / "t")
+    (tmp_path / "t" / WORDING_FILE).write_text(json.dumps({"restate": "one"}))
+    fed, original = [], evaluate.event_decisions
+    monkeypatch.setattr(evaluate, "event_decisions",
+                        lambda text, restate="": fed.append(text) or original(text, restate))
+    acc = evaluate.reading(sparrow.load_target(str(tmp_path / "t")), 128, 3)
+    assert len(fed) == 3 and all(", and the one in " in t for t in fed)
+    assert 0 <= acc["no_event_follows"] <= 1 and acc["count"] >= 0.5
+
+
+def test_event_decisions_in_the_restate_wording_point_at_the_word_after_the_restated_colour():
+    """restate: the decision is the word after the restated colour, an event verb exactly when the object has an
+    event, one per object in the description's order; text without a restated object is refused."""
+    from sparrow.synthetic.evaluate import event_decisions
+    from sparrow.synthetic.text import object_order
+
+    seen = set()
+    for restate in ("mention", "one"):
+        for seed in range(40):
+            truth = make_clip(seed, 16).truth
+            text = describe(truth, seed, restate=restate)
+            got = event_decisions(text, restate)
+            objs = object_order(truth["objects"])
+            assert len(got) == len(objs), text
+            for (i, event), o in zip(got, objs):
+                own = any(e["object"] == o["id"] for e in truth["events"])
+                word = text[i:].split()[0].rstrip(".,")
+                assert event == own and (word == "stays") == (not own), (text, i)
+                assert text[i] == " " and text[:i].rsplit(" ", 1)[-1] == o["colour"], (text, i)
+                seen.add(event)
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="no restated object"):
+        event_decisions("We see one object on a gray background. A small red circle moves up.", "one")
+
+
+def test_target_wording_is_read_from_the_target_directory(tmp_path):
+    """The wording a target was trained on comes back from its directory: {} (usual) without the file or without
+    a path, the options as written, and an unknown option is refused (export writes the file: test_embedded)."""
+    import json
+
+    from sparrow.synthetic.text import WORDING_FILE, target_wording
+
+    assert target_wording(None) == {} and target_wording(str(tmp_path)) == {}
+    (tmp_path / WORDING_FILE).write_text(json.dumps({"restate": "one"}))
+    assert target_wording(str(tmp_path)) == {"restate": "one"}
+    truth = make_clip(3, 16).truth
+    assert "the one in" in describe(truth, 3, **target_wording(str(tmp_path)))
+    (tmp_path / WORDING_FILE).write_text(json.dumps({"restated": "one"}))
+    with pytest.raises(ValueError, match="unknown wording options"):
+        target_wording(str(tmp_path))
+
+
 def test_event_decisions_find_the_word_that_says_whether_an_event_follows():
     from sparrow.synthetic.evaluate import event_decisions
 

@@ -9,9 +9,10 @@ the seeds are never the ones listed here). Frames are 224 x 224 (64 visual token
 sets the bucket: 16 frames = 512 tokens, 784 frames = 25,088 tokens. Greedy decoding through `sparrow.generate`
 (method "ar"). Scores: `text.score_description` (per-attribute accuracy, the headline, and the all-or-nothing
 "exact" score). Controls: the same clips with blank frames, and chance (each clip scored against another clip's
-true description). `--reading N` adds what the model reads with the true description fed in (`reading`). Writes
-JSON (per clip and summary, saved after every clip with a digest of the target's weights) and a PNG of accuracy
-by bucket; `--resume` continues an interrupted run of the same target where it stopped.
+true description). `--reading N` adds what the model reads with the true description fed in (`reading`, in
+the wording the target was trained on). Writes JSON (per clip and summary, saved after every clip with a digest
+of the target's weights) and a PNG of accuracy by bucket; `--resume` continues an interrupted run of the same
+target where it stopped.
 """
 
 from __future__ import annotations
@@ -108,28 +109,37 @@ def reading(target, bucket: int, clips: int) -> dict:
     its shape, once the colour is written, is decided by the frames alone, so shape accuracy near 1/len(SHAPES)
     means the model does not read shapes at all.
 
-    It also scores the word that says whether an object's event is written: after each object's motion in the
-    object sentences, " and" (an event of that object follows) against "." (none). "event_follows" and
-    "no_event_follows" are the top-1 accuracies there, and "event_auc" how well P(" and") / (P(" and") + P("."))
+    The description is written in the wording the target was trained on (`text.target_wording`: the usual one
+    for a checkpoint without that file). It also scores the word that says whether an object's event is written
+    (`event_decisions`): after each object's motion, " and" (an event of that object follows) against "." (none);
+    in the restate wording, after the restated colour, an event verb against " stays". "event_follows" and
+    "no_event_follows" are the top-1 accuracies there, and "event_auc" how well P(event) / (P(event) + P(none))
     separates the two (1: perfectly, 0.5: not at all).
 
     Returns: {category: accuracy} over all such words of `clips` clips (224 x 224 frames, as `evaluate`), plus
-        the three event-decision scores (nan where a clip set has none).
+        the three event-decision scores (nan where a clip set has none, and for the events-first wording, whose
+        decision is not at one word).
     """
     import torch
 
-    from .text import describe, first_token_id, one_token_ids
+    from .text import EVENT_VERBS, describe, first_token_id, one_token_ids, target_wording
 
     tok = target.tokenizer
+    wording = target_wording(target.path)
     ids = one_token_ids(tok, [w for ws in READING.values() for w in ws])
     words = {ids[w]: k for k, ws in READING.items() for w in ws if w in ids}
     hits: dict = {k: [] for k in READING}
-    AND, DOT = (first_token_id(tok, w) for w in (" and", "."))
+    if wording.get("restate"):  # the word after the restated colour: an event verb, or " stays"
+        yes_ids = sorted({first_token_id(tok, " " + v) for vs in EVENT_VERBS.values() for v in vs})
+        no_ids = [first_token_id(tok, " stays")]
+    else:
+        yes_ids, no_ids = [first_token_id(tok, " and")], [first_token_id(tok, ".")]
+    THE = first_token_id(tok, " the")
     decisions = []  # (an event follows, P(" and") / (P(" and") + P(".")), top-1 right)
     for i in tqdm(range(clips), desc=f"{bucket} tokens, teacher-forced", leave=False):
         seed = held_out_seed(bucket, i)
         clip, inputs = held_out_inputs(target, bucket, seed, "Describe the video.")
-        text = describe(clip.truth, seed)
+        text = describe(clip.truth, seed, **wording)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         answer = torch.tensor(enc["input_ids"])
         n = inputs["input_ids"].shape[1]
@@ -138,16 +148,18 @@ def reading(target, bucket: int, clips: int) -> dict:
         with torch.no_grad():
             logits = target.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
                                      "mm_token_type_ids": types}).logits[0, n - 1:-1]
-        for t, p in zip(answer.tolist(), logits.argmax(-1).tolist()):
-            if t in words:
+        for j, (t, p) in enumerate(zip(answer.tolist(), logits.argmax(-1).tolist())):
+            if t in words and not (words[t] == "count" and j and answer[j - 1] == THE):  # "the one in red": no count
                 hits[words[t]].append(p == t)
-        for start, event in event_decisions(text):
+        for start, event in ([] if wording.get("events_first") else event_decisions(text, wording.get("restate"))):
             k = next(j for j, (a, b) in enumerate(enc["offset_mapping"]) if a <= start < b or a == start)
             word = int(answer[k])
-            if word not in (AND, DOT) or (word == AND) != event:
+            if (word in yes_ids) != event or word not in yes_ids + no_ids:
                 raise AssertionError(f"event decision misplaced in {text!r}")  # the wording changed
             p = logits[k].float().softmax(-1)
-            decisions.append((event, float(p[AND] / (p[AND] + p[DOT])), int(p.argmax()) == word))
+            yes, no = float(p[yes_ids].sum()), float(p[no_ids].sum())
+            top = int(p.argmax())
+            decisions.append((event, yes / (yes + no), top in yes_ids if event else top in no_ids))
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
     yes = np.array([d[1] for d in decisions if d[0]])
     no = np.array([d[1] for d in decisions if not d[0]])
@@ -158,11 +170,13 @@ def reading(target, bucket: int, clips: int) -> dict:
     return out
 
 
-def event_decisions(text: str) -> list[tuple[int, bool]]:
+def event_decisions(text: str, restate: str = "") -> list[tuple[int, bool]]:
     """Where a description says whether an object's event is written: for each object sentence, the character
-    offset of the " and" that goes on to its event, or of the "." that ends it (no event); with whether an
+    offset of the " and" that goes on to its event, or of the "." that ends it (no event); with `restate` (the
+    `describe` wording), of the word after the restated colour (" appears", ... or " stays"); with whether an
     event follows. The object sentences are those after the first (the scene) and before the one that opens the
-    events ("Then", "First", "Nothing")."""
+    events ("Then", "First", "Nothing").
+    Raises: ValueError naming the sentence when a restate sentence has no restated object."""
     import re
 
     out = []
@@ -170,6 +184,12 @@ def event_decisions(text: str) -> list[tuple[int, bool]]:
         sentence = m.group().strip()
         if sentence.startswith(("Then", "First", "Finally", "Nothing", "In total")):
             break
+        if restate:
+            again = re.search(r", and the [^,.]*? in \w+( \w+)", m.group())
+            if not again:
+                raise ValueError(f"event_decisions: no restated object in {sentence!r}; is the text restate wording?")
+            out.append((m.start() + again.start(1), again.group(1) != " stays"))
+            continue
         ev = re.search(r" and (appears|disappears|changes)", m.group())
         out.append((m.start() + ev.start(), True) if ev else (m.end() - 1, False))
     return out

@@ -83,6 +83,30 @@ def _event_verb(e: dict, rng) -> str:
     return verb + (f" {e['colour']}" if e["type"] == "changes colour" else "")
 
 
+WORDING_FILE = "description_wording.json"  # in a target's directory: the `describe` options it was trained on
+
+
+def target_wording(path: str | None) -> dict:
+    """The `describe` options (events_first, colour_last, restate) of the descriptions a synthetic-world target was
+    trained on, read from `WORDING_FILE` in its directory (written by `train-target --export`); {} (the usual
+    wording) where the file is absent (earlier exports, real checkpoints) or path is None.
+
+    Raises: ValueError naming the file when it holds an option `describe` does not take.
+    """
+    import json
+    import os
+
+    f = os.path.join(path, WORDING_FILE) if path else ""
+    if not f or not os.path.isfile(f):
+        return {}
+    with open(f) as fh:
+        wording = json.load(fh)
+    unknown = set(wording) - {"events_first", "colour_last", "restate"}
+    if unknown:
+        raise ValueError(f"{f}: unknown wording options {sorted(unknown)}; expected events_first, colour_last, restate")
+    return wording
+
+
 def _event_clause(e: dict, objs: dict, rng, colour_last: bool = False) -> str:
     return f"the {mention(objs[e['object']], full=False, colour_last=colour_last)} {_event_verb(e, rng)}"
 

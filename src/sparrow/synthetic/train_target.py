@@ -5,7 +5,8 @@
 Fixed seed; bf16 autocast on CPU; a progress bar with the loss; a checkpoint (model, optimiser, step, RNG)
 every `--save-every` steps and on SIGINT/SIGTERM, written atomically; `--resume` continues from the last one.
 `--export DIR` writes the final model with `save_pretrained` (bf16 safetensors, config, tokenizer, chat
-template, generation config) for shipping.
+template, generation config) for shipping, with the description wording it was trained on (`text.WORDING_FILE`),
+which the reference descriptions of `examples` and `evaluate --reading` then use.
 
 Data: every step draws fresh clips (mostly 64-512 visual tokens: 2-32 frames, mostly at 224 px, frame rates 2-8),
 each with a conversation: a detailed description (75% of clips) and 1-2 short questions, or the questions alone.
@@ -66,7 +67,7 @@ import torch
 from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..video import Video
-from .text import DESCRIBE_PROMPTS, describe, first_token_id, one_token_ids, questions
+from .text import DESCRIBE_PROMPTS, WORDING_FILE, describe, first_token_id, one_token_ids, questions
 from .world import COLOURS, MOTIONS, SHAPES as OBJECT_SHAPES, SIZES, TEXTURES, _shape_mask, make_clip, plan_clip
 
 TEXT = dict(hidden=256, layers=12, heads=4, kv_heads=2, intermediate=768)
@@ -723,9 +724,10 @@ def video_preprocessor_config() -> dict:
             "do_normalize": True}
 
 
-def export(model, tokenizer, out: str) -> None:
-    """save_pretrained in bf16 (the shipped default stays small), with the tokenizer and the video preprocessor
-    config (`video_preprocessor_config`); loads back in fp32 on CPU."""
+def export(model, tokenizer, out: str, wording: dict | None = None) -> None:
+    """save_pretrained in bf16 (the shipped default stays small), with the tokenizer, the video preprocessor
+    config (`video_preprocessor_config`) and the description wording it was trained on (`describe`'s options, in
+    `text.WORDING_FILE`, read back by `text.target_wording`); loads back in fp32 on CPU."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(tmp)
@@ -733,6 +735,8 @@ def export(model, tokenizer, out: str) -> None:
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "video_preprocessor_config.json"), "w") as f:
         json.dump(video_preprocessor_config(), f, indent=2)
+    with open(os.path.join(tmp, WORDING_FILE), "w") as f:
+        json.dump(wording or {}, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
@@ -981,7 +985,7 @@ def main(argv=None):
     bar.close()
     if a.export:
         model.eval()
-        export(model, tokenizer, a.export)
+        export(model, tokenizer, a.export, batcher.wording)
         print(f"exported to {a.export}")
 
 
