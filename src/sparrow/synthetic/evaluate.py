@@ -135,7 +135,7 @@ def reading(target, bucket: int, clips: int) -> dict:
     else:
         yes_ids, no_ids = [first_token_id(tok, " and")], [first_token_id(tok, ".")]
     THE = first_token_id(tok, " the")
-    decisions = []  # (an event follows, P(" and") / (P(" and") + P(".")), top-1 right)
+    decisions = []  # (an event follows, P(event) / (P(event) + P(none)), top-1 right)
     for i in tqdm(range(clips), desc=f"{bucket} tokens, teacher-forced", leave=False):
         seed = held_out_seed(bucket, i)
         clip, inputs = held_out_inputs(target, bucket, seed, "Describe the video.")
