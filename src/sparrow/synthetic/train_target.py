@@ -339,8 +339,8 @@ class Batcher:
         clip = make_clip(seed, frames, h, w, fps=fps)
         qa = questions(clip.truth, seed)
         order = rng.permutation(len(qa))[:int(rng.integers(1, self.max_questions + 1))]
-        text = describe(clip.truth, seed, **self.wording)
-        turns = [(str(rng.choice(DESCRIBE_PROMPTS)), text)] if rng.random() < 0.75 else []
+        turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed, **self.wording))] \
+            if rng.random() < 0.75 else []
         turns += [qa[int(k)] for k in order]
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
         inputs = self.t.prepare(video, turns[0][0], max_pixels=h * w, min_pixels=h * w)
