@@ -75,7 +75,8 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     assert [r["step"] for r in log] == [1, 2, 3]
     from sparrow.synthetic.text import target_wording
 
-    assert target_wording(export) == {"events_first": False, "colour_last": False, "restate": ""}  # the wording trained
+    wording = {"events_first": False, "colour_last": False, "restate": "", "size_last": False}
+    assert target_wording(export) == wording  # the wording trained
     assert all(r["bind"] >= 0 and r["event"] >= 0 and r["time"] >= 0 and r["carry"] >= 0 and r["copy"] >= 0 for r in log)
     saved = torch.load(state, weights_only=False)
     assert saved["step"] == 3 and all(saved[k] is not None for k in ("bind_probe", "event_probe", "carry_probe"))

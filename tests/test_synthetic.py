@@ -224,6 +224,32 @@ def test_restate_wording_names_the_object_again_and_then_says_whether_it_has_an_
         describe(make_clip(0, 16).truth, 0, events_first=True, restate="one")
 
 
+def test_size_last_wording_names_the_colour_first_and_the_size_after_the_shape():
+    """size_last: every object sentence's mention opens with the object's colour and gives its size (and "striped")
+    after its shape ("A red circle, large and striped, moves left."); the event decision (" and" or ".") is still
+    found, the description parses back to a perfect score, the draws are the usual wording's, and size_last with
+    colour_last is refused."""
+    import re
+
+    from sparrow.synthetic.evaluate import event_decisions
+    from sparrow.synthetic.text import _MENTION, object_order
+
+    for seed in range(100):
+        truth = make_clip(seed, 16).truth
+        text = describe(truth, seed, size_last=True)
+        assert score_description(text, truth)["attributes"] == 1.0, text
+        usual = describe(truth, seed)
+        assert text.split(". ")[0] == usual.split(". ")[0] and text.count(".") == usual.count(".")  # same draws
+        objects = object_order(truth["objects"])
+        for o, s in zip(objects, re.split(r"(?<=\.) ", text)[1:]):
+            traits = o["size"] + (" and striped" if o["texture"] == "striped" else "")
+            assert re.match(rf"(A|An|The|There is an?) {o['colour']} {o['shape']}, {traits},", s), (seed, s)
+            assert not _MENTION.search(s.lower()).group(1), (seed, s)  # no size before the colour
+        assert [e for _, e in event_decisions(text)] == [e for _, e in event_decisions(usual)]
+    with pytest.raises(ValueError, match="size_last and colour_last"):
+        describe(make_clip(0, 16).truth, 0, size_last=True, colour_last=True)
+
+
 def test_descriptions_and_lists_name_objects_in_one_fixed_order():
     """Objects come by colour in COLOURS order, then by shape, whatever the seed: the next object is decided by
     the frames and the last one named, never a free choice (a free order made the target repeat objects)."""
@@ -390,6 +416,9 @@ def test_target_wording_is_read_from_the_target_directory(tmp_path):
     assert target_wording(str(tmp_path)) == {"restate": "one"}
     truth = make_clip(3, 16).truth
     assert "the one in" in describe(truth, 3, **target_wording(str(tmp_path)))
+    (tmp_path / WORDING_FILE).write_text(json.dumps({"size_last": True}))
+    assert ", small" in describe(truth, 3, **target_wording(str(tmp_path))) or ", large" in describe(
+        truth, 3, **target_wording(str(tmp_path)))
     (tmp_path / WORDING_FILE).write_text(json.dumps({"restated": "one"}))
     with pytest.raises(ValueError, match="unknown wording options"):
         target_wording(str(tmp_path))

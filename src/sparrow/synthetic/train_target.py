@@ -316,9 +316,10 @@ class Batcher:
     """
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
-                 events_first: bool = False, colour_last: bool = False, restate: str = ""):
+                 events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False):
         self.t, self.shape_p = target, MIXES[mix]
-        self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate)  # see `describe`
+        self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
+                            size_last=size_last)  # see `describe`
         self.rng = np.random.default_rng(seed)
         self.max_questions, self.pool = max_questions, pool
         self.queue: list[list[dict]] = []
@@ -810,6 +811,9 @@ def main(argv=None):
                     help="end each object's sentence by naming it again colour last ('the large circle in red' or "
                          "'the one in red'), then its events or 'stays in view' (see `describe`), so that the output "
                          "at that colour word says whether the object has an event: an experiment")
+    ap.add_argument("--size-last", action="store_true",
+                    help="give an object's size and texture after its shape ('a red circle, large and striped,'; see "
+                         "`describe`), so that its colour, the word that fetches it, is its first word: an experiment")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
                     help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
                          "longer (long plus 48- and 96-frame clips at 224 px)")
@@ -824,6 +828,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.restate and a.events_first:
         raise SystemExit("train-target: --restate and --events-first both place the object's events; pass one of them")
+    if a.size_last and a.colour_last:
+        raise SystemExit("train-target: --size-last and --colour-last both reorder an object's name; pass one of them")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
     TEXT["layers"] = a.layers
@@ -858,7 +864,7 @@ def main(argv=None):
     params = vision + language
     opt = torch.optim.AdamW([{"params": vision}, {"params": language}], lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
     batcher = Batcher(target, a.seed, mix=a.mix, events_first=a.events_first,
-                      colour_last=a.colour_last, restate=a.restate)
+                      colour_last=a.colour_last, restate=a.restate, size_last=a.size_last)
     layers = model.config.text_config.num_hidden_layers
     if a.bind_weight > 0 and not 0 <= a.bind_layer < layers:
         raise SystemExit(f"train-target: --bind-layer {a.bind_layer} is not a layer of this {layers}-layer model; "
