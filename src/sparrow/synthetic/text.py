@@ -145,7 +145,8 @@ def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bo
     visual tokens), and where 1k named the previous object again instead of the next one, it had mostly written
     a size that is not the next object's (19 of 29); the same draws (`train-target --size-last`; an experiment).
     Stage 1s (300 steps from 1k on it) refuted that: attributes 0.722 at 512 visual tokens (1k: 0.78), 58 clips
-    with an object named twice (33), and teacher-forced the size after the colour and shape was right for 0.78.
+    with an object named twice (33), and teacher-forced the size after the colour and shape was right for 0.78:
+    the size is seen (1k gets it right on every one-object clip) but bound to the wrong object.
     Raises: ValueError for an unknown restate, or for restate with events_first, or size_last with colour_last."""
     if size_last and colour_last:
         raise ValueError("describe: size_last and colour_last both reorder the first mention; pass one of them")
