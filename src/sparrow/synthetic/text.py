@@ -91,9 +91,9 @@ WORDING_FILE = "description_wording.json"  # in a target's directory: the `descr
 
 
 def target_wording(path: str | None) -> dict:
-    """The `describe` options (events_first, colour_last, restate, size_last) of the descriptions a synthetic-world target was
-    trained on, read from `WORDING_FILE` in its directory (written by `train-target --export`); {} (the usual
-    wording) where the file is absent (earlier exports, real checkpoints) or path is None.
+    """The `describe` options (events_first, colour_last, restate, size_last) of the descriptions a synthetic-world
+    target was trained on, read from `WORDING_FILE` in its directory (written by `train-target --export`); {} (the
+    usual wording) where the file is absent (earlier exports, real checkpoints) or path is None.
 
     Raises: ValueError naming the file when it holds an option `describe` does not take.
     """
