@@ -354,3 +354,37 @@ def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsy
     assert "visual tokens 512 " in out  # 16 frames at the clip's own 224 px
     assert main(["demo", "--clip", "9"]) == 2
     assert "--clip 9: the shipped example clips are 0 to 4" in capsys.readouterr().err
+
+
+def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each_object():
+    import numpy as np
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher, is_hard
+    from sparrow.synthetic.world import make_clip, plan_clip
+
+    assert is_hard({"objects": [{}, {}], "events": [{}]})
+    assert not is_hard({"objects": [{}], "events": [{}]}) and not is_hard({"objects": [{}, {}, {}], "events": []})
+    for seed in range(5):  # the seed check reads the plan that make_clip renders
+        plan = plan_clip(np.random.default_rng(seed), 16)
+        truth = make_clip(seed, 16, 56, 56).truth
+        assert [(o["colour"], o["shape"]) for o in plan["objects"]] == [(o["colour"], o["shape"]) for o in truth["objects"]]
+        assert [e["frame"] for e in plan["events"]] == [e["frame"] for e in truth["events"]]
+    target = sparrow.load_target()
+    tok = target.tokenizer
+    b = Batcher(target, seed=11, pool=1, hard=1.0)
+    seen = 0
+    for _ in range(6):
+        s = b.sample()
+        if int(s["grid"][0, 0]) * 2 < 4:  # too short for events: drawn as usual
+            continue
+        seen += 1
+        text = tok.decode(s["ids"])
+        asked = text.split("What happens to the")[1:]
+        assert len(asked) >= 2, text  # one question per object: two or three objects
+        answers = [a.split("assistant\n")[1].split("<|im_end|>")[0] for a in asked]
+        assert any(not a.startswith("Nothing") for a in answers), text  # at least one event
+    assert seen >= 3
+    # hard=0 draws exactly the batches it drew before the option existed (no extra random draws)
+    plain, zero = Batcher(target, seed=11, pool=1), Batcher(target, seed=11, pool=1, hard=0.0)
+    assert all(torch.equal(plain.sample()["ids"], zero.sample()["ids"]) for _ in range(3))

@@ -343,6 +343,11 @@ def test_evaluate_rescore_scores_stored_texts_again(tmp_path):
     summary = __import__("json").loads((tmp_path / "eval.json").read_text())["summary"]
     assert summary["buckets"]["512"]["attributes"] == 1.0 and summary["blank"]["512"]["attributes"] == 0.0
     assert summary["chance"]["512"]["clips"] == 1 and (tmp_path / "eval.png").stat().st_size > 0
+    kind = f"{len(truth['objects'])}/{len(truth['events'])}"  # the breakdown by scene: objects / events
+    assert ev.scene(truth) == kind
+    assert summary["buckets"]["512"]["by_scene"] == {kind: {**{k: 1.0 for k in ("attributes", "count", "colour",
+                                                                                  "shape", "motion", "events")},
+                                                            "clips": 1}}
     with pytest.raises(SystemExit, match="run the evaluation first"):
         ev.main(["--rescore", "--out", str(tmp_path / "missing")])
 

@@ -75,7 +75,7 @@ def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_token
         clip, inputs = held_out_inputs(target, bucket, seed, prompt, blank)
         out = generate(target, draft, inputs, max_new_tokens=max_new_tokens, method="ar" if draft is None else "sparrow")
         rows.append({"seed": seed, "bucket": bucket, "visual_tokens": out.stats.visual_tokens, "blank": blank,
-                     "text": out.text, **score_description(out.text, clip.truth)})
+                     "scene": scene(clip.truth), "text": out.text, **score_description(out.text, clip.truth)})
         if on_row is not None:
             on_row(rows)
     return rows
@@ -201,16 +201,30 @@ def chance(bucket: int, clips: int) -> list[dict]:
     from .text import describe
 
     truths = [truth_of(held_out_seed(bucket, i), bucket) for i in range(clips + 1)]
-    return [{"seed": t["seed"], "bucket": bucket, "visual_tokens": bucket, "text": (d := describe(o, o["seed"])),
+    return [{"seed": t["seed"], "bucket": bucket, "visual_tokens": bucket, "scene": scene(t),
+             "text": (d := describe(o, o["seed"])),
              **score_description(d, t)} for t, o in zip(truths[:-1], truths[1:])]
 
 
 KEYS = ("attributes", "count", "colour", "shape", "motion", "events", "exact", "objects", "motion_all")
 
 
+def scene(truth: dict) -> str:
+    """A clip's kind of scene, "objects/events": "2/1" is two objects and one event."""
+    return f"{len(truth['objects'])}/{len(truth['events'])}"
+
+
 def summarise(rows: list[dict]) -> dict:
-    return {**{k: float(np.mean([r[k] for r in rows])) for k in KEYS}, "clips": len(rows),
-            "distinct_texts": len({r["text"] for r in rows}), "visual_tokens": rows[0]["visual_tokens"]}
+    """Mean scores of rows, their count, how many distinct texts, and `by_scene`: the mean scores per kind of
+    scene ("objects/events", `scene`) where the rows record it (evaluation files written before it do not)."""
+    out = {**{k: float(np.mean([r[k] for r in rows])) for k in KEYS}, "clips": len(rows),
+           "distinct_texts": len({r["text"] for r in rows}), "visual_tokens": rows[0]["visual_tokens"]}
+    kinds = sorted({r["scene"] for r in rows if "scene" in r})
+    if kinds:
+        out["by_scene"] = {k: {**{m: float(np.mean([r[m] for r in rows if r.get("scene") == k]))
+                                  for m in ("attributes", "count", "colour", "shape", "motion", "events")},
+                               "clips": sum(r.get("scene") == k for r in rows)} for k in kinds}
+    return out
 
 
 def main(argv=None):
@@ -316,7 +330,7 @@ def rescore(out: str) -> dict:
         key = (r["seed"], r["bucket"])
         if key not in truths:
             truths[key] = truth_of(*key)
-        r.update(score_description(r["text"], truths[key]))
+        r.update(scene=scene(truths[key]), **score_description(r["text"], truths[key]))
     summary = {"buckets": {}, "blank": {}}
     for blank, part in ((False, "buckets"), (True, "blank")):
         for b in sorted({r["bucket"] for r in rows if r["blank"] == blank}):
