@@ -365,6 +365,10 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
 
     assert is_hard({"objects": [{}, {}], "events": [{}]})
     assert not is_hard({"objects": [{}], "events": [{}]}) and not is_hard({"objects": [{}, {}, {}], "events": []})
+    assert is_hard({"objects": [{}, {}, {}], "events": []}, "multi") and not is_hard({"objects": [{}], "events": [{}]},
+                                                                                     "multi")
+    with pytest.raises(ValueError, match="not one of"):
+        is_hard({"objects": [], "events": []}, "many")
     for seed in range(5):  # the seed check reads the plan that make_clip renders
         plan = plan_clip(np.random.default_rng(seed), 16)
         truth = make_clip(seed, 16, 56, 56).truth
@@ -385,6 +389,11 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
         answers = [a.split("assistant\n")[1].split("<|im_end|>")[0] for a in asked]
         assert any(not a.startswith("Nothing") for a in answers), text  # at least one event
     assert seen >= 3
+    b = Batcher(target, seed=12, pool=1, hard=1.0, hard_kind="multi")  # two or three objects, events or none
+    for _ in range(4):
+        s = b.sample()
+        if int(s["grid"][0, 0]) * 2 >= 4:
+            assert tok.decode(s["ids"]).count("What happens to the") >= 2
     # hard=0 draws exactly the batches it drew before the option existed (no extra random draws)
     plain, zero = Batcher(target, seed=11, pool=1), Batcher(target, seed=11, pool=1, hard=0.0)
     assert all(torch.equal(plain.sample()["ids"], zero.sample()["ids"]) for _ in range(3))
