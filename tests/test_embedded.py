@@ -397,3 +397,38 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
     # hard=0 draws exactly the batches it drew before the option existed (no extra random draws)
     plain, zero = Batcher(target, seed=11, pool=1), Batcher(target, seed=11, pool=1, hard=0.0)
     assert all(torch.equal(plain.sample()["ids"], zero.sample()["ids"]) for _ in range(3))
+
+
+def test_train_target_draws_in_worker_processes_and_resumes_exactly(tmp_path, monkeypatch):
+    """--workers N: batches drawn by N processes (for a GPU's short steps); a run stopped and resumed ends with the
+    weights of the run that was not stopped, and a checkpoint resumes only with the number of workers it drew with."""
+    import torch
+
+    from sparrow.synthetic import train_target
+
+    monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+    aids = ["--bind-weight", "1", "--event-weight", "1", "--event-layer", "1", "--time-weight", "1"]
+    common = ["--batch", "2", "--workers", "2", "--save-every", "10", "--lr", "0.01", "--warmup", "1", *aids]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train_target.main(["--out", whole, "--steps", "4", *common])
+    train_target.main(["--out", parts, "--steps", "4", "--until", "2", *common])
+    stopped = torch.load(os.path.join(parts, "ckpt", "state.pt"), weights_only=False)
+    assert len(stopped["batcher"]["workers"]) == 2 and stopped["step"] == 2
+    with pytest.raises(SystemExit, match="drawn with --workers 2; resume with --workers 2"):
+        train_target.main(["--out", parts, "--steps", "4", "--resume", *common[:2], "--workers", "0", *common[4:]])
+    train_target.main(["--out", parts, "--steps", "4", "--resume", *common])
+    a = torch.load(os.path.join(whole, "ckpt", "state.pt"), weights_only=False)["model"]
+    b = torch.load(os.path.join(parts, "ckpt", "state.pt"), weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same run's steps 3-4 on batches drawn afresh (not where the workers stopped) end elsewhere
+    fresh = str(tmp_path / "fresh")
+    train_target.main(["--out", fresh, "--steps", "4", "--until", "2", *common])
+    state = torch.load(os.path.join(fresh, "ckpt", "state.pt"), weights_only=False)
+    state["batcher"] = {"workers": [None, None]}
+    torch.save(state, os.path.join(fresh, "ckpt", "state.pt"))
+    train_target.main(["--out", fresh, "--steps", "4", "--resume", *common])
+    c = torch.load(os.path.join(fresh, "ckpt", "state.pt"), weights_only=False)["model"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    for bad, message in ((["--device", "cuda:x"], "is not a device"), (["--workers", "-1"], "give 0")):
+        with pytest.raises(SystemExit, match=message):
+            train_target.main(["--out", str(tmp_path / "bad"), "--steps", "1", *bad])

@@ -2,7 +2,8 @@
 
     python -m sparrow.synthetic.train_target --out runs/target [--steps 12000] [--minutes 85] [--resume]
 
-Fixed seed; bf16 autocast on CPU; a progress bar with the loss; a checkpoint (model, optimiser, step, RNG)
+Fixed seed; bf16 autocast on CPU (or `--device cuda`, with `--workers N` processes drawing the batches:
+`BatchStream`); a progress bar with the loss; a checkpoint (model, optimiser, step, RNG, where the batches stopped)
 every `--save-every` steps and on SIGINT/SIGTERM, written atomically; `--resume` continues from the last one.
 `--export DIR` writes the final model with `save_pretrained` (bf16 safetensors, config, tokenizer, chat
 template, generation config) for shipping, with the description wording it was trained on (`text.WORDING_FILE`),
@@ -366,6 +367,7 @@ class Batcher:
             turns += [(q, a) for q, a in qa if q.startswith("What happens to the") and (q, a) not in turns]
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
         inputs = self.t.prepare(video, turns[0][0], max_pixels=h * w, min_pixels=h * w)
+        inputs = {k: v.cpu() for k, v in inputs.items()}  # samples are drawn on the CPU, whatever the model's device
         ids, labels = [inputs["input_ids"][0]], [torch.full_like(inputs["input_ids"][0], -100)]
         for i, (question, answer) in enumerate(turns):
             if i:  # a follow-up question in the same conversation (ChatML, as the chat template renders it)
@@ -440,6 +442,54 @@ class Batcher:
                 "named": named, "event": event, "carry": carry, "source": source}
 
 
+class _Draws(torch.utils.data.IterableDataset):
+    """One `Batcher` per DataLoader worker (`make(worker)`), started at `states[worker]` where given; yields
+    (worker, the Batcher's state after the batch, batch) for ever."""
+
+    def __init__(self, make, size: int, states: list):
+        self.make, self.size, self.states = make, size, states
+
+    def __iter__(self):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's: it checkpoints, then ends
+        w = torch.utils.data.get_worker_info().id
+        batcher = self.make(w)
+        if self.states[w] is not None:
+            batcher.restore(self.states[w], self.size)
+        while True:
+            batch = batcher.batch(self.size)
+            yield w, batcher.state(), batch
+
+
+class BatchStream:
+    """Batches drawn by `workers` processes next to the training step, for a GPU, whose step takes less time than
+    drawing a batch on one core (rendering, preprocessing and tokenising 8 clips of about 300 visual tokens:
+    about 0.2 s). Worker w draws with its own `Batcher` (`make(w)`), and the batches are served in turn (worker 0,
+    1, ..., 0, ...), so a run with the same seed and number of workers draws the same batches, and `state()` (each
+    worker's Batcher state after its last batch served) resumes exactly: `BatchStream(make, size, workers,
+    state)`. The workers are forked when the stream is made: make it while the model is still on the CPU.
+
+    Raises: SystemExit (one line) when `state` was saved with another number of workers.
+    """
+
+    def __init__(self, make, size: int, workers: int, state: dict | None = None):
+        states = (state or {}).get("workers") or [None] * workers
+        if len(states) != workers:
+            raise SystemExit(f"train-target: the checkpoint was drawn by {len(states)} workers; resume with "
+                             f"--workers {len(states)}")
+        self.states = list(states)
+        loader = torch.utils.data.DataLoader(_Draws(make, size, self.states), batch_size=None, num_workers=workers,
+                                             prefetch_factor=4, persistent_workers=True)
+        self.it = iter(loader)
+
+    def batch(self, size: int) -> dict:
+        w, state, batch = next(self.it)
+        self.states[w] = state
+        return batch
+
+    def state(self) -> dict:
+        return {"workers": list(self.states)}
+
+
 def _keep_attention_input(saved: dict):
     """A forward pre-hook (with_kwargs) for a text layer's attention that keeps its input (B, L, hidden) as
     saved["x"] and its rotary embeddings (cos, sin) as saved["pe"], for `_head_qk`."""
@@ -469,7 +519,7 @@ def _head_qk(attn, x: torch.Tensor, pe: tuple, head: int, rope) -> tuple[torch.T
 def _fetch_loss(logits: torch.Tensor, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """-log(the attention mass on `target`): logits (words, L) of one head at text rows `rows` (words,) over every
     key, target (words, L) bool; the causal mask is applied here, as in the real softmax."""
-    logits = logits.masked_fill(torch.arange(logits.shape[1])[None] > rows[:, None], -1e9)
+    logits = logits.masked_fill(torch.arange(logits.shape[1], device=logits.device)[None] > rows[:, None], -1e9)
     return torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~target, -1e9), 1)
 
 
@@ -518,7 +568,8 @@ class BindingLoss(_HeadSupervision):
         a = self.attn
         x, pe = self.saved.pop("x"), self.saved.pop("pe")
         q, k = _head_qk(a, x, pe, self.head, self.rope)
-        vis_cells = torch.zeros(input_ids.shape + (cells.shape[1],), dtype=torch.long)  # 0 off the visual tokens
+        vis_cells = torch.zeros(input_ids.shape + (cells.shape[1],), dtype=torch.long,
+                                device=input_ids.device)  # 0 off the visual tokens
         vis_cells[input_ids == video_token] = cells
         out = self.saved.pop("out")
         losses, words, labels = [], [], []
@@ -578,7 +629,7 @@ class TimeBindingLoss(_HeadSupervision):
         when = []  # per visual token: 1 in the clip's first temporal group, 2 in its last, 3 when it has one group
         for t, h, w in grid.tolist():
             hw = (h // 2) * (w // 2)
-            idx = torch.arange(t * hw)
+            idx = torch.arange(t * hw, device=input_ids.device)
             when.append((idx < hw).long() + 2 * (idx >= (t - 1) * hw).long())
         vis_obj, vis_when = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
         video = input_ids == video_token
@@ -651,7 +702,7 @@ class CopyLoss(_HeadSupervision):
                 continue
             logits = (q[b, 0, rows].float() @ k[b, 0].float().T) * self.attn.scaling  # (words, L): every key
             target = torch.zeros_like(logits, dtype=torch.bool)
-            target[torch.arange(rows.numel()), source[b, rows]] = True
+            target[torch.arange(rows.numel(), device=rows.device), source[b, rows]] = True
             losses.append(_fetch_loss(logits, rows, target))
         return torch.cat(losses).mean()
 
@@ -847,6 +898,12 @@ def main(argv=None):
                          "event: --hard-kind), each object's own events asked as well (`is_hard`)")
     ap.add_argument("--hard-kind", choices=HARD_KINDS, default="multi-event",
                     help="what --hard draws: 2-3 objects and an event, or 2-3 objects with the world's own events")
+    ap.add_argument("--device", default="cpu",
+                    help="where the model trains: cpu (the shipped target's stages), cuda, cuda:N or auto (cuda when "
+                         "there is one); clips are drawn on the CPU")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="draw batches in this many processes next to the step (`BatchStream`; for a GPU); 0: in the "
+                         "training process, the stream of the shipped stages; a run resumes with the same number")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
@@ -856,6 +913,16 @@ def main(argv=None):
         raise SystemExit("train-target: --restate and --events-first both place the object's events; pass one of them")
     if a.size_last and a.colour_last:
         raise SystemExit("train-target: --size-last and --colour-last both reorder an object's name; pass one of them")
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    except RuntimeError:
+        raise SystemExit(f"train-target: --device {a.device} is not a device; give cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"train-target: --device {a.device}, but torch sees no CUDA device here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"train-target: --device {a.device}: train on cpu or cuda")
+    if a.workers < 0:
+        raise SystemExit(f"train-target: --workers {a.workers}: give 0 (draw in the training process) or more")
     if not 0 <= a.hard <= 1:
         raise SystemExit(f"train-target: --hard {a.hard} is not a share; give a number from 0 to 1")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -891,9 +958,12 @@ def main(argv=None):
     language = [p for p in model.parameters() if id(p) not in seen]
     params = vision + language
     opt = torch.optim.AdamW([{"params": vision}, {"params": language}], lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    batcher = Batcher(target, a.seed, mix=a.mix, events_first=a.events_first,
-                      colour_last=a.colour_last, restate=a.restate, size_last=a.size_last, hard=a.hard,
-                      hard_kind=a.hard_kind)
+    def make_batcher(seed: int) -> Batcher:
+        return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
+                       restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind)
+
+    batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
+    wording = batcher.wording
     layers = model.config.text_config.num_hidden_layers
     if a.bind_weight > 0 and not 0 <= a.bind_layer < layers:
         raise SystemExit(f"train-target: --bind-layer {a.bind_layer} is not a layer of this {layers}-layer model; "
@@ -932,15 +1002,26 @@ def main(argv=None):
         if not os.path.isfile(a.init_probes):
             raise SystemExit(f"train-target: --init-probes {a.init_probes} is not a file; give an earlier stage's "
                              "RUN/ckpt/state.pt")
-        state = torch.load(a.init_probes, weights_only=False)
+        state = torch.load(a.init_probes, weights_only=False, map_location="cpu")
         try:
             load_probes(state)
         except (RuntimeError, KeyError) as e:
             raise SystemExit(f"train-target: the probes of {a.init_probes} do not fit this model "
                              f"({str(e).splitlines()[0][:120]}); drop --init-probes") from None
     ckpt = os.path.join(a.out, "ckpt", "state.pt")
-    if a.resume and os.path.exists(ckpt):
-        state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=False, map_location="cpu") if a.resume and os.path.exists(ckpt) else None
+    if state is not None and "batcher" not in state:
+        raise SystemExit(f"train-target: {ckpt} was written by an older version; start a new --out or drop --resume")
+    if state is not None and ("workers" in state["batcher"]) != (a.workers > 0):
+        drawn = len(state["batcher"]["workers"]) if "workers" in state["batcher"] else 0
+        raise SystemExit(f"train-target: {ckpt} was drawn with --workers {drawn}; resume with --workers {drawn}")
+    if a.workers:  # forked now, while the model is on the CPU: the workers only draw
+        batcher = BatchStream(lambda w: make_batcher(a.seed * 1000 + w), a.batch, a.workers,
+                              state["batcher"] if state else None)
+    for module in (model, probe, binding.probe if binding else None, events, carry):
+        if module is not None:
+            module.to(device)
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             load_probes(state)
@@ -949,9 +1030,8 @@ def main(argv=None):
             raise SystemExit(f"train-target: {ckpt} was written by another version or model shape "
                              f"({str(e).splitlines()[0][:120]}); start a new --out or drop --resume") from None
         step = state["step"]
-        if "batcher" not in state:
-            raise SystemExit(f"train-target: {ckpt} was written by an older version; start a new --out or drop --resume")
-        batcher.restore(state["batcher"], a.batch)
+        if not a.workers:
+            batcher.restore(state["batcher"], a.batch)
         torch.set_rng_state(state["torch_rng"])
         log = json.load(open(os.path.join(a.out, "ckpt", "log.json")))
         print(f"resumed at step {step}")
@@ -967,7 +1047,7 @@ def main(argv=None):
     ema, emas = None, {}  # the answer loss's and each auxiliary loss's moving average
     end = min(a.steps, a.until or a.steps)
     while step < end and not stop["now"]:
-        batch = batcher.batch(a.batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batcher.batch(a.batch).items()}
         cells, grounded, labels = batch.pop("cells"), batch.pop("grounded"), batch.pop("labels")
         colour, named, event, carried = batch.pop("colour"), batch.pop("named"), batch.pop("event"), batch.pop("carry")
         source = batch.pop("source")
@@ -977,7 +1057,7 @@ def main(argv=None):
         for g in opt.param_groups[2:]:  # the binding and event probes learn with the language model
             g["lr"] = opt.param_groups[1]["lr"]
         vision_only = step < a.vision_steps and a.aux_weight > 0
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             if vision_only:
                 model.model.visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
                 loss = torch.zeros(())
@@ -1020,7 +1100,7 @@ def main(argv=None):
     bar.close()
     if a.export:
         model.eval()
-        export(model, tokenizer, a.export, batcher.wording)
+        export(model.cpu(), tokenizer, a.export, wording)
         print(f"exported to {a.export}")
 
 
