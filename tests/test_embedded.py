@@ -414,8 +414,9 @@ def test_train_target_draws_in_worker_processes_and_resumes_exactly(tmp_path, mo
     train_target.main(["--out", parts, "--steps", "4", "--until", "2", *common])
     stopped = torch.load(os.path.join(parts, "ckpt", "state.pt"), weights_only=False)
     assert len(stopped["batcher"]["workers"]) == 2 and stopped["step"] == 2
-    with pytest.raises(SystemExit, match="drawn with --workers 2; resume with --workers 2"):
-        train_target.main(["--out", parts, "--steps", "4", "--resume", *common[:2], "--workers", "0", *common[4:]])
+    for other in ("0", "3"):
+        with pytest.raises(SystemExit, match="drawn with --workers 2; resume with --workers 2"):
+            train_target.main(["--out", parts, "--steps", "4", "--resume", *common[:2], "--workers", other, *common[4:]])
     train_target.main(["--out", parts, "--steps", "4", "--resume", *common])
     a = torch.load(os.path.join(whole, "ckpt", "state.pt"), weights_only=False)["model"]
     b = torch.load(os.path.join(parts, "ckpt", "state.pt"), weights_only=False)["model"]

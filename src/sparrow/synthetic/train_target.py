@@ -326,6 +326,9 @@ class Batcher:
     add supervised tokens at a small cost next to the clip's visual tokens, and each one ties an attribute to
     the frames directly.
 
+    `hard`: that share of the clips of 4 frames or more is drawn again until `is_hard(plan, hard_kind)`, and each
+    of its objects' own events is asked after the other turns ("What happens to the red circle?").
+
     Batches are cut from pools of `pool` batches sorted by length, so that a batch's samples have similar
     lengths and little of the step is spent on padding. The state (`state()` / `restore()`) is the RNG state
     at the start of the current pool and the position in it, so a resumed run draws the same batches.
@@ -466,17 +469,12 @@ class BatchStream:
     about 0.2 s). Worker w draws with its own `Batcher` (`make(w)`), and the batches are served in turn (worker 0,
     1, ..., 0, ...), so a run with the same seed and number of workers draws the same batches, and `state()` (each
     worker's Batcher state after its last batch served) resumes exactly: `BatchStream(make, size, workers,
-    state)`. The workers are forked when the stream is made: make it while the model is still on the CPU.
-
-    Raises: SystemExit (one line) when `state` was saved with another number of workers.
+    state)`, with the `state()` of a stream of as many workers. The workers are forked when the stream is made:
+    make it while the model is still on the CPU.
     """
 
     def __init__(self, make, size: int, workers: int, state: dict | None = None):
-        states = (state or {}).get("workers") or [None] * workers
-        if len(states) != workers:
-            raise SystemExit(f"train-target: the checkpoint was drawn by {len(states)} workers; resume with "
-                             f"--workers {len(states)}")
-        self.states = list(states)
+        self.states = list((state or {}).get("workers") or [None] * workers)
         loader = torch.utils.data.DataLoader(_Draws(make, size, self.states), batch_size=None, num_workers=workers,
                                              prefetch_factor=4, persistent_workers=True)
         self.it = iter(loader)
@@ -958,6 +956,7 @@ def main(argv=None):
     language = [p for p in model.parameters() if id(p) not in seen]
     params = vision + language
     opt = torch.optim.AdamW([{"params": vision}, {"params": language}], lr=a.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
     def make_batcher(seed: int) -> Batcher:
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
                        restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind)
@@ -1012,8 +1011,8 @@ def main(argv=None):
     state = torch.load(ckpt, weights_only=False, map_location="cpu") if a.resume and os.path.exists(ckpt) else None
     if state is not None and "batcher" not in state:
         raise SystemExit(f"train-target: {ckpt} was written by an older version; start a new --out or drop --resume")
-    if state is not None and ("workers" in state["batcher"]) != (a.workers > 0):
-        drawn = len(state["batcher"]["workers"]) if "workers" in state["batcher"] else 0
+    drawn = len(state["batcher"].get("workers", [])) if state is not None else a.workers
+    if drawn != a.workers:
         raise SystemExit(f"train-target: {ckpt} was drawn with --workers {drawn}; resume with --workers {drawn}")
     if a.workers:  # forked now, while the model is on the CPU: the workers only draw
         batcher = BatchStream(lambda w: make_batcher(a.seed * 1000 + w), a.batch, a.workers,
