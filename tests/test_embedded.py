@@ -358,7 +358,6 @@ def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsy
 
 def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each_object():
     import numpy as np
-    import torch
 
     from sparrow.synthetic.train_target import Batcher, is_hard
     from sparrow.synthetic.world import make_clip, plan_clip
@@ -394,9 +393,12 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
         s = b.sample()
         if int(s["grid"][0, 0]) * 2 >= 4:
             assert tok.decode(s["ids"]).count("What happens to the") >= 2
-    # hard=0 draws exactly the batches it drew before the option existed (no extra random draws)
-    plain, zero = Batcher(target, seed=11, pool=1), Batcher(target, seed=11, pool=1, hard=0.0)
-    assert all(torch.equal(plain.sample()["ids"], zero.sample()["ids"]) for _ in range(3))
+    # hard=0 (the default) draws the samples drawn before the option existed: the first three of seed 11 as the
+    # code before it drew them (token count, sum and sum of squares mod 1000003)
+    plain = Batcher(target, seed=11, pool=1)
+    seen = [(len(ids), int(ids.sum()), int((ids * ids).sum() % 1000003)) for ids in
+            (plain.sample()["ids"] for _ in range(3))]
+    assert seen == [(271, 39179, 364730), (132, 15589, 85873), (171, 9844, 514435)]
 
 
 def test_train_target_draws_in_worker_processes_and_resumes_exactly(tmp_path, monkeypatch):
