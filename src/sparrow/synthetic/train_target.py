@@ -303,6 +303,9 @@ def build_model(tokenizer, seed: int):
     return model
 
 
+HARD_KINDS = ("multi-event", "multi")  # what `is_hard` and --hard-kind take
+
+
 def is_hard(plan: dict, kind: str = "multi-event") -> bool:
     """A scene whose events the target gets wrong most: two or more objects ("multi") and at least one event
     ("multi-event"). Stage 1k, on 200 held-out clips at 512 visual tokens, wrote the events of 0.73 of the
@@ -313,9 +316,6 @@ def is_hard(plan: dict, kind: str = "multi-event") -> bool:
     if kind not in HARD_KINDS:
         raise ValueError(f"is_hard: kind {kind!r} is not one of {HARD_KINDS}")
     return len(plan["objects"]) >= 2 and (kind == "multi" or len(plan["events"]) >= 1)
-
-
-HARD_KINDS = ("multi-event", "multi")
 
 
 class Batcher:
