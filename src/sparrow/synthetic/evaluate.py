@@ -219,11 +219,14 @@ def summarise(rows: list[dict]) -> dict:
     scene ("objects/events", `scene`) where the rows record it (evaluation files written before it do not)."""
     out = {**{k: float(np.mean([r[k] for r in rows])) for k in KEYS}, "clips": len(rows),
            "distinct_texts": len({r["text"] for r in rows}), "visual_tokens": rows[0]["visual_tokens"]}
-    kinds = sorted({r["scene"] for r in rows if "scene" in r})
-    if kinds:
-        out["by_scene"] = {k: {**{m: float(np.mean([r[m] for r in rows if r.get("scene") == k]))
+    groups: dict = {}
+    for r in rows:
+        if "scene" in r:
+            groups.setdefault(r["scene"], []).append(r)
+    if groups:
+        out["by_scene"] = {k: {**{m: float(np.mean([r[m] for r in g]))
                                   for m in ("attributes", "count", "colour", "shape", "motion", "events")},
-                               "clips": sum(r.get("scene") == k for r in rows)} for k in kinds}
+                               "clips": len(g)} for k, g in sorted(groups.items())}
     return out
 
 
