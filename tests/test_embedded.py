@@ -435,3 +435,21 @@ def test_train_target_draws_in_worker_processes_and_resumes_exactly(tmp_path, mo
     for bad, message in ((["--device", "cuda:x"], "is not a device"), (["--workers", "-1"], "give 0")):
         with pytest.raises(SystemExit, match=message):
             train_target.main(["--out", str(tmp_path / "bad"), "--steps", "1", *bad])
+
+
+def test_export_splits_the_weights_into_files_of_the_size_asked_and_loads_back(tmp_path):
+    import glob
+
+    import torch
+
+    from sparrow.synthetic.train_target import export, main
+
+    target = sparrow.load_target()
+    out = str(tmp_path / "export")
+    export(target.model, target.tokenizer, out, {}, shard_mb=8)
+    shards = glob.glob(os.path.join(out, "*.safetensors"))
+    assert len(shards) == 3 and all(os.path.getsize(f) <= 8e6 for f in shards)  # 21.6 MB of bf16 weights
+    back = dict(sparrow.load_target(out).model.named_parameters())
+    assert all(torch.equal(p.to(torch.bfloat16), back[k].to(torch.bfloat16)) for k, p in target.model.named_parameters())
+    with pytest.raises(SystemExit, match="--export-shard-mb 0: give a size of 1 MB or more"):
+        main(["--out", str(tmp_path / "run"), "--export-shard-mb", "0"])

@@ -795,13 +795,15 @@ def video_preprocessor_config() -> dict:
             "do_normalize": True}
 
 
-def export(model, tokenizer, out: str, wording: dict | None = None) -> None:
+def export(model, tokenizer, out: str, wording: dict | None = None, shard_mb: int | None = None) -> None:
     """save_pretrained in bf16 (the shipped default stays small), with the tokenizer, the video preprocessor
     config (`video_preprocessor_config`) and the description wording it was trained on (`describe`'s options, in
-    `text.WORDING_FILE`, read back by `text.target_wording`); loads back in fp32 on CPU."""
+    `text.WORDING_FILE`, read back by `text.target_wording`); loads back in fp32 on CPU. `shard_mb` splits the
+    weights into safetensors files of at most that many megabytes (HF's sharded format, which `load_target`
+    reads as it reads one file): for carrying an export off a machine that limits the size of a file."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.to(torch.bfloat16).save_pretrained(tmp)
+    model.to(torch.bfloat16).save_pretrained(tmp, **({"max_shard_size": f"{shard_mb}MB"} if shard_mb else {}))
     model.to(torch.float32)
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "video_preprocessor_config.json"), "w") as f:
@@ -830,6 +832,8 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--export", help="write the trained model here (save_pretrained, bf16)")
+    ap.add_argument("--export-shard-mb", type=int, default=None, metavar="MB",
+                    help="split the exported weights into files of at most MB megabytes (default: one file)")
     ap.add_argument("--layers", type=int, default=TEXT["layers"],
                     help="text layers (the default target: 12; its small sibling for HF assisted generation: 2)")
     ap.add_argument("--tokenizer", help="reuse this tokenizer directory (e.g. the target's, for a sibling model)")
@@ -923,6 +927,8 @@ def main(argv=None):
         raise SystemExit(f"train-target: --workers {a.workers}: give 0 (draw in the training process) or more")
     if not 0 <= a.hard <= 1:
         raise SystemExit(f"train-target: --hard {a.hard} is not a share; give a number from 0 to 1")
+    if a.export_shard_mb is not None and a.export_shard_mb < 1:
+        raise SystemExit(f"train-target: --export-shard-mb {a.export_shard_mb}: give a size of 1 MB or more")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
     TEXT["layers"] = a.layers
@@ -1099,7 +1105,7 @@ def main(argv=None):
     bar.close()
     if a.export:
         model.eval()
-        export(model.cpu(), tokenizer, a.export, wording)
+        export(model.cpu(), tokenizer, a.export, wording, a.export_shard_mb)
         print(f"exported to {a.export}")
 
 
