@@ -112,3 +112,20 @@ def test_sparrow_draft_cache_holds_text_only(ckpt_dir):
         runner.prefill(inputs["input_ids"][0], pre, 5)
         assert runner.cache.committed == expected  # prompt entries 1..L-1 kept + the first new token
     assert n_vis > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_deprecation_warning_reaches_the_user(ckpt_dir, family):
+    """Prefill, verify and decode call the HF forward with the argument names this transformers version takes
+    (e.g. `cache`, which replaced `past_key_values` in 5.2x), so a user sees no FutureWarning from them."""
+    import warnings
+
+    target = get_target(ckpt_dir, family, 0)
+    inputs = prepare(target, clip(4))
+    draft = sparrow.init_draft(target, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in ("sparrow", "ar"):
+            sparrow.generate(target, draft if method != "ar" else None, inputs, max_new_tokens=8, method=method)
+    bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not bad, f"deprecation warnings: {bad}"

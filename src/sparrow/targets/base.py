@@ -10,6 +10,7 @@ A `Target` wraps a HF `...ForConditionalGeneration` model through its public for
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -81,6 +82,10 @@ class Target:
         self.config = model.config
         self.text_config = model.config.get_text_config()
         self.rope_delta = 0  # set by prefill: position of a new token = cache length + rope_delta
+        # transformers renamed the forward's `past_key_values` to `cache` (deprecated from 5.2x on); pass the name
+        # this version takes, so that no deprecation warning reaches the user
+        params = inspect.signature(model.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -234,7 +239,7 @@ class Target:
         try:
             kwargs = {k: v for k, v in inputs.items() if k != "position_ids"}
             out = self.model.model(**kwargs, position_ids=self._prompt_position_ids(positions),
-                                   past_key_values=cache, use_cache=True)
+                                   **{self._cache_kw: cache}, use_cache=True)
         finally:
             for h in hooks:
                 h.remove()
@@ -270,7 +275,7 @@ class Target:
             mask = torch.ones(1, 1, q, n + q, dtype=torch.bool, device=tokens.device)
             mask[0, 0, :, n:] = tree_mask
         out = self.model.model(input_ids=tokens.view(1, q), position_ids=self.position_ids(pos),
-                               attention_mask=mask, past_key_values=cache, use_cache=True)
+                               attention_mask=mask, **{self._cache_kw: cache}, use_cache=True)
         hidden = out.last_hidden_state[0]
         return self.lm_head(hidden).float(), hidden
 
