@@ -94,7 +94,7 @@ def main():
             # HF default
             dc = DynamicCache(config=hf.config)
             pos, _ = ours.prompt_positions(inputs)
-            hf.model(**{k: v for k, v in inputs.items()}, position_ids=pos.unsqueeze(1), past_key_values=dc,
+            hf.model(**{k: v for k, v in inputs.items()}, position_ids=pos.unsqueeze(1), **{ours._cache_kw: dc},
                      use_cache=True)
 
             def hf_step(q):
@@ -107,7 +107,7 @@ def main():
 
                 def run():
                     out = hf.model(input_ids=torch.zeros(1, q, dtype=torch.long), position_ids=p, attention_mask=mask,
-                                   past_key_values=dc, use_cache=True)
+                                   **{ours._cache_kw: dc}, use_cache=True)
                     hf.lm_head(out.last_hidden_state)
                     dc.crop(-q)
                 return run

@@ -9,12 +9,15 @@ For each context length (visual tokens + ~80 text tokens in the KV cache), throu
 - the draft's time per cycle (EAGLE-2 tree of top-k 8, depth 5, N tokens, plus the catch-up on 4 accepted
   tokens) in `sparrow` mode (text-only cache) and `eagle` mode (every visual position cached);
 - the projected DSR for tau = 3, 4, 5: tau x decode step / (draft cycle + verify).
-Writes JSON and a markdown table. Any CUDA machine; `--shape tiny` runs a small model on CPU (smoke test).
+Writes JSON and a markdown table. Any CUDA machine; `--shape tiny` runs a small model on CPU (smoke test). The
+lengths are measured one after another, so on a CPU machine drift can pass for a length effect on the draft:
+`draft_cycle.py` measures that with the lengths interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -37,6 +40,9 @@ SHAPES = {  # Qwen2.5-VL-7B-Instruct text config; vision is irrelevant to decodi
                  num_key_value_heads=2, vocab_size=1024),
 }
 TEXT_TOKENS = 80  # system prompt, question and template around the video
+# transformers renamed the forward's `past_key_values` to `cache` in 5.2x
+CACHE_KW = "cache" if "cache" in inspect.signature(
+    __import__("transformers").Qwen2_5_VLModel.forward).parameters else "past_key_values"
 
 
 def build_target(shape: str, device, dtype):
@@ -79,13 +85,13 @@ def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype)
     for s in range(0, L, 8192):  # prefill in chunks (random inputs: only the cache contents matter)
         e = min(L, s + 8192)
         lm(inputs_embeds=torch.randn(1, e - s, H, device=device, dtype=dtype), position_ids=pos[:, :, s:e],
-           past_key_values=cache, use_cache=True)
+           **{CACHE_KW: cache}, use_cache=True)
     n = cache.length
 
     def forward(q: int, mask):
         p = torch.arange(n, n + q, device=device).view(1, 1, q).expand(3, 1, q)
         out = lm(input_ids=torch.zeros(1, q, dtype=torch.long, device=device), position_ids=p, attention_mask=mask,
-                 past_key_values=cache, use_cache=True)
+                 **{CACHE_KW: cache}, use_cache=True)
         model.lm_head(out.last_hidden_state)
         cache.truncate(n)
 

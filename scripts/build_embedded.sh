@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch (fixed seeds): the target, its example clips, its drafts, and the
-# measurements quoted in the README. About 14.5 hours on 2 CPU cores, 2 hours of it after the target. Run from the
+# measurements quoted in the README. About 15.5 hours on 2 CPU cores, 2 hours of it after the target. Run from the
 # repository root:
 #   bash scripts/build_embedded.sh [RUN_DIR]          # everything
 #   FROM=2 bash scripts/build_embedded.sh [RUN_DIR]   # keep the shipped target: its drafts and measurements
@@ -15,9 +15,10 @@ FROM=${FROM:-1}  # the first stage to run: 2 keeps the shipped target, 4 only me
 mkdir -p "$RUN"
 
 # 1. the target (Qwen2.5-VL class, ~11M parameters) on the synthetic world: a chain of resumable runs, every stop
-#    fixed by a step count (--until) so that a rerun draws the same batches. About 12.5 hours: 1a about 2 hours at
+#    fixed by a step count (--until) so that a rerun draws the same batches. About 13.5 hours: 1a about 2 hours at
 #    the current data mix (~2 s per step; the shipped weights' 1a ran an older, lighter mix in 82 minutes), 1b, 1c,
-#    1d, 1e and 1f about an hour each, 1g 80 minutes, 1h about 2 hours, 1i 50 minutes, 1k 55 minutes, 1v 30 minutes.
+#    1d, 1e and 1f about an hour each, 1g 80 minutes, 1h about 2 hours, 1i 50 minutes, 1k 55 minutes, 1v 30 minutes,
+#    1w 30 minutes, 1x 35 minutes.
 if [ "$FROM" -le 1 ]; then
   # 1a. from random weights: conversations about 2-32-frame clips, dense vision probe on the merged visual tokens
   $SPARROW train-target --out "$RUN/target1" --steps 3600 --resume --export "$RUN/target1_export"
@@ -85,7 +86,13 @@ if [ "$FROM" -le 1 ]; then
   # 1v. 300 more steps of the language loss alone (no probes), lr 3e-4, new clips (--seed 27). 30 minutes. (Stages
   #     1l-1u, aids to the event decision and more multi-object clips, were not shipped: see the README.)
   $SPARROW train-target --out "$RUN/target11" --init "$RUN/target10_export" --seed 27 --steps 300 --lr 3e-4 \
-    --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target_export"
+    --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target11_export"
+  # 1w. the same once more from 1v's weights, new clips (--seed 28). 30 minutes.
+  $SPARROW train-target --out "$RUN/target12" --init "$RUN/target11_export" --seed 28 --steps 300 --lr 3e-4 \
+    --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target12_export"
+  # 1x. 300 steps at a third of the learning rate, new clips (--seed 29). 35 minutes.
+  $SPARROW train-target --out "$RUN/target13" --init "$RUN/target12_export" --seed 29 --steps 300 --lr 1e-4 \
+    --warmup 10 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target_export"
   rm -rf "$ASSETS/target" && cp -r "$RUN/target_export" "$ASSETS/target"
   $PY -m sparrow.synthetic.examples --out "$ASSETS/clips"
 fi

@@ -24,8 +24,8 @@ same end to end (prefill included); DSR / tau = the share of the ideal speedup r
 verification as cheap as a decode step would give DSR = tau).
 
 Tree: `--tree auto` picks the draft-tree size per method and bucket from measurements on this machine (EAGLE-2's
-auto configuration): tau(N) and draft time per cycle from a short calibration run for each candidate size N
-(on a clip of at most 1000 visual tokens),
+auto configuration): tau(N) and draft time per cycle from short calibration runs for each candidate size N
+(on the first 3 clips of at most 1000 visual tokens, pooled),
 and the target's verify time for N + 1 tokens measured at each bucket's context length; the size with the most
 expected tokens per second, tau(N) / (draft(N) + verify(N)), wins. `--tree K,D,N` fixes it.
 
@@ -52,7 +52,8 @@ from .tree import TreeConfig, tree_from_parents
 
 DEFAULT_BUCKETS = (500, 1500, 3000, 8000)
 TREE_CANDIDATES = (4, 8, 16, 30, 48)
-CALIBRATION_TOKENS = 1000  # the tree calibration runs on a clip of at most this many visual tokens
+CALIBRATION_TOKENS = 1000  # the tree calibration runs on clips of at most this many visual tokens
+CALIBRATION_SAMPLES = 3  # ... the first (at most) 3 of that length
 SIDE = 224  # synthetic frames (and the pixel budget of real ones): 64 visual tokens per 2 frames on Qwen-VL
 
 
@@ -259,17 +260,22 @@ def tree_for(size: int) -> TreeConfig:
     return TreeConfig(top_k=8, depth=6 if size > 40 else 5, tokens=size)
 
 
-def calibrate(target, methods: list[Method], inputs: dict, sizes, max_new_tokens: int) -> dict:
-    """Per speculative method and tree size: tau and draft seconds per cycle from one greedy run."""
+def calibrate(target, methods: list[Method], inputs: list[dict], sizes, max_new_tokens: int) -> dict:
+    """Per speculative method and tree size: tau and draft seconds per cycle, pooled over the cycles of one greedy
+    run per calibration input (tau of one short answer swings by +-0.5, enough to flip the choice)."""
     out = {}
     for m in methods:
         if m.kind != "spec":
             continue
         out[m.name] = {}
         for N in sizes:
-            s = generate(target, m.draft, inputs, max_new_tokens=max_new_tokens, method=m.mode, tree=tree_for(N)).stats
-            cycles = max(1, len(s.accept_lengths))
-            out[m.name][N] = {"tau": s.tau, "draft_s": (s.draft_s - s.draft_prefill_s) / cycles}
+            tokens = cycles = 0
+            draft_s = 0.0
+            for inp in inputs:
+                s = generate(target, m.draft, inp, max_new_tokens=max_new_tokens, method=m.mode, tree=tree_for(N)).stats
+                tokens, cycles = tokens + sum(s.accept_lengths), cycles + len(s.accept_lengths)
+                draft_s += s.draft_s - s.draft_prefill_s
+            out[m.name][N] = {"tau": tokens / max(1, cycles), "draft_s": draft_s / max(1, cycles)}
     return out
 
 
@@ -433,7 +439,7 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
     calib = None
     if tree == "auto" and any(m.kind == "spec" for m in methods):
         cal_frames = frames_for(target, min(min(buckets), CALIBRATION_TOKENS))  # tau(N) barely depends on length
-        cal_inputs = build_inputs(target, samples_for(cal_frames)[0], cal_frames)
+        cal_inputs = [build_inputs(target, x, cal_frames) for x in samples_for(cal_frames)[:CALIBRATION_SAMPLES]]
         calib = calibrate(target, methods, cal_inputs, TREE_CANDIDATES, min(64, max_new_tokens))
     total = sum(len(s) for s in bucket_samples.values()) * len(methods)
     bar = tqdm(total=total, initial=len(done), desc="bench", disable=not progress, dynamic_ncols=True)

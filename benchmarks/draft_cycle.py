@@ -1,0 +1,163 @@
+"""Does the sparrow draft's time per cycle depend on the video length? Measured with the lengths interleaved.
+
+    python benchmarks/draft_cycle.py [--visual-tokens 512,8192,25088] [--tree-tokens 8] [--repeats 200]
+                                     [--shape tiny|7b] [--out benchmarks/results/draft_cycle_cpu]
+
+One target (random weights, `gpu_timing.SHAPES`) with one KV cache per length (visual tokens + ~80 text tokens),
+and one sparrow-mode `DraftRunner` per length, fed as in generation. Each repeat visits every length in turn and
+times one draft cycle (EAGLE-2 tree of top-k 8, depth 5, N tokens, then the catch-up on 4 accepted tokens):
+- alone: the draft's own work. Its cache holds the same text entries at every length (VATA), so this should not
+  move with the length; timing the lengths one after another instead of interleaved lets machine drift pass for a
+  length effect;
+- after a verification: the target's forward over N + 1 tree tokens against the whole cache runs first (untimed),
+  as it does in generation. On a CPU that pass streams the whole KV cache (about 300 MB at 25k visual tokens for
+  the tiny shape in fp32) through the CPU caches and evicts the draft's weights, so the next cycle starts cold.
+Medians in milliseconds; writes JSON and a markdown table. CPU (fp32) or CUDA (bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from gpu_timing import CACHE_KW, SHAPES, TEXT_TOKENS, build_target
+from sparrow.cache import KVCache
+from sparrow.draft import DraftConfig, SparrowDraft
+from sparrow.generate import DraftRunner
+from sparrow.targets.base import Prefill
+from sparrow.tree import TreeConfig, build_tree, tree_from_parents
+
+
+def make_draft(model, device, dtype) -> SparrowDraft:
+    tc = model.config.text_config
+    H = tc.hidden_size
+    cfg = DraftConfig(family="qwen2_5_vl", hidden_size=H, intermediate_size=tc.intermediate_size,
+                      num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
+                      head_dim=H // tc.num_attention_heads, vocab_size=tc.vocab_size,
+                      mrope_section=list(tc.rope_parameters["mrope_section"]), target_num_layers=tc.num_hidden_layers,
+                      mid_layer=tc.num_hidden_layers // 2)
+    draft = SparrowDraft(cfg).to(device=device, dtype=dtype).eval()
+    draft._frozen = (model.model.language_model.embed_tokens, model.lm_head)
+    return draft
+
+
+class Length:
+    """One context length: the target's KV cache (random prompt), a verification closure and a draft runner."""
+
+    def __init__(self, model, draft, visual: int, N: int, device, dtype):
+        H = model.config.text_config.hidden_size
+        L = visual + TEXT_TOKENS
+        lm = model.model
+        self.cache = KVCache(model.config.text_config.num_hidden_layers, L + N + 16)
+        pos = torch.arange(L, device=device).view(1, 1, L).expand(3, 1, L)
+        for s in range(0, L, 8192):
+            e = min(L, s + 8192)
+            lm(inputs_embeds=torch.randn(1, e - s, H, device=device, dtype=dtype), position_ids=pos[:, :, s:e],
+               **{CACHE_KW: self.cache}, use_cache=True)
+        n = self.cache.length
+        g = torch.Generator().manual_seed(0)
+        parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N + 1)])
+        t = tree_from_parents(torch.zeros(N + 1, dtype=torch.long), parents)
+        mask = torch.ones(1, 1, N + 1, n + N + 1, dtype=torch.bool, device=device)
+        mask[0, 0, :, n:] = t.mask.to(device)
+        vpos = torch.arange(n, n + N + 1, device=device).view(1, 1, -1).expand(3, 1, -1)
+        ids = torch.zeros(1, N + 1, dtype=torch.long, device=device)
+
+        def verify():
+            out = lm(input_ids=ids, position_ids=vpos, attention_mask=mask, **{CACHE_KW: self.cache}, use_cache=True)
+            model.lm_head(out.last_hidden_state)
+            self.cache.truncate(n)
+
+        self.verify = verify
+        vis = torch.zeros(L, dtype=torch.bool, device=device)
+        vis[TEXT_TOKENS // 2: TEXT_TOKENS // 2 + visual] = True
+        pre = Prefill(logits=torch.zeros(model.config.text_config.vocab_size, device=device),
+                      hidden_top=torch.randn(L, H, device=device, dtype=dtype), hidden_mid=None, input_embeds=None,
+                      positions=torch.arange(L, device=device).expand(3, -1), visual_mask=vis)
+        self.tree = TreeConfig(top_k=8, depth=5, tokens=N)
+        self.runner = DraftRunner(draft, SimpleNamespace(device=device, dtype=dtype, rope_delta=0), pre, "sparrow",
+                                  64, self.tree)
+        self.logp = self.runner.prefill(torch.zeros(L, dtype=torch.long, device=device), pre, 0)
+        self.acc = torch.zeros(4, dtype=torch.long, device=device)
+        self.hidden = torch.randn(4, H, device=device, dtype=dtype)
+        self.index = L + 1
+
+    def cycle(self):
+        build_tree(0, self.logp, self.runner.expand, self.tree)
+        self.logp = self.runner.catch_up(self.acc, self.hidden, self.index)
+        c = self.runner.cache  # forget the 4 caught-up entries: every cycle sees the same cache
+        c.committed -= 4
+        c.length = c.committed
+
+
+def timed_ms(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+@torch.inference_mode()
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--visual-tokens", default="512,8192,25088")
+    ap.add_argument("--tree-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--shape", choices=list(SHAPES), default="tiny")
+    ap.add_argument("--out", default="benchmarks/results/draft_cycle_cpu")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if a.shape == "7b" and device.type != "cuda":
+        raise SystemExit("the 7b shape needs a CUDA device; use --shape tiny on a CPU")
+    torch.manual_seed(0)
+    model = build_target(a.shape, device, dtype)
+    draft = make_draft(model, device, dtype)
+    visual = [int(x) for x in a.visual_tokens.split(",")]
+    lengths = {v: Length(model, draft, v, a.tree_tokens, device, dtype) for v in visual}
+    alone = {v: [] for v in visual}
+    after = {v: [] for v in visual}
+    for r in range(a.repeats + 5):  # the first 5 rounds warm up
+        for v in visual[r % len(visual):] + visual[: r % len(visual)]:
+            x = lengths[v]
+            t_alone = timed_ms(x.cycle, device)
+            x.verify()
+            t_after = timed_ms(x.cycle, device)
+            if r >= 5:
+                alone[v].append(t_alone)
+                after[v].append(t_after)
+    rows = [{"visual_tokens": v, "draft_alone_ms": round(statistics.median(alone[v]), 3),
+             "draft_after_verify_ms": round(statistics.median(after[v]), 3)} for v in visual]
+    base = rows[0]
+    for row in rows:
+        for k in ("draft_alone_ms", "draft_after_verify_ms"):
+            row[k.replace("_ms", "_vs_first")] = round(row[k] / base[k], 3)
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+            "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": str(dtype), "shape": a.shape,
+            "tree_tokens": a.tree_tokens, "repeats": a.repeats, "mode": "sparrow"}
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+    with open(a.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = [f"{meta['device']}, {a.shape} target, {dtype}, sparrow draft, tree of {a.tree_tokens} tokens; ms per "
+             f"cycle (medians of {a.repeats}, lengths interleaved)", "",
+             "| visual tokens | draft alone | vs first | draft after a verification | vs first |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['visual_tokens']} | {row['draft_alone_ms']:.2f} | {row['draft_alone_vs_first']:.2f}x | "
+                     f"{row['draft_after_verify_ms']:.2f} | {row['draft_after_verify_vs_first']:.2f}x |")
+    with open(a.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
