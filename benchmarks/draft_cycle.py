@@ -22,30 +22,15 @@ import json
 import os
 import platform
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
 
-from gpu_timing import CACHE_KW, SHAPES, TEXT_TOKENS, build_target
+from gpu_timing import CACHE_KW, SHAPES, TEXT_TOKENS, build_target, device_for, make_draft, once_ms
 from sparrow.cache import KVCache
-from sparrow.draft import DraftConfig, SparrowDraft
 from sparrow.generate import DraftRunner
 from sparrow.targets.base import Prefill
 from sparrow.tree import TreeConfig, build_tree, tree_from_parents
-
-
-def make_draft(model, device, dtype) -> SparrowDraft:
-    tc = model.config.text_config
-    H = tc.hidden_size
-    cfg = DraftConfig(family="qwen2_5_vl", hidden_size=H, intermediate_size=tc.intermediate_size,
-                      num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
-                      head_dim=H // tc.num_attention_heads, vocab_size=tc.vocab_size,
-                      mrope_section=list(tc.rope_parameters["mrope_section"]), target_num_layers=tc.num_hidden_layers,
-                      mid_layer=tc.num_hidden_layers // 2)
-    draft = SparrowDraft(cfg).to(device=device, dtype=dtype).eval()
-    draft._frozen = (model.model.language_model.embed_tokens, model.lm_head)
-    return draft
 
 
 class Length:
@@ -97,16 +82,6 @@ class Length:
         c.length = c.committed
 
 
-def timed_ms(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) * 1e3
-
-
 @torch.inference_mode()
 def main():
     ap = argparse.ArgumentParser()
@@ -116,10 +91,7 @@ def main():
     ap.add_argument("--shape", choices=list(SHAPES), default="tiny")
     ap.add_argument("--out", default="benchmarks/results/draft_cycle_cpu")
     a = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if a.shape == "7b" and device.type != "cuda":
-        raise SystemExit("the 7b shape needs a CUDA device; use --shape tiny on a CPU")
+    device, dtype = device_for(a.shape)
     torch.manual_seed(0)
     model = build_target(a.shape, device, dtype)
     draft = make_draft(model, device, dtype)
@@ -130,9 +102,9 @@ def main():
     for r in range(a.repeats + 5):  # the first 5 rounds warm up
         for v in visual[r % len(visual):] + visual[: r % len(visual)]:
             x = lengths[v]
-            t_alone = timed_ms(x.cycle, device)
+            t_alone = once_ms(x.cycle, device)
             x.verify()
-            t_after = timed_ms(x.cycle, device)
+            t_after = once_ms(x.cycle, device)
             if r >= 5:
                 alone[v].append(t_alone)
                 after[v].append(t_after)

@@ -45,6 +45,14 @@ CACHE_KW = "cache" if "cache" in inspect.signature(
     __import__("transformers").Qwen2_5_VLModel.forward).parameters else "past_key_values"
 
 
+def device_for(shape: str):
+    """(device, dtype): CUDA in bf16 where there is one, else the CPU in fp32 (the 7b shape needs CUDA)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if shape == "7b" and device.type != "cuda":
+        raise SystemExit("the 7b shape needs a CUDA device; use --shape tiny on a CPU")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def build_target(shape: str, device, dtype):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -60,20 +68,36 @@ def build_target(shape: str, device, dtype):
     return model.eval()
 
 
+def once_ms(fn, device) -> float:
+    """Milliseconds of one fn() call (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def timed(fn, device, repeats: int) -> float:
     """Median milliseconds of fn() over repeats (after 2 warm-up calls)."""
     for _ in range(2):
         fn()
-    ts = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return statistics.median(once_ms(fn, device) for _ in range(repeats))
+
+
+def make_draft(model, device, dtype) -> SparrowDraft:
+    """A random one-layer draft of the target's text shape, sharing its embedding and LM head (as a trained one does)."""
+    tc = model.config.text_config
+    H = tc.hidden_size
+    cfg = DraftConfig(family="qwen2_5_vl", hidden_size=H, intermediate_size=tc.intermediate_size,
+                      num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
+                      head_dim=H // tc.num_attention_heads, vocab_size=tc.vocab_size,
+                      mrope_section=list(tc.rope_parameters["mrope_section"]), target_num_layers=tc.num_hidden_layers,
+                      mid_layer=tc.num_hidden_layers // 2)
+    draft = SparrowDraft(cfg).to(device=device, dtype=dtype).eval()
+    draft._frozen = (model.model.language_model.embed_tokens, model.lm_head)
+    return draft
 
 
 @torch.inference_mode()
@@ -106,13 +130,7 @@ def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype)
 
     # the draft, through DraftRunner and build_tree as in generation
     tc = model.config.text_config
-    cfg = DraftConfig(family="qwen2_5_vl", hidden_size=H, intermediate_size=tc.intermediate_size,
-                      num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
-                      head_dim=H // tc.num_attention_heads, vocab_size=tc.vocab_size,
-                      mrope_section=list(tc.rope_parameters["mrope_section"]), target_num_layers=tc.num_hidden_layers,
-                      mid_layer=tc.num_hidden_layers // 2)
-    draft = SparrowDraft(cfg).to(device=device, dtype=dtype).eval()
-    draft._frozen = (lm.language_model.embed_tokens, model.lm_head)
+    draft = make_draft(model, device, dtype)
     vis = torch.zeros(L, dtype=torch.bool, device=device)
     vis[TEXT_TOKENS // 2: TEXT_TOKENS // 2 + visual] = True
     pre = Prefill(logits=torch.zeros(tc.vocab_size, device=device), hidden_top=torch.randn(L, H, device=device, dtype=dtype),
@@ -149,10 +167,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/gpu_timing")
     a = ap.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if a.shape == "7b" and device.type != "cuda":
-        raise SystemExit("the 7b shape needs a CUDA device; use --shape tiny for a CPU smoke run")
+    device, dtype = device_for(a.shape)
     model = build_target(a.shape, device, dtype)
     sizes = [int(x) for x in a.tree_tokens.split(",")]
     rows = []
