@@ -234,7 +234,7 @@ def build_inputs(target, sample: Sample, frames: int) -> dict:
 
 
 # ---------------------------------------------------------------- tree auto-configuration
-def verify_costs(target, inputs: dict, sizes, repeats: int = 3) -> dict[int, float]:
+def verify_costs(target, inputs: dict, sizes, repeats: int = 7) -> dict[int, float]:
     """Seconds of one target forward over N + 1 tree tokens (N in sizes; 0 = a decode step) after the prompt of
     `inputs`, medians of `repeats` runs. The tree shape does not matter for cost; a star is used."""
     cache = target.new_cache(inputs["input_ids"].shape[1] + max(sizes) + 4)
