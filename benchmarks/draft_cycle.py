@@ -26,11 +26,11 @@ from types import SimpleNamespace
 
 import torch
 
-from gpu_timing import CACHE_KW, SHAPES, TEXT_TOKENS, build_target, device_for, make_draft, once_ms
-from sparrow.cache import KVCache
+from gpu_timing import (CACHE_KW, SHAPES, TEXT_TOKENS, build_target, device_for, make_draft, once_ms,
+                        random_prompt_cache, random_tree_mask)
 from sparrow.generate import DraftRunner
 from sparrow.targets.base import Prefill
-from sparrow.tree import TreeConfig, build_tree, tree_from_parents
+from sparrow.tree import TreeConfig, build_tree
 
 
 class Length:
@@ -40,18 +40,9 @@ class Length:
         H = model.config.text_config.hidden_size
         L = visual + TEXT_TOKENS
         lm = model.model
-        self.cache = KVCache(model.config.text_config.num_hidden_layers, L + N + 16)
-        pos = torch.arange(L, device=device).view(1, 1, L).expand(3, 1, L)
-        for s in range(0, L, 8192):
-            e = min(L, s + 8192)
-            lm(inputs_embeds=torch.randn(1, e - s, H, device=device, dtype=dtype), position_ids=pos[:, :, s:e],
-               **{CACHE_KW: self.cache}, use_cache=True)
+        self.cache = random_prompt_cache(model, L, N + 16, device, dtype)
         n = self.cache.length
-        g = torch.Generator().manual_seed(0)
-        parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N + 1)])
-        t = tree_from_parents(torch.zeros(N + 1, dtype=torch.long), parents)
-        mask = torch.ones(1, 1, N + 1, n + N + 1, dtype=torch.bool, device=device)
-        mask[0, 0, :, n:] = t.mask.to(device)
+        mask = random_tree_mask(N, n, torch.Generator().manual_seed(0), device)
         vpos = torch.arange(n, n + N + 1, device=device).view(1, 1, -1).expand(3, 1, -1)
         ids = torch.zeros(1, N + 1, dtype=torch.long, device=device)
 

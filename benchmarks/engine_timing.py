@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 import sparrow
+from sparrow.targets.base import cache_kwarg
 from sparrow.tiny import make_tiny_target
 
 
@@ -93,8 +94,9 @@ def main():
             row["decode_ms_ours"] = median_ms(ours_step(1), a.repeats)
             # HF default
             dc = DynamicCache(config=hf.config)
+            ckw = cache_kwarg(hf.model.forward)
             pos, _ = ours.prompt_positions(inputs)
-            hf.model(**{k: v for k, v in inputs.items()}, position_ids=pos.unsqueeze(1), **{ours._cache_kw: dc},
+            hf.model(**{k: v for k, v in inputs.items()}, position_ids=pos.unsqueeze(1), **{ckw: dc},
                      use_cache=True)
 
             def hf_step(q):
@@ -107,7 +109,7 @@ def main():
 
                 def run():
                     out = hf.model(input_ids=torch.zeros(1, q, dtype=torch.long), position_ids=p, attention_mask=mask,
-                                   **{ours._cache_kw: dc}, use_cache=True)
+                                   **{ckw: dc}, use_cache=True)
                     hf.lm_head(out.last_hidden_state)
                     dc.crop(-q)
                 return run

@@ -17,7 +17,6 @@ lengths are measured one after another, so on a CPU machine drift can pass for a
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -26,11 +25,12 @@ import time
 from types import SimpleNamespace
 
 import torch
+from transformers import Qwen2_5_VLModel
 
 from sparrow.cache import ATTN_IMPLEMENTATION, KVCache
 from sparrow.draft import DraftConfig, SparrowDraft
 from sparrow.generate import DraftRunner
-from sparrow.targets.base import Prefill
+from sparrow.targets.base import Prefill, cache_kwarg
 from sparrow.tree import TreeConfig, build_tree, tree_from_parents
 
 SHAPES = {  # Qwen2.5-VL-7B-Instruct text config; vision is irrelevant to decoding and kept minimal
@@ -40,9 +40,7 @@ SHAPES = {  # Qwen2.5-VL-7B-Instruct text config; vision is irrelevant to decodi
                  num_key_value_heads=2, vocab_size=1024),
 }
 TEXT_TOKENS = 80  # system prompt, question and template around the video
-# transformers renamed the forward's `past_key_values` to `cache` in 5.2x
-CACHE_KW = "cache" if "cache" in inspect.signature(
-    __import__("transformers").Qwen2_5_VLModel.forward).parameters else "past_key_values"
+CACHE_KW = cache_kwarg(Qwen2_5_VLModel.forward)
 
 
 def device_for(shape: str):
@@ -100,16 +98,33 @@ def make_draft(model, device, dtype) -> SparrowDraft:
     return draft
 
 
+def random_prompt_cache(model, L: int, room: int, device, dtype) -> KVCache:
+    """A KV cache holding L prompt positions of random input embeddings (only the cache contents matter for
+    timing), prefilled in chunks of 8192, with room for `room` more entries."""
+    H = model.config.text_config.hidden_size
+    cache = KVCache(model.config.text_config.num_hidden_layers, L + room)
+    pos = torch.arange(L, device=device).view(1, 1, L).expand(3, 1, L)
+    for s in range(0, L, 8192):
+        e = min(L, s + 8192)
+        model.model(inputs_embeds=torch.randn(1, e - s, H, device=device, dtype=dtype), position_ids=pos[:, :, s:e],
+                    **{CACHE_KW: cache}, use_cache=True)
+    return cache
+
+
+def random_tree_mask(N: int, n: int, g: torch.Generator, device) -> torch.Tensor:
+    """(1, 1, N + 1, n + N + 1) bool attention mask of a random tree of N + 1 tokens after n cached entries."""
+    parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N + 1)])
+    t = tree_from_parents(torch.zeros(N + 1, dtype=torch.long), parents)
+    mask = torch.ones(1, 1, N + 1, n + N + 1, dtype=torch.bool, device=device)
+    mask[0, 0, :, n:] = t.mask.to(device)
+    return mask
+
+
 @torch.inference_mode()
 def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype) -> dict:
     H = model.config.text_config.hidden_size
     lm = model.model
-    cache = KVCache(model.config.text_config.num_hidden_layers, L + max(tree_sizes) + 16)
-    pos = torch.arange(L, device=device).view(1, 1, L).expand(3, 1, L)
-    for s in range(0, L, 8192):  # prefill in chunks (random inputs: only the cache contents matter)
-        e = min(L, s + 8192)
-        lm(inputs_embeds=torch.randn(1, e - s, H, device=device, dtype=dtype), position_ids=pos[:, :, s:e],
-           **{CACHE_KW: cache}, use_cache=True)
+    cache = random_prompt_cache(model, L, max(tree_sizes) + 16, device, dtype)
     n = cache.length
 
     def forward(q: int, mask):
@@ -122,10 +137,7 @@ def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype)
     row = {"context": L, "visual_tokens": visual, "decode_ms": timed(lambda: forward(1, None), device, repeats)}
     g = torch.Generator().manual_seed(0)
     for N in tree_sizes:
-        parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, N + 1)])
-        t = tree_from_parents(torch.zeros(N + 1, dtype=torch.long), parents)
-        mask = torch.ones(1, 1, N + 1, n + N + 1, dtype=torch.bool, device=device)
-        mask[0, 0, :, n:] = t.mask.to(device)
+        mask = random_tree_mask(N, n, g, device)
         row[f"verify_{N}_ms"] = timed(lambda: forward(N + 1, mask), device, repeats)
 
     # the draft, through DraftRunner and build_tree as in generation

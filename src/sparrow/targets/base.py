@@ -68,6 +68,12 @@ def chatml_template(video_placeholder: str, image_placeholder: str) -> str:
     )
 
 
+def cache_kwarg(forward) -> str:
+    """The name under which this transformers' model `forward` takes the KV cache: `cache` (5.2x on, where
+    `past_key_values` is deprecated with a FutureWarning) or `past_key_values` (earlier 5.x)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 class Target:
     """A loaded target video LLM (batch size 1). Subclasses implement `prepare` and `prompt_positions`."""
 
@@ -82,10 +88,7 @@ class Target:
         self.config = model.config
         self.text_config = model.config.get_text_config()
         self.rope_delta = 0  # set by prefill: position of a new token = cache length + rope_delta
-        # transformers renamed the forward's `past_key_values` to `cache` (deprecated from 5.2x on); pass the name
-        # this version takes, so that no deprecation warning reaches the user
-        params = inspect.signature(model.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model.model.forward)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
