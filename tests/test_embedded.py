@@ -366,6 +366,9 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
     assert not is_hard({"objects": [{}], "events": [{}]}) and not is_hard({"objects": [{}, {}, {}], "events": []})
     assert is_hard({"objects": [{}, {}, {}], "events": []}, "multi") and not is_hard({"objects": [{}], "events": [{}]},
                                                                                      "multi")
+    change, other = {"type": "changes colour"}, {"type": "appears"}
+    assert is_hard({"objects": [{}], "events": [other, change]}, "colour-change")
+    assert not is_hard({"objects": [{}, {}], "events": [other]}, "colour-change")
     with pytest.raises(ValueError, match="not one of"):
         is_hard({"objects": [], "events": []}, "many")
     for seed in range(5):  # the seed check reads the plan that make_clip renders
