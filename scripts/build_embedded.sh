@@ -5,14 +5,19 @@
 #   bash scripts/build_embedded.sh [RUN_DIR]          # everything
 #   FROM=2 bash scripts/build_embedded.sh [RUN_DIR]   # keep the shipped target: its drafts and measurements
 #   FROM=4 bash scripts/build_embedded.sh [RUN_DIR]   # the measurements only
+#   ASSETS=runs/check/assets RESULTS=runs/check/results bash scripts/build_embedded.sh runs/check
+#                                                      # a check of the recipe that leaves the shipped files alone
 # Each stage checkpoints or appends as it goes; rerunning the script resumes the stage that was interrupted.
 set -euo pipefail
 RUN=${1:-runs}
 PY=${PY:-.venv/bin/python}
 SPARROW=${SPARROW:-.venv/bin/sparrow}
-ASSETS=src/sparrow/assets
+ASSETS=${ASSETS:-src/sparrow/assets}  # where the target, clips, drafts and assistant go
+RESULTS=${RESULTS:-benchmarks/results}  # where the measurements go
 FROM=${FROM:-1}  # the first stage to run: 2 keeps the shipped target, 4 only measures
-mkdir -p "$RUN"
+mkdir -p "$RUN" "$ASSETS" "$RESULTS"
+T="$ASSETS/target"
+DRAFTS="sparrow=$ASSETS/drafts/sparrow,eagle=$ASSETS/drafts/eagle,no_mtp=$ASSETS/drafts/no_mtp,no_ivsb=$ASSETS/drafts/no_ivsb"
 
 # 1. the target (Qwen2.5-VL class, ~11M parameters) on the synthetic world: a chain of resumable runs, every stop
 #    fixed by a step count (--until) so that a rerun draws the same batches. About 13.5 hours: 1a about 2 hours at
@@ -94,7 +99,7 @@ if [ "$FROM" -le 1 ]; then
   $SPARROW train-target --out "$RUN/target13" --init "$RUN/target12_export" --seed 29 --steps 300 --lr 1e-4 \
     --warmup 10 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target_export"
   rm -rf "$ASSETS/target" && cp -r "$RUN/target_export" "$ASSETS/target"
-  $PY -m sparrow.synthetic.examples --out "$ASSETS/clips"
+  $PY -m sparrow.synthetic.examples --out "$ASSETS/clips" --target "$T"
 fi
 
 if [ "$FROM" -le 3 ]; then
@@ -103,21 +108,21 @@ if [ "$FROM" -le 3 ]; then
   #    in another order, with other 4 held out; the clips and answers are the same.)
   [ -f "$RUN/synth/train.jsonl" ] || $PY -m sparrow.synthetic.dataset --out "$RUN/synth" --clips 1200
   for i in 0 1; do
-    OMP_NUM_THREADS=1 $SPARROW regenerate --data "$RUN/synth/train.jsonl" --out "$RUN/synth/regen$i.jsonl" \
+    OMP_NUM_THREADS=1 $SPARROW regenerate --target "$T" --data "$RUN/synth/train.jsonl" --out "$RUN/synth/regen$i.jsonl" \
       --shard "$i/2" --max-new-tokens 160 &
   done
   wait
   cat "$RUN/synth/regen0.jsonl" "$RUN/synth/regen1.jsonl" > "$RUN/synth/regen.jsonl"
 
   # 3. the two shipped drafts, trained side by side (1 thread each, about 8 minutes)
-  OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_sparrow" \
+  OMP_NUM_THREADS=1 $SPARROW train-draft --target "$T" --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_sparrow" \
     --config configs/sparrow.json --steps 300 --batch 6 --warmup 10 --save-every 25 --resume &
-  OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_eagle" \
+  OMP_NUM_THREADS=1 $SPARROW train-draft --target "$T" --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_eagle" \
     --config configs/eagle.json --steps 300 --batch 6 --warmup 10 --save-every 25 --resume &
   wait
   # the ablation drafts of the benchmark (same recipe, one switch each), then the 2-layer assistant for hf-assisted
   for m in no_mtp no_ivsb; do
-    OMP_NUM_THREADS=1 $SPARROW train-draft --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_$m" \
+    OMP_NUM_THREADS=1 $SPARROW train-draft --target "$T" --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_$m" \
       --config configs/ablation_$m.json --steps 300 --batch 6 --warmup 10 --save-every 25 --eval-samples 0 --resume &
   done
   wait
@@ -129,11 +134,15 @@ if [ "$FROM" -le 3 ]; then
   rm -rf "$ASSETS/assistant" && cp -r "$RUN/assistant_export" "$ASSETS/assistant"
 fi
 
-# 4. measurements
-$SPARROW evaluate-target --target "$ASSETS/target" --draft "$ASSETS/drafts/sparrow" --buckets 512,1536,3072,8192 \
-  --clips 200,200,200,200 --long-buckets 25088 --long-clips 20 --blank-clips 50 --resume --out benchmarks/results/target_eval
-$SPARROW bench --visual-tokens 500,1500,3000,8000 --synthetic 3 --max-new-tokens 128 \
-  --methods ar,sparrow,eagle,no_mtp,no_ivsb,sparrow:absolute,hf-assisted --out benchmarks/results/bench_cpu
-$SPARROW bench --visual-tokens 25000 --synthetic 1 --max-new-tokens 128 --methods ar,sparrow,eagle \
-  --out benchmarks/results/bench_cpu_25k
-$SPARROW analyze --visual-tokens 500,3000 --clips 2 --max-new-tokens 64 --out benchmarks/results/analyze_cpu
+# 4. measurements (the files the README quotes)
+$SPARROW evaluate-target --target "$T" --draft "$ASSETS/drafts/sparrow" --buckets 512,1536,3072,8192 \
+  --clips 200,200,200,200 --long-buckets 25088 --long-clips 20 --blank-clips 50 --resume --out "$RESULTS/target_eval"
+B=(--target "$T" --drafts "$DRAFTS" --assistant "$ASSETS/assistant" --max-new-tokens 128)
+$SPARROW bench "${B[@]}" --visual-tokens 500,1500,3000,8000 --synthetic 10 \
+  --methods ar,sparrow,eagle,no_mtp,no_ivsb,sparrow:absolute,hf-assisted --out "$RESULTS/bench_cpu"
+$SPARROW bench "${B[@]}" --visual-tokens 25000 --synthetic 2 --methods ar,sparrow,eagle --out "$RESULTS/bench_cpu_25k"
+# tau of the four drafts on one fixed tree (30 tokens), 12 clips a bucket
+$SPARROW bench "${B[@]}" --visual-tokens 500,3000 --synthetic 12 --tree 8,5,30 \
+  --methods ar,sparrow,eagle,no_mtp,no_ivsb --out "$RESULTS/bench_tau_cpu"
+$SPARROW analyze --target "$T" --draft "$ASSETS/drafts/eagle" --visual-tokens 500,3000 --clips 2 --max-new-tokens 64 \
+  --out "$RESULTS/analyze_cpu"

@@ -57,6 +57,32 @@ def test_example_clips_ship_with_truth():
         assert v.frames.shape[1:3] == (truth["height"], truth["width"])
 
 
+def test_train_target_stopped_by_a_signal_exits_nonzero_without_exporting(tmp_path, monkeypatch):
+    import signal
+
+    import torch
+
+    from sparrow.synthetic import train_target
+
+    monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+    run, export = str(tmp_path / "run"), str(tmp_path / "export")
+    save = train_target.save_checkpoint
+
+    def save_then_terminate(run_dir, model, opt, step, *rest):  # SIGTERM arrives as step 1 is saved
+        save(run_dir, model, opt, step, *rest)
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(train_target, "save_checkpoint", save_then_terminate)
+    args = ["--out", run, "--steps", "4", "--batch", "2", "--save-every", "1", "--resume", "--export", export]
+    assert train_target.main(args) == 128 + signal.SIGTERM  # a chain of stages (set -e) stops here
+    assert torch.load(os.path.join(run, "ckpt", "state.pt"), weights_only=False)["step"] == 1
+    assert not os.path.exists(export)  # no half-trained weights where the finished ones go
+    monkeypatch.setattr(train_target, "save_checkpoint", save)
+    assert not train_target.main(args)  # resumed and finished
+    assert os.path.isfile(os.path.join(export, "config.json"))
+
+
 def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     import torch
 

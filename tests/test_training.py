@@ -92,6 +92,30 @@ def test_resume_reaches_the_same_state(dataset, tmp_path):
     assert np.allclose([r["loss1"] for r in la], [r["loss1"] for r in lb], rtol=1e-4)
 
 
+def test_train_draft_stopped_by_a_signal_exits_nonzero(dataset, tmp_path, monkeypatch):
+    import signal
+
+    from sparrow.training import trainer
+
+    target, path = dataset
+    save = trainer.save_checkpoint
+
+    def save_then_interrupt(out, draft, opt, step, *rest):
+        save(out, draft, opt, step, *rest)
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C during step 3
+
+    monkeypatch.setattr(sparrow, "load_target", lambda _: target)
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
+    out = str(tmp_path / "d")
+    args = ["--data", path, "--out", out, "--steps", "4", "--batch", "2", "--save-every", "1", "--num-frames", "8",
+            "--eval-samples", "0"]
+    assert trainer.main(args) == 128 + signal.SIGINT  # a chain of stages (set -e) stops here
+    assert torch.load(os.path.join(out, "ckpt", "state.pt"), weights_only=False)["step"] == 3
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    assert trainer.main(args + ["--resume"]) == 0
+
+
 def _worker(rank, world, init_file, ckpt, path, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)

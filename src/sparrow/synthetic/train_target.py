@@ -60,6 +60,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 
 import numpy as np
@@ -1046,10 +1047,10 @@ def main(argv=None):
         torch.set_rng_state(state["torch_rng"])
         log = json.load(open(os.path.join(a.out, "ckpt", "log.json")))
         print(f"resumed at step {step}")
-    stop = {"now": False}
+    stop = {"now": False, "signal": 0}
 
-    def on_signal(*_):
-        stop["now"] = True
+    def on_signal(signum, _frame):
+        stop["now"], stop["signal"] = True, signum
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -1109,6 +1110,10 @@ def main(argv=None):
             save_checkpoint(a.out, model, opt, step, batcher, log, probe, binding.probe if binding else None, events,
                             carry)
     bar.close()
+    if stop["signal"] and step < end:  # a stop asked for (Ctrl-C, SIGTERM), not a planned one (--until, --minutes)
+        print(f"train-target: interrupted at step {step} of {end}: checkpoint saved in {a.out}; run the same "
+              "command again (with --resume) to finish" + (" and export" if a.export else ""), file=sys.stderr)
+        return 128 + stop["signal"]  # a script that chains stages (set -e) stops here, not on half-trained weights
     if a.export:
         model.eval()
         export(model.cpu(), tokenizer, a.export, wording, a.export_shard_mb)

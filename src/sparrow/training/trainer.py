@@ -200,7 +200,8 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
           progress: bool = True, eval_set=None) -> dict:
     """Train a draft for `target` on `samples`: a list of JSONL samples (online capture, see
     `sparrow.training.data`) or an `OfflineData` capture. Returns the last metrics (with the held-out
-    evaluation on `eval_set` when given). Works inside an initialised torch.distributed group (every process
+    evaluation on `eval_set` when given), with "interrupted": the signal's number when SIGINT or SIGTERM stopped
+    it before cfg.steps (the checkpoint is saved; `resume=True` goes on). Works inside an initialised torch.distributed group (every process
     calls it with the same arguments)."""
     from tqdm import tqdm
 
@@ -221,10 +222,10 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed from step {step}", file=log or sys.stderr)
-    stop = {"now": False}
+    stop = {"now": False, "signal": 0}
     if rank == 0 and threading_main():
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda *_: stop.__setitem__("now", True))
+            signal.signal(s, lambda signum, _: stop.update(now=True, signal=signum))
     metrics_path = os.path.join(out, "metrics.jsonl")
     lcfg = cfg.loss()
     n_data = len(samples)
@@ -280,6 +281,7 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
             save_checkpoint(out, draft, opt, step, cfg, last)
         if flag.item() > 0:
             print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=log or sys.stderr)
+            last["interrupted"] = stop["signal"] or signal.SIGTERM  # another rank's signal: SIGTERM's exit code
             break
     bar.close()
     return last
@@ -321,11 +323,13 @@ def main(argv=None) -> int:
         else:
             samples = read_jsonl(a.data, strict=cfg.strict_data)
         samples, eval_set = split_eval(samples, cfg)
-        train(target, samples, a.out, cfg, resume=a.resume, eval_set=eval_set)
+        last = train(target, samples, a.out, cfg, resume=a.resume, eval_set=eval_set)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+    # interrupted before cfg.steps: not 0, so that a script that chains stages (set -e) does not go on with a
+    # half-trained draft
+    return 128 + int(last["interrupted"]) if last.get("interrupted") else 0
 
 
 if __name__ == "__main__":
