@@ -108,8 +108,8 @@ if [ "$FROM" -le 3 ]; then
   #    in another order, with other 4 held out; the clips and answers are the same.)
   [ -f "$RUN/synth/train.jsonl" ] || $PY -m sparrow.synthetic.dataset --out "$RUN/synth" --clips 1200
   for i in 0 1; do
-    OMP_NUM_THREADS=1 $SPARROW regenerate --target "$T" --data "$RUN/synth/train.jsonl" --out "$RUN/synth/regen$i.jsonl" \
-      --shard "$i/2" --max-new-tokens 160 &
+    OMP_NUM_THREADS=1 $SPARROW regenerate --target "$T" --data "$RUN/synth/train.jsonl" \
+      --out "$RUN/synth/regen$i.jsonl" --shard "$i/2" --max-new-tokens 160 &
   done
   wait
   cat "$RUN/synth/regen0.jsonl" "$RUN/synth/regen1.jsonl" > "$RUN/synth/regen.jsonl"

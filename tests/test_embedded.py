@@ -74,6 +74,7 @@ def test_train_target_stopped_by_a_signal_exits_nonzero_without_exporting(tmp_pa
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(train_target, "save_checkpoint", save_then_terminate)
+    handler = signal.getsignal(signal.SIGTERM)
     args = ["--out", run, "--steps", "4", "--batch", "2", "--save-every", "1", "--resume", "--export", export]
     assert train_target.main(args) == 128 + signal.SIGTERM  # a chain of stages (set -e) stops here
     assert torch.load(os.path.join(run, "ckpt", "state.pt"), weights_only=False)["step"] == 1
@@ -81,6 +82,7 @@ def test_train_target_stopped_by_a_signal_exits_nonzero_without_exporting(tmp_pa
     monkeypatch.setattr(train_target, "save_checkpoint", save)
     assert not train_target.main(args)  # resumed and finished
     assert os.path.isfile(os.path.join(export, "config.json"))
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
 
 
 def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):

@@ -103,10 +103,11 @@ def test_train_draft_stopped_by_a_signal_exits_nonzero(dataset, tmp_path, monkey
     def save_then_interrupt(out, draft, opt, step, *rest):
         save(out, draft, opt, step, *rest)
         if step == 2:
-            signal.raise_signal(signal.SIGINT)  # Ctrl-C during step 3
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C as step 2 is saved: step 3 ends, is saved, and it stops
 
     monkeypatch.setattr(sparrow, "load_target", lambda _: target)
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_interrupt)
+    handler = signal.getsignal(signal.SIGINT)
     out = str(tmp_path / "d")
     args = ["--data", path, "--out", out, "--steps", "4", "--batch", "2", "--save-every", "1", "--num-frames", "8",
             "--eval-samples", "0"]
@@ -114,6 +115,7 @@ def test_train_draft_stopped_by_a_signal_exits_nonzero(dataset, tmp_path, monkey
     assert torch.load(os.path.join(out, "ckpt", "state.pt"), weights_only=False)["step"] == 3
     monkeypatch.setattr(trainer, "save_checkpoint", save)
     assert trainer.main(args + ["--resume"]) == 0
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is the caller's again
 
 
 def _worker(rank, world, init_file, ckpt, path, out):

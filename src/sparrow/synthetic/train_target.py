@@ -68,6 +68,7 @@ import torch
 
 from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
+from ..training.trainer import stop_on_signals
 from ..video import Video
 from .text import DESCRIBE_PROMPTS, WORDING_FILE, describe, first_token_id, one_token_ids, questions
 from .world import COLOURS, MOTIONS, SHAPES as OBJECT_SHAPES, SIZES, TEXTURES, _shape_mask, make_clip, plan_clip
@@ -1047,68 +1048,63 @@ def main(argv=None):
         torch.set_rng_state(state["torch_rng"])
         log = json.load(open(os.path.join(a.out, "ckpt", "log.json")))
         print(f"resumed at step {step}")
-    stop = {"now": False, "signal": 0}
-
-    def on_signal(signum, _frame):
-        stop["now"], stop["signal"] = True, signum
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     t0 = time.time()
     bar = tqdm(total=a.steps, initial=step, desc="train-target", dynamic_ncols=True)
     ema, emas = None, {}  # the answer loss's and each auxiliary loss's moving average
     end = min(a.steps, a.until or a.steps)
-    while step < end and not stop["now"]:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batcher.batch(a.batch).items()}
-        cells, grounded, labels = batch.pop("cells"), batch.pop("grounded"), batch.pop("labels")
-        colour, named, event, carried = batch.pop("colour"), batch.pop("named"), batch.pop("event"), batch.pop("carry")
-        source = batch.pop("source")
-        opt.param_groups[0]["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
-        lm_step = step - a.vision_steps  # the language model warms up again when it starts to train
-        opt.param_groups[1]["lr"] = lr_at(max(0, lm_step), a.steps - a.vision_steps, a.lr, a.warmup)
-        for g in opt.param_groups[2:]:  # the binding and event probes learn with the language model
-            g["lr"] = opt.param_groups[1]["lr"]
-        vision_only = step < a.vision_steps and a.aux_weight > 0
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            if vision_only:
-                model.model.visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
-                loss = torch.zeros(())
-            else:
-                loss = answer_loss(model(**batch).logits, labels, grounded, a.grounded_weight)
-            aux = probe(feats.pop("v"), cells) if a.aux_weight > 0 else torch.zeros(())
-            bind = binding(batch["input_ids"], colour, cells, model.config.video_token_id) \
-                if binding is not None and not vision_only else torch.zeros(())
-            ev = events(event) if events is not None and not vision_only else torch.zeros(())
-            cr = carry(carried) if carry is not None and not vision_only else torch.zeros(())
-            about = clause_named(named, source) if a.time_clause else named  # where the time binding fetches
-            tm = timing(batch["input_ids"], about, cells, batch["video_grid_thw"], model.config.video_token_id,
-                        model.config.vision_start_token_id) \
-                if timing is not None and not vision_only else torch.zeros(())
-            cp = copying(source) if copying is not None and not vision_only else torch.zeros(())
-        opt.zero_grad(set_to_none=True)
-        (loss + a.aux_weight * aux + a.bind_weight * bind + a.event_weight * ev + a.carry_weight * cr
-         + a.time_weight * tm + a.copy_weight * cp).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        if not vision_only:
-            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        terms = {"aux": aux, "bind": bind if binding is not None else None,
-                 "event": ev if events is not None else None, "carry": cr if carry is not None else None,
-                 "time": tm if timing is not None else None, "copy": cp if copying is not None else None}
-        for k, v in terms.items():
-            if v is not None:
-                emas[k] = v.item() if k not in emas else 0.98 * emas[k] + 0.02 * v.item()
-        bar.update(1)
-        bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", **{k: f"{v:.3f}" for k, v in emas.items()})
-        if step % a.log_every == 0:
-            log.append({"step": step, "loss": None if ema is None else round(ema, 4),
-                        **{k: round(v, 4) for k, v in emas.items()}, "s": round(time.time() - t0, 1)})
-        if a.minutes and time.time() - t0 > a.minutes * 60:
-            stop["now"] = True
-        if step % a.save_every == 0 or stop["now"] or step == end:
-            save_checkpoint(a.out, model, opt, step, batcher, log, probe, binding.probe if binding else None, events,
-                            carry)
+    with stop_on_signals() as stop:
+        while step < end and not stop["now"]:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batcher.batch(a.batch).items()}
+            cells, grounded, labels = batch.pop("cells"), batch.pop("grounded"), batch.pop("labels")
+            colour, named, event = batch.pop("colour"), batch.pop("named"), batch.pop("event")
+            carried = batch.pop("carry")
+            source = batch.pop("source")
+            opt.param_groups[0]["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
+            lm_step = step - a.vision_steps  # the language model warms up again when it starts to train
+            opt.param_groups[1]["lr"] = lr_at(max(0, lm_step), a.steps - a.vision_steps, a.lr, a.warmup)
+            for g in opt.param_groups[2:]:  # the binding and event probes learn with the language model
+                g["lr"] = opt.param_groups[1]["lr"]
+            vision_only = step < a.vision_steps and a.aux_weight > 0
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                if vision_only:
+                    model.model.visual(batch["pixel_values_videos"], grid_thw=batch["video_grid_thw"])
+                    loss = torch.zeros(())
+                else:
+                    loss = answer_loss(model(**batch).logits, labels, grounded, a.grounded_weight)
+                aux = probe(feats.pop("v"), cells) if a.aux_weight > 0 else torch.zeros(())
+                bind = binding(batch["input_ids"], colour, cells, model.config.video_token_id) \
+                    if binding is not None and not vision_only else torch.zeros(())
+                ev = events(event) if events is not None and not vision_only else torch.zeros(())
+                cr = carry(carried) if carry is not None and not vision_only else torch.zeros(())
+                about = clause_named(named, source) if a.time_clause else named  # where the time binding fetches
+                tm = timing(batch["input_ids"], about, cells, batch["video_grid_thw"], model.config.video_token_id,
+                            model.config.vision_start_token_id) \
+                    if timing is not None and not vision_only else torch.zeros(())
+                cp = copying(source) if copying is not None and not vision_only else torch.zeros(())
+            opt.zero_grad(set_to_none=True)
+            (loss + a.aux_weight * aux + a.bind_weight * bind + a.event_weight * ev + a.carry_weight * cr
+             + a.time_weight * tm + a.copy_weight * cp).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            if not vision_only:
+                ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            terms = {"aux": aux, "bind": bind if binding is not None else None,
+                     "event": ev if events is not None else None, "carry": cr if carry is not None else None,
+                     "time": tm if timing is not None else None, "copy": cp if copying is not None else None}
+            for k, v in terms.items():
+                if v is not None:
+                    emas[k] = v.item() if k not in emas else 0.98 * emas[k] + 0.02 * v.item()
+            bar.update(1)
+            bar.set_postfix(loss="-" if ema is None else f"{ema:.3f}", **{k: f"{v:.3f}" for k, v in emas.items()})
+            if step % a.log_every == 0:
+                log.append({"step": step, "loss": None if ema is None else round(ema, 4),
+                            **{k: round(v, 4) for k, v in emas.items()}, "s": round(time.time() - t0, 1)})
+            if a.minutes and time.time() - t0 > a.minutes * 60:
+                stop["now"] = True
+            if step % a.save_every == 0 or stop["now"] or step == end:
+                save_checkpoint(a.out, model, opt, step, batcher, log, probe, binding.probe if binding else None,
+                                events, carry)
     bar.close()
     if stop["signal"] and step < end:  # a stop asked for (Ctrl-C, SIGTERM), not a planned one (--until, --minutes)
         print(f"train-target: interrupted at step {step} of {end}: checkpoint saved in {a.out}; run the same "
@@ -1121,4 +1117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

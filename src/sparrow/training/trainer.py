@@ -21,6 +21,7 @@ config (`training.eval`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -196,13 +197,31 @@ def split_eval(samples, cfg: TrainConfig):
     return samples[: -cfg.eval_samples], samples[-cfg.eval_samples:]
 
 
+@contextlib.contextmanager
+def stop_on_signals(enabled: bool = True):
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM do not end the process: they set stop["now"] and
+    stop["signal"] (its number) of the yielded dict, for a training loop to checkpoint and stop at the end of its
+    step. The previous handlers come back when the block ends. `enabled=False` (a process other than rank 0, or a
+    thread other than the main one, where handlers cannot be set) yields the dict and changes nothing."""
+    stop = {"now": False, "signal": 0}
+    kept = {}
+    if enabled:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            kept[s] = signal.signal(s, lambda signum, _: stop.update(now=True, signal=signum))
+    try:
+        yield stop
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+
+
 def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log=None,
           progress: bool = True, eval_set=None) -> dict:
     """Train a draft for `target` on `samples`: a list of JSONL samples (online capture, see
     `sparrow.training.data`) or an `OfflineData` capture. Returns the last metrics (with the held-out
     evaluation on `eval_set` when given), with "interrupted": the signal's number when SIGINT or SIGTERM stopped
-    it before cfg.steps (the checkpoint is saved; `resume=True` goes on). Works inside an initialised torch.distributed group (every process
-    calls it with the same arguments)."""
+    it before cfg.steps (the checkpoint is saved; `resume=True` goes on). Works inside an initialised
+    torch.distributed group (every process calls it with the same arguments)."""
     from tqdm import tqdm
 
     from .. import init_draft
@@ -222,67 +241,64 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
         opt.load_state_dict(state["opt"])
         step = state["step"]
         print(f"resumed from step {step}", file=log or sys.stderr)
-    stop = {"now": False, "signal": 0}
-    if rank == 0 and threading_main():
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda signum, _: stop.update(now=True, signal=signum))
     metrics_path = os.path.join(out, "metrics.jsonl")
     lcfg = cfg.loss()
     n_data = len(samples)
     bar = tqdm(total=cfg.steps, initial=step, desc="train-draft", disable=not progress or rank != 0,
                dynamic_ncols=True)
     last = {}
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        opt.zero_grad(set_to_none=True)
-        sums = [[0.0, 0.0, 0] for _ in range(cfg.mtp_stages)]
-        for i in batch_indices(step, cfg, n_data, rank, world):
-            c = samples.get(i) if hasattr(samples, "get") else online_capture(target, samples[i], cfg, mid, log)
-            if c is None:
-                continue
-            loss, st = draft_loss(draft, target, c, lcfg)
-            (loss / cfg.batch).backward()
-            for k, x in enumerate(st):
-                sums[k][0] += x["loss"] * x["n"]
-                sums[k][1] += x["acc"] * x["n"]
-                sums[k][2] += x["n"]
-        if world > 1:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-            t = torch.tensor(sums, dtype=torch.float64)
-            dist.all_reduce(t)
-            sums = t.tolist()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        step += 1
-        last = {"step": step, "lr": lr_at(step - 1, cfg)}
-        for k, (l, a, n) in enumerate(sums):
-            last[f"loss{k + 1}"] = l / max(n, 1)
-            last[f"acc{k + 1}"] = a / max(n, 1)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k.startswith(("loss", "acc"))})
-        flag = torch.tensor([1.0 if stop["now"] else 0.0])
-        if world > 1:
-            dist.all_reduce(flag)
-        if rank == 0 and eval_set and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            ev = evaluate(draft, target, eval_set, cfg, mid)
-            last.update(ev)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps({"step": step, **ev}) + "\n")
-            bar.write(f"step {step}: held-out tau {ev['eval_tau']:.2f}, top-1 " +
-                      " ".join(f"{ev[f'eval_acc{k + 1}']:.3f}" for k in range(cfg.mtp_stages)))
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or flag.item() > 0):
-            save_checkpoint(out, draft, opt, step, cfg, last)
-        if flag.item() > 0:
-            print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=log or sys.stderr)
-            last["interrupted"] = stop["signal"] or signal.SIGTERM  # another rank's signal: SIGTERM's exit code
-            break
+    with stop_on_signals(rank == 0 and threading_main()) as stop:
+        while step < cfg.steps:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            opt.zero_grad(set_to_none=True)
+            sums = [[0.0, 0.0, 0] for _ in range(cfg.mtp_stages)]
+            for i in batch_indices(step, cfg, n_data, rank, world):
+                c = samples.get(i) if hasattr(samples, "get") else online_capture(target, samples[i], cfg, mid, log)
+                if c is None:
+                    continue
+                loss, st = draft_loss(draft, target, c, lcfg)
+                (loss / cfg.batch).backward()
+                for k, x in enumerate(st):
+                    sums[k][0] += x["loss"] * x["n"]
+                    sums[k][1] += x["acc"] * x["n"]
+                    sums[k][2] += x["n"]
+            if world > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                t = torch.tensor(sums, dtype=torch.float64)
+                dist.all_reduce(t)
+                sums = t.tolist()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            last = {"step": step, "lr": lr_at(step - 1, cfg)}
+            for k, (l, a, n) in enumerate(sums):
+                last[f"loss{k + 1}"] = l / max(n, 1)
+                last[f"acc{k + 1}"] = a / max(n, 1)
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items() if k.startswith(("loss", "acc"))})
+            flag = torch.tensor([1.0 if stop["now"] else 0.0])
+            if world > 1:
+                dist.all_reduce(flag)
+            if rank == 0 and eval_set and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                ev = evaluate(draft, target, eval_set, cfg, mid)
+                last.update(ev)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, **ev}) + "\n")
+                bar.write(f"step {step}: held-out tau {ev['eval_tau']:.2f}, top-1 " +
+                          " ".join(f"{ev[f'eval_acc{k + 1}']:.3f}" for k in range(cfg.mtp_stages)))
+            if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps or flag.item() > 0):
+                save_checkpoint(out, draft, opt, step, cfg, last)
+            if flag.item() > 0:
+                print(f"interrupted: checkpoint saved at step {step}; continue with --resume", file=log or sys.stderr)
+                last["interrupted"] = stop["signal"] or signal.SIGTERM  # another rank's signal: SIGTERM's exit code
+                break
     bar.close()
     return last
 
