@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -201,11 +202,11 @@ def split_eval(samples, cfg: TrainConfig):
 def stop_on_signals(enabled: bool = True):
     """Within the block, SIGINT (Ctrl-C) and SIGTERM do not end the process: they set stop["now"] and
     stop["signal"] (its number) of the yielded dict, for a training loop to checkpoint and stop at the end of its
-    step. The previous handlers come back when the block ends. `enabled=False` (a process other than rank 0, or a
-    thread other than the main one, where handlers cannot be set) yields the dict and changes nothing."""
+    step. The previous handlers come back when the block ends. With `enabled=False` (a process other than rank
+    0), or outside the main thread (where Python cannot set handlers), it yields the dict and changes nothing."""
     stop = {"now": False, "signal": 0}
     kept = {}
-    if enabled:
+    if enabled and threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
             kept[s] = signal.signal(s, lambda signum, _: stop.update(now=True, signal=signum))
     try:
@@ -247,7 +248,7 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
     bar = tqdm(total=cfg.steps, initial=step, desc="train-draft", disable=not progress or rank != 0,
                dynamic_ncols=True)
     last = {}
-    with stop_on_signals(rank == 0 and threading_main()) as stop:
+    with stop_on_signals(rank == 0) as stop:
         while step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
@@ -301,12 +302,6 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
                 break
     bar.close()
     return last
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def main(argv=None) -> int:
