@@ -484,3 +484,44 @@ def test_export_splits_the_weights_into_files_of_the_size_asked_and_loads_back(t
     assert all(torch.equal(p.to(torch.bfloat16), back[k].to(torch.bfloat16)) for k, p in target.model.named_parameters())
     with pytest.raises(SystemExit, match="--export-shard-mb 0: give a size of 1 MB or more"):
         main(["--out", str(tmp_path / "run"), "--export-shard-mb", "0"])
+
+
+def test_grow_depth_keeps_the_targets_output_and_the_new_layers_then_train(tmp_path, ckpt_dir, monkeypatch):
+    import torch
+
+    from conftest import clip, get_target, prepare
+    from sparrow.synthetic import train_target
+    from sparrow.synthetic.train_target import grow_depth
+
+    target = get_target(ckpt_dir, "qwen2_5_vl")
+    model = target.model
+    assert model.dtype == torch.float32 and not model.training
+    old = model.config.text_config.num_hidden_layers
+    grown = grow_depth(model, old + 3).eval()
+    layers = grown.model.language_model.layers
+    assert grown.config.text_config.num_hidden_layers == len(layers) == old + 3
+    assert len(grown.config.text_config.layer_types) == old + 3
+    assert [layer.self_attn.layer_idx for layer in layers] == list(range(old + 3))  # the cache indexes by it
+    zero = [j for j, layer in enumerate(layers) if not layer.mlp.down_proj.weight.any()]
+    assert len(zero) == 3 and all(not layers[j].self_attn.o_proj.weight.any() for j in zero)
+    assert all(torch.equal(layers[j].mlp.up_proj.weight, layers[j - 1].mlp.up_proj.weight) for j in zero)
+    inputs = prepare(target, clip(4))  # a video prompt: mRoPE positions, visual tokens and all
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, grown(**inputs).logits)
+    assert grow_depth(model, old) is model
+    with pytest.raises(ValueError, match="fewer than the model's"):
+        grow_depth(model, old - 1)
+    # through train-target: grown from an exported target, trained, resumed, exported deeper
+    monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+    base, run, export = str(tmp_path / "base"), str(tmp_path / "run"), str(tmp_path / "export")
+    train_target.main(["--out", str(tmp_path / "b"), "--steps", "1", "--batch", "2", "--export", base])
+    grow = ["--init", base, "--grow-layers", "3", "--steps", "2", "--batch", "2", "--save-every", "1", "--lr", "1e-2"]
+    train_target.main(["--out", run, *grow, "--until", "1"])
+    train_target.main(["--out", run, *grow, "--resume", "--export", export])
+    deeper = sparrow.load_target(export, device="cpu").model
+    assert deeper.config.text_config.num_hidden_layers == 3
+    assert deeper.model.language_model.layers[2].mlp.down_proj.weight.any()  # the new layer has learned
+    with pytest.raises(SystemExit, match="--grow-layers 1 is fewer than the 2 layers"):
+        train_target.main(["--out", str(tmp_path / "x"), "--init", base, "--grow-layers", "1", "--steps", "1"])
+    with pytest.raises(SystemExit, match="give --init DIR too"):
+        train_target.main(["--out", str(tmp_path / "y"), "--grow-layers", "3", "--steps", "1"])

@@ -305,6 +305,53 @@ def build_model(tokenizer, seed: int):
     return model
 
 
+def grow_depth(model, layers: int):
+    """The same target with `layers` text layers, computing exactly the same function: the new layers are spread
+    evenly through the stack, each a copy of the layer below it whose two output projections (attention `o_proj`,
+    MLP `down_proj`) are zero, so that it adds nothing to the residual stream until it has trained. Vision tower,
+    embeddings, final norm and head are kept as they are.
+
+    Why: the world's hardest facts (which of two or three objects appears, disappears or changes colour) stayed
+    where they were over stages 1l-1z, and a stage that drew more of one kind of hard scene gained there what it
+    lost on the others; more layers test whether the 12-layer target had run out of room.
+
+    Args: model: a `Qwen2_5_VLForConditionalGeneration` (float32, on the CPU); layers: the new depth, at least its
+    present one. Returns: a new model (same class, config with `num_hidden_layers` and `layer_types` grown).
+    Raises: ValueError when `layers` is smaller than the present depth.
+    """
+    import copy
+
+    text = model.config.text_config
+    old = text.num_hidden_layers
+    if layers < old:
+        raise ValueError(f"grow_depth: {layers} layers is fewer than the model's {old}; give {old} or more")
+    if layers == old:
+        return model
+    extra = layers - old
+    after = [max(0, (m + 1) * old // extra - 1) for m in range(extra)]  # the old layer below each new one
+    cfg = copy.deepcopy(model.config)
+    cfg.text_config.num_hidden_layers = layers
+    if getattr(cfg.text_config, "layer_types", None):
+        cfg.text_config.layer_types = [cfg.text_config.layer_types[0]] * layers
+    grown = type(model)(cfg).to(torch.float32)
+    source = []  # for each new layer: (old layer it copies, whether it is a new zero-output copy)
+    for i in range(old):
+        source.append((i, False))
+        source += [(i, True)] * after.count(i)
+    state = model.state_dict()
+    prefix = "model.language_model.layers."
+    new_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    for j, (i, fresh) in enumerate(source):
+        for k, v in state.items():
+            if k.startswith(f"{prefix}{i}."):
+                name = k[len(f"{prefix}{i}."):]
+                zero = fresh and (name.startswith("self_attn.o_proj.") or name.startswith("mlp.down_proj."))
+                new_state[f"{prefix}{j}.{name}"] = torch.zeros_like(v) if zero else v.clone()
+    grown.load_state_dict(new_state, strict=True)
+    grown.generation_config = model.generation_config
+    return grown
+
+
 HARD_KINDS = ("multi-event", "multi", "colour-change")  # what `is_hard` and --hard-kind take
 
 
@@ -918,7 +965,13 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
                                    "shipped one with a fresh optimiser) instead of a random initialisation")
+    ap.add_argument("--grow-layers", type=int, default=None, metavar="N",
+                    help="with --init: first deepen the model to N text layers, the new ones spread through the "
+                         "stack and starting as identities (see grow_depth)")
     a = ap.parse_args(argv)
+    if a.grow_layers is not None and not a.init:
+        raise SystemExit("train-target: --grow-layers deepens the model of --init; give --init DIR too (or --layers "
+                         "N for a new model)")
     if a.restate and a.events_first:
         raise SystemExit("train-target: --restate and --events-first both place the object's events; pass one of them")
     if a.size_last and a.colour_last:
@@ -956,6 +1009,12 @@ def main(argv=None):
         model = AutoModelForImageTextToText.from_pretrained(a.init, dtype=torch.float32)
         if model.config.text_config.hidden_size != TEXT["hidden"]:
             raise SystemExit(f"--init {a.init}: hidden size {model.config.text_config.hidden_size} is not {TEXT['hidden']}")
+        if a.grow_layers:
+            depth = model.config.text_config.num_hidden_layers
+            if a.grow_layers < depth:
+                raise SystemExit(f"train-target: --grow-layers {a.grow_layers} is fewer than the {depth} layers of "
+                                 f"{a.init}; give {depth} or more")
+            model = grow_depth(model, a.grow_layers)
     else:
         model = build_model(tokenizer, a.seed)
     target = sparrow.wrap_model(model, tokenizer)
