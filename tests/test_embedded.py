@@ -521,7 +521,8 @@ def test_grow_depth_keeps_the_targets_output_and_the_new_layers_then_train(tmp_p
     deeper = sparrow.load_target(export, device="cpu").model
     assert deeper.config.text_config.num_hidden_layers == 3
     assert deeper.model.language_model.layers[2].mlp.down_proj.weight.any()  # the new layer has learned
-    with pytest.raises(SystemExit, match="--grow-layers 1 is fewer than the 2 layers"):
-        train_target.main(["--out", str(tmp_path / "x"), "--init", base, "--grow-layers", "1", "--steps", "1"])
+    for fewer in ("1", "0"):
+        with pytest.raises(SystemExit, match=f"--grow-layers {fewer} is fewer than the 2 layers"):
+            train_target.main(["--out", str(tmp_path / "x"), "--init", base, "--grow-layers", fewer, "--steps", "1"])
     with pytest.raises(SystemExit, match="give --init DIR too"):
         train_target.main(["--out", str(tmp_path / "y"), "--grow-layers", "3", "--steps", "1"])
