@@ -432,6 +432,34 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
     assert seen == [(271, 39179, 364730), (132, 15589, 85873), (171, 9844, 514435)]
 
 
+def test_batcher_in_the_states_wording_writes_the_state_sentences_and_weighs_their_decisions():
+    """states=True: every description carries the two state sentences, " the" and " no" (which open the list of
+    what the frame shows, or "no object") weigh as grounded there, the clips and the rest of the wording are the
+    usual draws, and the wording records it (the usual wording records no "states" key, so earlier exports keep
+    their wording file)."""
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher
+
+    target = sparrow.load_target()
+    tok = target.tokenizer
+    states, plain = Batcher(target, seed=6, pool=1, states=True), Batcher(target, seed=6, pool=1)
+    assert states.wording["states"] is True and "states" not in plain.wording
+    ids = {tok(w, add_special_tokens=False)["input_ids"][0] for w in (" the", " no")}
+    assert ids <= set(states.grounded.tolist()) and not ids & set(plain.grounded.tolist())
+    described = 0
+    for _ in range(6):
+        s, p = states.sample(), plain.sample()
+        assert torch.equal(s["pixels"], p["pixels"])  # the same clips
+        text = tok.decode(s["ids"])
+        if "At first, the frame shows" in text:
+            described += 1
+            k = text.index("At the end, it shows")
+            states_text = text[text.index("At first, the frame"):text.index(".", k) + 2]
+            assert tok.decode(p["ids"]) == text.replace(states_text, "")
+    assert described >= 3
+
+
 def test_train_target_draws_in_worker_processes_and_resumes_exactly(tmp_path, monkeypatch):
     """--workers N: batches drawn by N processes (for a GPU's short steps); a run stopped and resumed ends with the
     weights of the run that was not stopped, and a checkpoint resumes only with the number of workers it drew with."""

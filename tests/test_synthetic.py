@@ -250,6 +250,41 @@ def test_size_last_wording_names_the_colour_first_and_the_size_after_the_shape()
         describe(make_clip(0, 16).truth, 0, size_last=True, colour_last=True)
 
 
+def test_states_wording_says_what_the_frame_holds_at_the_start_and_at_the_end():
+    """states: after the opening, two sentences name what the frame shows at first and at the end, in the
+    fixed order, each object in its colour at that time; they agree with the rendered first and last frames
+    (seed 1: the red diamond turns white and the cyan square disappears), the rest of the description is the
+    usual one word for word, it parses back to a perfect score (an object that changes colour, named in both
+    colours in the state sentences, is still one object), and each object keeps its one event decision."""
+    import re
+
+    from sparrow.synthetic.evaluate import event_decisions
+    from sparrow.synthetic.text import scene_states
+
+    truth = make_clip(1, 16).truth
+    assert scene_states(truth) == ["At first, the frame shows the red diamond and the cyan square.",
+                                   "At the end, it shows the white diamond."]
+    clip = make_clip(1, 16)
+    for f, colours in ((0, ("cyan", "red")), (15, ("white",))):  # the colours the first and last frames show
+        shown = {c for c, rgb in COLOURS.items() if (np.abs(clip.frames[f].astype(int) - rgb).sum(-1) < 30).sum() > 20}
+        assert shown == set(colours), (f, shown)
+    kinds = set()
+    for seed in range(150):
+        truth = make_clip(seed, 16).truth
+        text, usual = describe(truth, seed, states=True), describe(truth, seed)
+        first, second, third = re.split(r"(?<=\.) ", text)[1:4]
+        assert text == usual.replace(". ", f". {first} {second} ", 1), text
+        assert first.startswith("At first, the frame shows ") and second.startswith("At the end, it shows ")
+        assert score_description(text, truth)["attributes"] == 1.0, text
+        assert [e for _, e in event_decisions(text)] == [e for _, e in event_decisions(usual)]
+        for o in truth["objects"]:
+            start, end = f"{o['colour']} {o['shape']}" in first, f"{o['final_colour']} {o['shape']}" in second
+            kinds.add((start, end))
+            assert start == (o["appear"] == 0) and end == (o["disappear"] == 16), (seed, text)
+    assert kinds == {(True, True), (True, False), (False, True), (False, False)}  # appears then disappears too
+    assert "shows no object." in " ".join(" ".join(scene_states(make_clip(s, 16).truth)) for s in range(150))
+
+
 def test_descriptions_and_lists_name_objects_in_one_fixed_order():
     """Objects come by colour in COLOURS order, then by shape, whatever the seed: the next object is decided by
     the frames and the last one named, never a free choice (a free order made the target repeat objects)."""

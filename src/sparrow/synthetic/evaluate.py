@@ -24,7 +24,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from .text import score_description
+from .text import STATE_OPENINGS, score_description
 from .world import COLOURS, SHAPES, make_clip
 
 SIDE = 224
@@ -175,7 +175,7 @@ def event_decisions(text: str, restate: str = "") -> list[tuple[int, bool]]:
     offset of the " and" that goes on to its event, or of the "." that ends it (no event); with `restate` (the
     `describe` wording), of the word after the restated colour (" appears", ... or " stays"); with whether an
     event follows. The object sentences are those after the first (the scene) and before the one that opens the
-    events ("Then", "First", "Nothing").
+    events ("Then", "First", "Nothing"), less the state sentences of the `states` wording.
     Raises: ValueError naming the sentence when a restate sentence has no restated object."""
     import re
 
@@ -184,6 +184,8 @@ def event_decisions(text: str, restate: str = "") -> list[tuple[int, bool]]:
         sentence = m.group().strip()
         if sentence.startswith(("Then", "First", "Finally", "Nothing", "In total")):
             break
+        if sentence.lower().startswith(STATE_OPENINGS):  # the state sentences (`text.scene_states`)
+            continue
         if restate:
             again = re.search(r", and the [^,.]*? in \w+( \w+)", m.group())
             if not again:

@@ -105,6 +105,7 @@ GROUNDED = (*COLOURS, *OBJECT_SHAPES, *SIZES, "striped", "one", "two", "three", 
             "appears", "shows", "disappears", "turns", "changes", "Nothing", "No", "nothing", "Yes", "A", "There", "The",
             "Then", "First", "Finally", "and", "at", "after")
 GROUNDED_PUNCTUATION = (".", ",")  # written without a space before them
+STATE_GROUNDED = ("the", "no")  # weighed as well in the `states` wording (`text.scene_states`), only there
 ANSWER_OPENINGS = ("Yes", "No", "Nothing", "It")
 AUX_CLASSES = (len(COLOURS) + 1, len(OBJECT_SHAPES) + 1, len(SIZES) + 1, len(TEXTURES) + 1, len(MOTIONS) + 1)  # 0: none
 EVENT_CLASSES = (2, 2, 2, len(COLOURS))  # appears, disappears, changes colour (no / yes); the colour at the end
@@ -392,15 +393,19 @@ class Batcher:
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
                  events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False,
-                 hard: float = 0.0, hard_kind: str = "multi-event"):
+                 hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False):
         self.t, self.shape_p, self.hard, self.hard_kind = target, MIXES[mix], hard, hard_kind
         self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
                             size_last=size_last)  # see `describe`
+        if states:  # recorded only when on, so that the earlier stages' exports keep their wording file
+            self.wording["states"] = True
         self.rng = np.random.default_rng(seed)
         self.max_questions, self.pool = max_questions, pool
         self.queue: list[list[dict]] = []
         tok = target.tokenizer
-        self.grounded = torch.tensor(sorted(grounded_ids(tok)))
+        # the state sentences' "shows the red circle" against "shows no object": both weigh
+        extra = set(one_token_ids(tok, STATE_GROUNDED).values()) if states else set()
+        self.grounded = torch.tensor(sorted(grounded_ids(tok) | extra))
         colours = one_token_ids(tok, COLOURS)
         self.colour_ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
         self.dark = one_token_ids(tok, ["dark"]).get("dark")  # "dark green" names a background
@@ -944,6 +949,9 @@ def main(argv=None):
     ap.add_argument("--size-last", action="store_true",
                     help="give an object's size and texture after its shape ('a red circle, large and striped,'; see "
                          "`describe`), so that its colour, the word that fetches it, is its first word: an experiment")
+    ap.add_argument("--states", action="store_true",
+                    help="after the opening, say what the frame holds at the start and at the end (see "
+                         "`scene_states`), which the objects' events then follow from: an experiment")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
                     help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
                          "longer (long plus 48- and 96-frame clips at 224 px)")
@@ -1034,7 +1042,8 @@ def main(argv=None):
 
     def make_batcher(seed: int) -> Batcher:
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
-                       restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind)
+                       restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind,
+                       states=a.states)
 
     batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
     wording = batcher.wording
