@@ -250,7 +250,7 @@ def test_size_last_wording_names_the_colour_first_and_the_size_after_the_shape()
         describe(make_clip(0, 16).truth, 0, size_last=True, colour_last=True)
 
 
-def test_states_wording_says_what_the_frame_holds_at_the_start_and_at_the_end():
+def test_states_wording_says_what_the_frame_shows_at_first_and_at_the_end():
     """states: after the opening, two sentences name what the frame shows at first and at the end, in the
     fixed order, each object in its colour at that time; they agree with the rendered first and last frames
     (seed 1: the red diamond turns white and the cyan square disappears), the rest of the description is the

@@ -117,7 +117,7 @@ def _event_clause(e: dict, objs: dict, rng, colour_last: bool = False) -> str:
 
 
 def scene_states(truth: dict) -> list[str]:
-    """The two state sentences of the `states` wording: what the frame holds at the start and at the end of the
+    """The two state sentences of the `states` wording: what the frame shows at first and at the end of the
     clip, each object named by its colour (at the end: its last colour) and its shape, in `object_order` at that
     time ("At first, the frame shows the red circle and the blue square.", "At the end, it shows no object.").
     Every word that the frames decide is one token of the embedded target's tokenizer: " the" or " no" (whether
@@ -172,7 +172,7 @@ def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bo
     Stage 1s (300 steps from 1k on it) refuted that: attributes 0.722 at 512 visual tokens (1k: 0.78), 58 clips
     with an object named twice (33), and teacher-forced the size after the colour and shape was right for 0.78:
     the size is seen (1k gets it right on every one-object clip) but bound to the wrong object.
-    states: after the opening, say what the frame holds at the start and at the end (`scene_states`), so that an
+    states: after the opening, say what the frame shows at first and at the end (`scene_states`), so that an
     object's event is written after the state sentences that show it (`train-target --states`; an experiment);
     the same draws, so the other wording is unchanged.
     Raises: ValueError for an unknown restate, or for restate with events_first, or size_last with colour_last."""
@@ -315,7 +315,7 @@ def parse_description(text: str) -> dict:
     count = WORD_NUMBER[m.group(1)] if m else None
     objects: dict = {}
     for sent in re.split(r"(?<=\.)\s+", t):
-        if sent.startswith(STATE_OPENINGS):  # what the frame holds at one time (`scene_states`), not the objects
+        if sent.startswith(STATE_OPENINGS):  # what the frame shows at one time (`scene_states`), not the objects
             continue
         if _events(sent) and not any(p in sent for ps in MOTION_PHRASES.values() for p in ps):
             continue

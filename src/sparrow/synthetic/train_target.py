@@ -950,7 +950,7 @@ def main(argv=None):
                     help="give an object's size and texture after its shape ('a red circle, large and striped,'; see "
                          "`describe`), so that its colour, the word that fetches it, is its first word: an experiment")
     ap.add_argument("--states", action="store_true",
-                    help="after the opening, say what the frame holds at the start and at the end (see "
+                    help="after the opening, say what the frame shows at first and at the end (see "
                          "`scene_states`), which the objects' events then follow from: an experiment")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
                     help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
