@@ -382,6 +382,10 @@ def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsy
     assert "visual tokens 512 " in out  # 16 frames at the clip's own 224 px
     assert main(["demo", "--clip", "9"]) == 2
     assert "--clip 9: the shipped example clips are 0 to 4" in capsys.readouterr().err
+    # the README's first command: the default clip, which the shipped target describes right
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "clip2.mp4" in out and "attribute accuracy 1.00 " in out and "identical output" in out
 
 
 def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each_object():

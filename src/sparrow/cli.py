@@ -12,6 +12,8 @@ import sys
 
 from .errors import SparrowError
 
+DEMO_CLIP = 2  # the example clip `demo` describes by default: two moving objects, which the shipped target gets right
+
 
 def _add_video_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", help="video file (mp4/mkv/webm/avi...) or directory of frames; omit for text only")
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "visual gain, attention dilution (see --help)", add_help=False)
     d = sub.add_parser("demo", help="the embedded target and drafts on an example clip: speculative decoding vs "
                                      "plain decoding, identical output")
-    d.add_argument("--clip", type=int, default=0, help="which shipped example clip to describe (0-4)")
+    d.add_argument("--clip", type=int, default=DEMO_CLIP,
+                   help=f"which shipped example clip to describe (0-4; default {DEMO_CLIP}, one the target describes "
+                        "right; 0 and 3 show what it gets wrong)")
     d.add_argument("--max-new-tokens", type=int, default=128)
     return ap
 
