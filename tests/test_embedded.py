@@ -203,6 +203,71 @@ def test_event_labels_name_what_happens_to_the_object_of_each_colour_word():
     assert got == [[1, 0, 1, cyan], [-1] * 4, [0, 1, 0, names.index("red")], [-1] * 4, [1, 0, 1, cyan], [-1] * 4]
 
 
+def test_track_labels_say_what_each_visual_tokens_object_has_done_so_far():
+    """Per visual token, only what a causal model can know there: whether the object was missing from the first
+    frame, whether it has changed colour by the token's frame, and its first colour; and at <|vision_end|> what the
+    last frame shows."""
+    import torch
+
+    from sparrow.synthetic.train_target import COLOURS, OBJECT_SHAPES, end_labels, track_labels
+
+    names = list(COLOURS)
+    truth = {"num_frames": 8,
+             "objects": [{"id": 0, "colour": "white", "final_colour": "cyan", "shape": "circle", "appear": 0,
+                          "disappear": 8},
+                         {"id": 1, "colour": "red", "final_colour": "red", "shape": "square", "appear": 4,
+                          "disappear": 8},
+                         {"id": 2, "colour": "blue", "final_colour": "blue", "shape": "triangle", "appear": 0,
+                          "disappear": 6}],
+             "events": [{"type": "changes colour", "object": 0, "frame": 5}, {"type": "appears", "object": 1,
+                                                                               "frame": 4},
+                        {"type": "disappears", "object": 2, "frame": 6}]}
+    cells = torch.zeros(8, 6, dtype=torch.long)  # grid (4, 1, 2): 4 groups of 2 frames, 2 tokens each
+    cells[:, 5] = torch.tensor([1, 3, 1, 3, 1, 2, 1, 2])  # object 0 on the left; 2 then 1 on the right; 1-based
+    got = track_labels(truth, (4, 1, 2), cells).tolist()
+    white, red, blue = names.index("white"), names.index("red"), names.index("blue")
+    assert got == [[0, 0, white], [0, 0, blue], [0, 0, white], [0, 0, blue],
+                   [0, 0, white], [1, 0, red], [0, 1, white], [1, 0, red]]  # frames 0, 2, 4, 6: the change at 5
+    cells[3, 5] = 0  # a token no object covers
+    assert track_labels(truth, (4, 1, 2), cells)[3].tolist() == [-1, -1, -1]
+    end = end_labels(truth)
+    shown = {(names[k // len(OBJECT_SHAPES)], OBJECT_SHAPES[k % len(OBJECT_SHAPES)]) for k in end.nonzero()[:, 0].tolist()}
+    assert shown == {("cyan", "circle"), ("red", "square")} and end.sum() == 2
+
+
+def test_track_loss_reads_the_visual_tokens_and_vision_end_and_its_probes_learn():
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher, TrackLoss
+
+    target = sparrow.load_target()
+    model = target.model
+    batch = Batcher(target, seed=5, pool=1).batch(2)
+    track, end = batch["track"], batch["end"]
+    assert track.shape[0] == (batch["input_ids"] == model.config.video_token_id).sum() == batch["cells"].shape[0]
+    assert ((track[:, 0] >= 0) == (batch["cells"][:, 5] > 0)).all() and end.shape == (2, 32)
+    for k in ("cells", "grounded", "labels", "colour", "named", "event", "carry", "source", "track", "end"):
+        batch.pop(k)
+    torch.manual_seed(0)
+    loss = TrackLoss(model, layer=3)
+    opt = torch.optim.Adam(loss.parameters(), lr=1e-2)
+    losses = []
+    try:
+        with torch.no_grad():
+            model(**batch)
+        out = loss.saved["out"]
+        for _ in range(10):  # the same layer output each time: only the probes learn
+            loss.saved["out"] = out
+            value = loss(batch["input_ids"], track, end, model.config.video_token_id, model.config.vision_end_token_id)
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+            losses.append(value.item())
+    finally:
+        loss.remove()
+    assert not loss.saved and losses[-1] < losses[0] - 0.5, losses
+
+
 def test_carried_labels_reach_the_word_that_says_whether_an_event_follows():
     """The event label of a colour word is carried over the rest of its clause, up to the token whose next token is
     " and" (an event follows) or "." (none), and no further."""
@@ -251,7 +316,7 @@ def test_copy_loss_is_the_real_attention_on_the_clauses_colour_word():
     model = target.model
     batch = Batcher(target, seed=5, pool=1).batch(2)
     source = batch["source"]
-    for k in ("cells", "grounded", "labels", "colour", "named", "event", "carry", "source"):
+    for k in ("cells", "grounded", "labels", "colour", "named", "event", "carry", "source", "track", "end"):
         batch.pop(k)
     assert (source >= 0).sum() > 10
     copy = CopyLoss(model, layer=4, head=3)
