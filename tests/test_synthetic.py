@@ -537,3 +537,39 @@ def test_evaluate_resume_keeps_the_earlier_rows_not_reached_yet_in_every_save(tm
     # the first save (after clip 0, generated) still holds clip 1 of the interrupted run, which is then reused
     assert [r["text"] for r in writes[0]["rows"]][1] == "We see four objects."
     assert [r["text"] for r in writes[-1]["rows"]][1] == "We see four objects." and len(writes[-1]["rows"]) == 2
+
+
+def test_compare_gate_pairs_clips_and_counts_events_written_right(tmp_path, capsys):
+    """scripts/compare_gate.py: the paired difference is taken over the clips both files describe, and a one-event
+    clip counts as right only when its event is written exactly."""
+    import importlib.util
+    import json
+    import os
+
+    from sparrow.synthetic.evaluate import held_out_seed, truth_of
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_gate", os.path.join(os.path.dirname(__file__), "..", "scripts", "compare_gate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seeds = [s for s in (held_out_seed(512, i) for i in range(40)) if len(truth_of(s, 512)["events"]) == 1][:2]
+    assert len(seeds) == 2
+    truth = truth_of(seeds[0], 512)
+    right = describe(truth, 0)
+
+    def row(seed, text, attributes):
+        return {"bucket": 512, "seed": seed, "blank": False, "text": text, "attributes": attributes, "count": 1.0,
+                "colour": 1.0, "shape": 1.0, "motion": 1.0, "events": 1.0}
+
+    base, gate = tmp_path / "base.json", tmp_path / "gate.json"
+    base.write_text(json.dumps({"rows": [row(seeds[0], "Nothing.", 0.5), row(seeds[1], "Nothing.", 0.6)]}))
+    gate.write_text(json.dumps({"rows": [row(seeds[0], right, 0.9), row(seeds[1], "Nothing.", 0.4),
+                                         row(held_out_seed(512, 199), "Nothing.", 1.0)]}))  # not in base: left out
+    mod.main([str(gate), "--base", str(base)])
+    out = capsys.readouterr().out
+    assert "512 tokens, 2 clips" in out and "paired difference +0.100 +- 0.300" in out
+    kind = truth["events"][0]["type"]
+    scene = "lone" if len(truth["objects"]) == 1 else "two or three objects"
+    assert f"one event, {scene}, {kind}: right in 1 of " in out and "(base 0)" in out
+    with pytest.raises(SystemExit, match="not an evaluate-target result"):
+        mod.main([str(tmp_path / "missing.json"), "--base", str(base)])
