@@ -115,6 +115,14 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
         probes = torch.load(os.path.join(nxt, "ckpt", "state.pt"), weights_only=False)
         for key in ("probe", "bind_probe", "event_probe", "carry_probe"):
             assert torch.equal(probes[key]["head.weight"], saved[key]["head.weight"]) == same, key
+    # a stage from --init is repeatable: its fresh probes start from --seed, so a rerun trains to the same weights
+    again = []
+    for k in range(2):
+        train_target.main(["--out", str(tmp_path / f"again{k}"), "--init", export, "--steps", "1", "--batch", "2",
+                           "--seed", "3", *bind])
+        again.append(torch.load(str(tmp_path / f"again{k}" / "ckpt" / "state.pt"), weights_only=False))
+    for key in ("model", "probe", "bind_probe", "event_probe", "carry_probe"):
+        assert all(torch.equal(v, again[1][key][n]) for n, v in again[0][key].items()), key
     # a stage that adds the carried probe starts it from the earlier stage's event probe
     older = {**saved, "carry_probe": None}
     torch.save(older, str(tmp_path / "older.pt"))

@@ -1116,6 +1116,7 @@ def main(argv=None):
                 raise SystemExit(f"train-target: --grow-layers {a.grow_layers} is fewer than the {depth} layers of "
                                  f"{a.init}; give {depth} or more")
             model = grow_depth(model, a.grow_layers)
+        torch.manual_seed(a.seed)  # the fresh probes below: a rerun of the stage starts them alike
     else:
         model = build_model(tokenizer, a.seed)
     target = sparrow.wrap_model(model, tokenizer)
