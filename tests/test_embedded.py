@@ -232,12 +232,13 @@ def test_track_labels_say_what_each_visual_tokens_object_has_done_so_far():
                         {"type": "disappears", "object": 2, "frame": 6}]}
     cells = torch.zeros(8, 6, dtype=torch.long)  # grid (4, 1, 2): 4 groups of 2 frames, 2 tokens each
     cells[:, 5] = torch.tensor([1, 3, 1, 3, 1, 2, 1, 2])  # object 0 on the left; 2 then 1 on the right; 1-based
-    got = track_labels(truth, (4, 1, 2), cells).tolist()
-    white, red, blue = names.index("white"), names.index("red"), names.index("blue")
+    white, red, blue, cyan = names.index("white"), names.index("red"), names.index("blue"), names.index("cyan")
+    cells[:, 0] = torch.tensor([white, blue, white, blue, white, red, cyan, red]) + 1  # the colour at each token
+    got = track_labels(truth, cells).tolist()
     assert got == [[0, 0, white], [0, 0, blue], [0, 0, white], [0, 0, blue],
                    [0, 0, white], [1, 0, red], [0, 1, white], [1, 0, red]]  # frames 0, 2, 4, 6: the change at 5
     cells[3, 5] = 0  # a token no object covers
-    assert track_labels(truth, (4, 1, 2), cells)[3].tolist() == [-1, -1, -1]
+    assert track_labels(truth, cells)[3].tolist() == [-1, -1, -1]
     end = end_labels(truth)
     shown = {(names[k // len(OBJECT_SHAPES)], OBJECT_SHAPES[k % len(OBJECT_SHAPES)]) for k in end.nonzero()[:, 0].tolist()}
     assert shown == {("cyan", "circle"), ("red", "square")} and end.sum() == 2
@@ -250,7 +251,8 @@ def test_track_loss_reads_the_visual_tokens_and_vision_end_and_its_probes_learn(
 
     target = sparrow.load_target()
     model = target.model
-    batch = Batcher(target, seed=5, pool=1).batch(2)
+    assert "track" not in Batcher(target, seed=5, pool=1).batch(2)  # drawn only for the track probes
+    batch = Batcher(target, seed=5, pool=1, track=True).batch(2)
     track, end = batch["track"], batch["end"]
     assert track.shape[0] == (batch["input_ids"] == model.config.video_token_id).sum() == batch["cells"].shape[0]
     assert ((track[:, 0] >= 0) == (batch["cells"][:, 5] > 0)).all() and end.shape == (2, 32)
@@ -324,7 +326,7 @@ def test_copy_loss_is_the_real_attention_on_the_clauses_colour_word():
     model = target.model
     batch = Batcher(target, seed=5, pool=1).batch(2)
     source = batch["source"]
-    for k in ("cells", "grounded", "labels", "colour", "named", "event", "carry", "source", "track", "end"):
+    for k in ("cells", "grounded", "labels", "colour", "named", "event", "carry", "source"):
         batch.pop(k)
     assert (source >= 0).sum() > 10
     copy = CopyLoss(model, layer=4, head=3)

@@ -197,25 +197,24 @@ def event_labels(named: torch.Tensor, truth: dict) -> torch.Tensor:
     return out
 
 
-def track_labels(truth: dict, grid: tuple[int, int, int], cells: torch.Tensor) -> torch.Tensor:
+def track_labels(truth: dict, cells: torch.Tensor) -> torch.Tensor:
     """What each merged visual token's object has done up to that token's time: the facts a visual token can
     know in a causal language model, which sees the clip's earlier frames but not its later ones.
 
-    Args: truth: a clip's ground truth; grid: (t, h, w) merged-token grid; cells: (t*h*w, 6) `cell_labels`.
-    Returns: (t*h*w, 3) long: whether the object was absent from the clip's first frame (it appeared), whether it
-        has changed colour by the token's first frame (0 / 1 each), and the 0-based index of its first colour, at
+    Args: truth: a clip's ground truth; cells: (N, 6) `cell_labels` of its N merged visual tokens, whose colour is
+        the object's colour at the token's first frame (a colour change always picks another colour).
+    Returns: (N, 3) long: whether the object was absent from the clip's first frame (it appeared), whether it has
+        changed colour by the token's first frame (0 / 1 each), and the 0-based index of its first colour, at
         every token an object covers; -1 everywhere else.
     """
-    t, h, w = grid
     out = torch.full((cells.shape[0], 3), -1)
-    objects = {o["id"]: o for o in truth["objects"]}
-    change = {e["object"]: e["frame"] for e in truth["events"] if e["type"] == "changes colour"}
-    names = list(COLOURS)
-    for r in (cells[:, 5] > 0).nonzero()[:, 0].tolist():
-        o = objects[int(cells[r, 5]) - 1]
-        f = (r // (h * w)) * (truth["num_frames"] // t)
-        out[r] = torch.tensor([int(o["appear"] > 0), int(o["id"] in change and f >= change[o["id"]]),
-                               names.index(o["colour"])])
+    covered = cells[:, 5] > 0
+    if covered.any():
+        objects = sorted(truth["objects"], key=lambda o: o["id"])  # ids are 0, 1, ...: row k is object k
+        appeared = torch.tensor([int(o["appear"] > 0) for o in objects])
+        first = torch.tensor([list(COLOURS).index(o["colour"]) for o in objects])
+        obj = cells[covered, 5] - 1
+        out[covered] = torch.stack([appeared[obj], (cells[covered, 0] - 1 != first[obj]).long(), first[obj]], 1)
     return out
 
 
@@ -426,8 +425,9 @@ class Batcher:
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
                  events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False,
-                 hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False):
+                 hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False, track: bool = False):
         self.t, self.shape_p, self.hard, self.hard_kind = target, MIXES[mix], hard, hard_kind
+        self.track = track  # also give `track_labels` and `end_labels` ("track", "end"), for `TrackLoss`
         self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
                             size_last=size_last)  # see `describe`
         if states:  # recorded only when on, so that the earlier stages' exports keep their wording file
@@ -483,12 +483,11 @@ class Batcher:
         named = named_objects(colour, clip.truth)
         event = event_labels(named, clip.truth)
         source = carry_sources(event, ids, colour, self.stops)
-        merged = (int(grid[0, 0]), int(grid[0, 1]) // 2, int(grid[0, 2]) // 2)
+        tracks = {"track": track_labels(clip.truth, cells), "end": end_labels(clip.truth)} if self.track else {}
         return {"ids": ids, "labels": labels, "pixels": inputs["pixel_values_videos"], "grid": grid,
-                "sgt": inputs["second_per_grid_ts"], "cells": cells, "track": track_labels(clip.truth, merged, cells),
-                "end": end_labels(clip.truth),
+                "sgt": inputs["second_per_grid_ts"], "cells": cells,
                 "grounded": (labels >= 0) & torch.isin(labels, self.grounded), "colour": colour,
-                "named": named, "event": event, "carry": carried_labels(event, source), "source": source}
+                "named": named, "event": event, "carry": carried_labels(event, source), "source": source, **tracks}
 
     def colour_words(self, ids: torch.Tensor) -> torch.Tensor:
         """(L,) long: at each colour word of the text (not "dark green", a background), the colour's 1-based
@@ -537,9 +536,10 @@ class Batcher:
                 "pixel_values_videos": torch.cat([s["pixels"] for s in samples]),
                 "video_grid_thw": torch.cat([s["grid"] for s in samples]),
                 "second_per_grid_ts": torch.cat([s["sgt"] for s in samples]),
-                "cells": torch.cat([s["cells"] for s in samples]), "track": torch.cat([s["track"] for s in samples]),
-                "end": torch.stack([s["end"] for s in samples]), "grounded": grounded, "colour": colour,
-                "named": named, "event": event, "carry": carry, "source": source}
+                "cells": torch.cat([s["cells"] for s in samples]), "grounded": grounded, "colour": colour,
+                "named": named, "event": event, "carry": carry, "source": source,
+                **({"track": torch.cat([s["track"] for s in samples]), "end": torch.stack([s["end"] for s in samples])}
+                   if self.track else {})}
 
 
 class _Draws(torch.utils.data.IterableDataset):
@@ -1137,7 +1137,7 @@ def main(argv=None):
     def make_batcher(seed: int) -> Batcher:
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
                        restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind,
-                       states=a.states)
+                       states=a.states, track=a.track_weight > 0)
 
     batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
     wording = batcher.wording
@@ -1227,7 +1227,7 @@ def main(argv=None):
             colour, named, event = batch.pop("colour"), batch.pop("named"), batch.pop("event")
             carried = batch.pop("carry")
             source = batch.pop("source")
-            track, end_seen = batch.pop("track"), batch.pop("end")
+            track, end_seen = batch.pop("track", None), batch.pop("end", None)  # with --track-weight only
             opt.param_groups[0]["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
             lm_step = step - a.vision_steps  # the language model warms up again when it starts to train
             opt.param_groups[1]["lr"] = lr_at(max(0, lm_step), a.steps - a.vision_steps, a.lr, a.warmup)
