@@ -9,6 +9,7 @@
 #                                                      # a check of the recipe that leaves the shipped files alone
 # Each stage checkpoints or appends as it goes; rerunning the script resumes the stage that was interrupted.
 set -euo pipefail
+{  # bash reads the whole script before running it, so that editing the file during a rebuild cannot change this run
 RUN=${1:-runs}
 PY=${PY:-.venv/bin/python}
 SPARROW=${SPARROW:-.venv/bin/sparrow}
@@ -17,6 +18,8 @@ RESULTS=${RESULTS:-benchmarks/results}  # where the measurements go
 FROM=${FROM:-1}  # the first stage to run: 2 keeps the shipped target, 4 only measures
 mkdir -p "$RUN" "$ASSETS" "$RESULTS"
 T="$ASSETS/target"
+# wait for the background jobs; a failed one stops the script (a bare `wait` returns 0 whatever they returned)
+wait_all() { local pid rc=0; for pid in $(jobs -p); do wait "$pid" || rc=$?; done; return "$rc"; }
 DRAFTS="sparrow=$ASSETS/drafts/sparrow,eagle=$ASSETS/drafts/eagle,no_mtp=$ASSETS/drafts/no_mtp,no_ivsb=$ASSETS/drafts/no_ivsb"
 
 # 1. the target (Qwen2.5-VL class, ~11M parameters) on the synthetic world: a chain of resumable runs, every stop
@@ -111,7 +114,7 @@ if [ "$FROM" -le 3 ]; then
     OMP_NUM_THREADS=1 $SPARROW regenerate --target "$T" --data "$RUN/synth/train.jsonl" \
       --out "$RUN/synth/regen$i.jsonl" --shard "$i/2" --max-new-tokens 160 &
   done
-  wait
+  wait_all
   cat "$RUN/synth/regen0.jsonl" "$RUN/synth/regen1.jsonl" > "$RUN/synth/regen.jsonl"
 
   # 3. the two shipped drafts, trained side by side (1 thread each, about 8 minutes)
@@ -119,13 +122,13 @@ if [ "$FROM" -le 3 ]; then
     --config configs/sparrow.json --steps 300 --batch 6 --warmup 10 --save-every 25 --resume &
   OMP_NUM_THREADS=1 $SPARROW train-draft --target "$T" --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_eagle" \
     --config configs/eagle.json --steps 300 --batch 6 --warmup 10 --save-every 25 --resume &
-  wait
+  wait_all
   # the ablation drafts of the benchmark (same recipe, one switch each), then the 2-layer assistant for hf-assisted
   for m in no_mtp no_ivsb; do
     OMP_NUM_THREADS=1 $SPARROW train-draft --target "$T" --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_$m" \
       --config configs/ablation_$m.json --steps 300 --batch 6 --warmup 10 --save-every 25 --eval-samples 0 --resume &
   done
-  wait
+  wait_all
   for m in sparrow eagle no_mtp no_ivsb; do
     mkdir -p "$ASSETS/drafts/$m" && cp "$RUN/draft_$m/config.json" "$RUN/draft_$m/model.safetensors" "$ASSETS/drafts/$m/"
   done
@@ -146,3 +149,5 @@ $SPARROW bench "${B[@]}" --visual-tokens 500,3000 --synthetic 12 --tree 8,5,30 \
   --methods ar,sparrow,eagle,no_mtp,no_ivsb --out "$RESULTS/bench_tau_cpu"
 $SPARROW analyze --target "$T" --draft "$ASSETS/drafts/eagle" --visual-tokens 500,3000 --clips 2 --max-new-tokens 64 \
   --out "$RESULTS/analyze_cpu"
+exit
+}

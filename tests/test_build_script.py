@@ -1,0 +1,136 @@
+"""scripts/build_embedded.sh, dry: bash runs the whole script with `sparrow` and `python` replaced by a recorder, then
+every recorded command line goes through its own argument parser, and each stage must start from what an earlier
+stage wrote. A misspelt flag or path fails here instead of hours into a rebuild."""
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparrow.cli import SCRIPTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Stands in for `sparrow` and `python`: appends its argv to CALLS and writes the files the script reads afterwards
+# (a stage's export, a draft's weights, a regenerated shard), so that bash runs on through `cp` and `cat`.
+RECORDER = r"""
+import json, os, sys
+argv = sys.argv[1:]
+with open(os.environ["CALLS"], "a") as f:
+    f.write(json.dumps(argv) + "\n")
+def flag(name):
+    return argv[argv.index(name) + 1] if name in argv else None
+for d in (flag("--export"), flag("--out") if argv[0] in ("train-draft", "train-target") else None):
+    if d:
+        os.makedirs(d, exist_ok=True)
+        for name in ("config.json", "model.safetensors"):
+            open(os.path.join(d, name), "a").close()
+if argv[0] == "regenerate":
+    open(flag("--out"), "a").close()
+if argv[:2] == ["-m", "sparrow.synthetic.dataset"]:
+    os.makedirs(flag("--out"), exist_ok=True)
+    open(os.path.join(flag("--out"), "train.jsonl"), "a").close()
+if argv[0] == os.environ.get("FAIL"):  # a crash after writing part of its output
+    sys.exit(3)
+if os.environ.get("EDIT") and not os.path.exists(os.environ["EDIT"] + ".done"):  # someone edits the script meanwhile
+    text = open(os.environ["EDIT"]).read()
+    open(os.environ["EDIT"], "w").write(text.replace("set -euo pipefail", "set -euo pipefail\n" + "#" * 300, 1))
+    open(os.environ["EDIT"] + ".done", "w").close()
+"""
+
+
+class Parsed(Exception):
+    """Raised by the patched parse_args once a command line has parsed: the command itself never runs."""
+
+
+def dry_run(tmp_path, fail: str = "", edit: bool = False) -> list[list[str]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    script = tmp_path / "build_embedded.sh"
+    script.write_text((ROOT / "scripts" / "build_embedded.sh").read_text())
+    rec = tmp_path / "recorder.py"
+    rec.write_text(RECORDER)
+    calls = tmp_path / "calls.jsonl"
+    run = tmp_path / "run"
+    env = dict(os.environ, CALLS=str(calls), SPARROW=f"{sys.executable} {rec}", PY=f"{sys.executable} {rec}",
+               ASSETS=str(tmp_path / "assets"), RESULTS=str(tmp_path / "results"), FAIL=fail,
+               EDIT=str(script) if edit else "")
+    done = subprocess.run(["bash", str(script), str(run)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode != 0) == bool(fail), done.stderr
+    return [json.loads(line) for line in calls.read_text().splitlines()]
+
+
+def parses(argv: list[str], monkeypatch) -> argparse.Namespace:
+    """The namespace that `sparrow ARGV` (or `python -m MODULE ARGS`) parses to; SystemExit if it does not parse."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    if argv[0] == "-m":
+        module, fn, args = argv[1], "main", argv[2:]
+    else:
+        (module, fn), args = SCRIPTS[argv[0]], argv[1:]
+    with pytest.raises(Parsed) as parsed:
+        getattr(importlib.import_module(module), fn)(args)
+    monkeypatch.undo()
+    return parsed.value.args[0]
+
+
+def test_build_script_runs_dry_and_every_command_parses(tmp_path, monkeypatch):
+    calls = dry_run(tmp_path)
+    run = str(tmp_path / "run")
+    kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
+    # the four parts: the target chain, the example clips, the drafts' data and drafts, the measurements
+    assert kinds.count("train-target") == 21  # 1a-1x (stops included) and the assistant
+    for kind in ("sparrow.synthetic.examples", "sparrow.synthetic.dataset", "regenerate", "train-draft",
+                 "evaluate-target", "bench", "analyze"):
+        assert kind in kinds, kind
+    assert kinds.count("train-draft") == 4
+    exported, outs = [], []
+    for argv in calls:
+        a = parses(argv, monkeypatch)
+        if argv[0] != "train-target":
+            continue
+        # a stage starts from an export (and probes) written before it, never from a path nothing writes
+        if a.init:
+            assert a.init in exported, f"--init {a.init} is not exported by an earlier stage"
+        if a.init_probes:
+            assert os.path.dirname(os.path.dirname(a.init_probes)) in outs, a.init_probes
+        if a.export:
+            exported.append(a.export)
+        outs.append(a.out)
+        assert a.resume, f"{a.out}: every stage must resume, or a rerun of the script starts it over"
+    # the chain ends in the export that becomes the shipped target
+    assert f"{run}/target_export" in exported
+    assert sum(1 for a in exported if a.startswith(f"{run}/target")) == 13  # 1a-1x, the last as target_export
+
+
+def test_build_script_dry_run_catches_a_bad_flag(tmp_path, monkeypatch):
+    """The check above can fail: a misspelt flag in a stage's command line does not parse."""
+    calls = dry_run(tmp_path)
+    argv = next(c for c in calls if c[0] == "train-target")
+    with pytest.raises(SystemExit):
+        parses(argv + ["--grounded-wieght", "4"], monkeypatch)
+
+
+def test_build_script_stops_when_a_background_job_fails(tmp_path):
+    """The regenerating processes run in the background: one failing must stop the script before the drafts train
+    on half the data."""
+    calls = dry_run(tmp_path, fail="regenerate")
+    kinds = [c[0] for c in calls]
+    assert kinds.count("regenerate") == 2 and "train-draft" not in kinds
+
+
+def test_build_script_runs_as_it_was_when_it_started(tmp_path):
+    """Editing the script during a rebuild (a `git pull`, say) must not change what the running bash executes."""
+    def calls(name, edit):  # sorted: the background jobs record in either order
+        return sorted(json.dumps(c).replace(str(tmp_path / name), "") for c in dry_run(tmp_path / name, edit=edit))
+
+    assert calls("edited", True) == calls("plain", False)
