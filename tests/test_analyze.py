@@ -47,3 +47,5 @@ def test_keep_mask_selects_visual_positions():
 def test_analyze_bad_input(tmp_path, capsys):
     assert main(["analyze", "--what", "everything", "--out", str(tmp_path)]) == 2
     assert "unknown analysis" in capsys.readouterr().err
+    assert main(["analyze", "--visual-tokens", "0", "--out", str(tmp_path)]) == 2  # before any clip is built
+    assert "give one or more positive counts" in capsys.readouterr().err

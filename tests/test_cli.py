@@ -77,6 +77,7 @@ BAD = {
     "prompt longer than context": ({"--target": "short"}, "context"),
     "draft path not a draft": ({"--draft": "/tmp"}, "not a Sparrow draft"),
     "target path not a checkpoint": ({"--target": "/tmp"}, "config.json"),
+    "empty tree": ({"--tree-depth": "0"}, "each must be 1 or more"),
 }
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import sparrow
 from sparrow import defaults
+from sparrow.errors import SparrowError
 
 
 def test_embedded_target_describes_an_example_clip():
@@ -131,12 +132,19 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
                        "--batch", "2", "--lr", "0", *bind])
     probes = torch.load(os.path.join(nxt, "ckpt", "state.pt"), weights_only=False)
     assert torch.equal(probes["carry_probe"]["head.weight"], saved["event_probe"]["head.weight"])
-    with pytest.raises(SystemExit, match="--init-probes .* is not a file"):
+    with pytest.raises(SparrowError, match="--init-probes .* is not a file"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--init-probes", str(tmp_path / "no")])
-    with pytest.raises(SystemExit, match="--bind-layer 2 is not a layer"):
+    for bad, message in ((["--init", str(tmp_path)], "--init .*: no config.json there"),
+                         (["--tokenizer", str(tmp_path)], "--tokenizer .*: no tokenizer_config.json there"),
+                         (["--steps", "0"], "--steps 0: give a count of 1 or more"),
+                         (["--until", "0"], "--until 0: give a count"), (["--batch", "0"], "--batch 0: give a count")):
+        with pytest.raises(SparrowError, match=message):  # bad input: one line, before anything is written
+            train_target.main(["--out", str(tmp_path / "bad"), "--steps", "1", *bad])
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(SparrowError, match="--bind-layer 2 is not a layer"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--bind-weight", "1",
                            "--bind-layer", "2"])
-    with pytest.raises(SystemExit, match="--copy-head 4 is not a head"):
+    with pytest.raises(SparrowError, match="--copy-head 4 is not a head"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--copy-weight", "1",
                            "--carry-layer", "1", "--copy-head", "4"])
     target = sparrow.load_target(export, device="cpu")
@@ -555,7 +563,7 @@ def test_train_target_draws_in_worker_processes_and_resumes_exactly(tmp_path, mo
     stopped = torch.load(os.path.join(parts, "ckpt", "state.pt"), weights_only=False)
     assert len(stopped["batcher"]["workers"]) == 2 and stopped["step"] == 2
     for other in ("0", "3"):
-        with pytest.raises(SystemExit, match="drawn with --workers 2; resume with --workers 2"):
+        with pytest.raises(SparrowError, match="drawn with --workers 2; resume with --workers 2"):
             train_target.main(["--out", parts, "--steps", "4", "--resume", *common[:2], "--workers", other, *common[4:]])
     train_target.main(["--out", parts, "--steps", "4", "--resume", *common])
     a = torch.load(os.path.join(whole, "ckpt", "state.pt"), weights_only=False)["model"]
@@ -571,7 +579,7 @@ def test_train_target_draws_in_worker_processes_and_resumes_exactly(tmp_path, mo
     c = torch.load(os.path.join(fresh, "ckpt", "state.pt"), weights_only=False)["model"]
     assert not all(torch.equal(a[k], c[k]) for k in a)
     for bad, message in ((["--device", "cuda:x"], "is not a device"), (["--workers", "-1"], "give 0")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(SparrowError, match=message):
             train_target.main(["--out", str(tmp_path / "bad"), "--steps", "1", *bad])
 
 
@@ -589,7 +597,7 @@ def test_export_splits_the_weights_into_files_of_the_size_asked_and_loads_back(t
     assert len(shards) == 3 and all(os.path.getsize(f) <= 8e6 for f in shards)  # 21.6 MB of bf16 weights
     back = dict(sparrow.load_target(out).model.named_parameters())
     assert all(torch.equal(p.to(torch.bfloat16), back[k].to(torch.bfloat16)) for k, p in target.model.named_parameters())
-    with pytest.raises(SystemExit, match="--export-shard-mb 0: give a size of 1 MB or more"):
+    with pytest.raises(SparrowError, match="--export-shard-mb 0: give a size of 1 MB or more"):
         main(["--out", str(tmp_path / "run"), "--export-shard-mb", "0"])
 
 
@@ -629,7 +637,7 @@ def test_grow_depth_keeps_the_targets_output_and_the_new_layers_then_train(tmp_p
     assert deeper.config.text_config.num_hidden_layers == 3
     assert deeper.model.language_model.layers[2].mlp.down_proj.weight.any()  # the new layer has learned
     for fewer in ("1", "0"):
-        with pytest.raises(SystemExit, match=f"--grow-layers {fewer} is fewer than the 2 layers"):
+        with pytest.raises(SparrowError, match=f"--grow-layers {fewer} is fewer than the 2 layers"):
             train_target.main(["--out", str(tmp_path / "x"), "--init", base, "--grow-layers", fewer, "--steps", "1"])
-    with pytest.raises(SystemExit, match="give --init DIR too"):
+    with pytest.raises(SparrowError, match="give --init DIR too"):
         train_target.main(["--out", str(tmp_path / "y"), "--grow-layers", "3", "--steps", "1"])

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from sparrow.errors import SparrowError
 from sparrow.synthetic.text import describe, parse_description, questions, score_description
 from sparrow.synthetic.world import BACKGROUNDS, COLOURS, make_clip
 from sparrow.video import load_video, write_video
@@ -383,7 +384,7 @@ def test_evaluate_rescore_scores_stored_texts_again(tmp_path):
     assert summary["buckets"]["512"]["by_scene"] == {kind: {**{k: 1.0 for k in ("attributes", "count", "colour",
                                                                                   "shape", "motion", "events")},
                                                             "clips": 1}}
-    with pytest.raises(SystemExit, match="run the evaluation first"):
+    with pytest.raises(SparrowError, match="run the evaluation first"):
         ev.main(["--rescore", "--out", str(tmp_path / "missing")])
 
 

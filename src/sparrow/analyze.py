@@ -303,6 +303,8 @@ def main(argv=None) -> int:
         buckets = [int(x) for x in a.visual_tokens.split(",") if x.strip()]
     except ValueError:
         raise SparrowError(f"--visual-tokens {a.visual_tokens!r}: expected numbers like 500,3000") from None
+    if not buckets or min(buckets) < 1:
+        raise SparrowError(f"--visual-tokens {a.visual_tokens!r}: give one or more positive counts like 500,3000")
     if a.clips < 1:
         raise SparrowError("--clips must be >= 1")
     target = load_target(a.target, device="cpu")

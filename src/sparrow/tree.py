@@ -17,11 +17,15 @@ from typing import Callable
 
 import torch
 
+from .errors import SparrowError
+
 
 @dataclass
 class TreeConfig:
     """top_k: children per expanded node and frontier width; depth: levels below the root (max accepted
-    draft tokens per cycle); tokens: draft nodes kept (the target verifies tokens + 1 including the root)."""
+    draft tokens per cycle); tokens: draft nodes kept (the target verifies tokens + 1 including the root).
+
+    Raises: SparrowError (a ValueError) if any of the three is below 1."""
 
     top_k: int = 8
     depth: int = 5
@@ -29,7 +33,8 @@ class TreeConfig:
 
     def __post_init__(self):
         if self.top_k < 1 or self.depth < 1 or self.tokens < 1:
-            raise ValueError(f"tree top-k, depth and tokens must be >= 1, got {self.top_k}, {self.depth}, {self.tokens}")
+            raise SparrowError(f"tree top-k {self.top_k}, depth {self.depth}, tokens {self.tokens}: each must be 1 or "
+                               f"more (--tree-top-k, --tree-depth, --tree-tokens)")
 
 
 @dataclass

@@ -24,6 +24,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
+from ..errors import SparrowError
 from .text import STATE_OPENINGS, score_description
 from .world import COLOURS, SHAPES, make_clip
 
@@ -329,7 +330,7 @@ def rescore(out: str) -> dict:
         old = json.load(open(out + ".json"))
         rows = old["rows"]
     except (OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"sparrow: cannot rescore {out}.json ({e}); run the evaluation first") from None
+        raise SparrowError(f"cannot rescore {out}.json ({e}); run the evaluation first") from None
     truths = {}
     for r in rows:
         key = (r["seed"], r["bucket"])

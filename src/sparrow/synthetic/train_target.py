@@ -66,6 +66,7 @@ import time
 import numpy as np
 import torch
 
+from ..errors import SparrowError
 from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..training.trainer import stop_on_signals
@@ -1072,27 +1073,34 @@ def main(argv=None):
                     help="with --init: first deepen the model to N text layers, the new ones spread through the "
                          "stack and starting as identities (see grow_depth)")
     a = ap.parse_args(argv)
+    for flag, path, need in (("--init", a.init, "config.json"), ("--tokenizer", a.tokenizer, "tokenizer_config.json")):
+        if path is not None and not os.path.isfile(os.path.join(path, need)):
+            raise SparrowError(f"{flag} {path}: no {need} there; give an exported target's directory (a stage's "
+                               f"--export)")
+    for flag, n in (("--steps", a.steps), ("--until", a.until), ("--batch", a.batch)):
+        if n is not None and n < 1:
+            raise SparrowError(f"{flag} {n}: give a count of 1 or more")
     if a.grow_layers is not None and not a.init:
-        raise SystemExit("train-target: --grow-layers deepens the model of --init; give --init DIR too (or --layers "
-                         "N for a new model)")
+        raise SparrowError("--grow-layers deepens the model of --init; give --init DIR too (or --layers N for a "
+                           "new model)")
     if a.restate and a.events_first:
-        raise SystemExit("train-target: --restate and --events-first both place the object's events; pass one of them")
+        raise SparrowError("--restate and --events-first both place the object's events; pass one of them")
     if a.size_last and a.colour_last:
-        raise SystemExit("train-target: --size-last and --colour-last both reorder an object's name; pass one of them")
+        raise SparrowError("--size-last and --colour-last both reorder an object's name; pass one of them")
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     except RuntimeError:
-        raise SystemExit(f"train-target: --device {a.device} is not a device; give cpu, cuda, cuda:N or auto") from None
+        raise SparrowError(f"--device {a.device} is not a device; give cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"train-target: --device {a.device}, but torch sees no CUDA device here; use --device cpu")
+        raise SparrowError(f"--device {a.device}, but torch sees no CUDA device here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"train-target: --device {a.device}: train on cpu or cuda")
+        raise SparrowError(f"--device {a.device}: train on cpu or cuda")
     if a.workers < 0:
-        raise SystemExit(f"train-target: --workers {a.workers}: give 0 (draw in the training process) or more")
+        raise SparrowError(f"--workers {a.workers}: give 0 (draw in the training process) or more")
     if not 0 <= a.hard <= 1:
-        raise SystemExit(f"train-target: --hard {a.hard} is not a share; give a number from 0 to 1")
+        raise SparrowError(f"--hard {a.hard} is not a share; give a number from 0 to 1")
     if a.export_shard_mb is not None and a.export_shard_mb < 1:
-        raise SystemExit(f"train-target: --export-shard-mb {a.export_shard_mb}: give a size of 1 MB or more")
+        raise SparrowError(f"--export-shard-mb {a.export_shard_mb}: give a size of 1 MB or more")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
     TEXT["layers"] = a.layers
@@ -1111,12 +1119,13 @@ def main(argv=None):
 
         model = AutoModelForImageTextToText.from_pretrained(a.init, dtype=torch.float32)
         if model.config.text_config.hidden_size != TEXT["hidden"]:
-            raise SystemExit(f"--init {a.init}: hidden size {model.config.text_config.hidden_size} is not {TEXT['hidden']}")
+            raise SparrowError(f"--init {a.init}: hidden size {model.config.text_config.hidden_size} is not "
+                               f"{TEXT['hidden']}; give an export of train-target")
         if a.grow_layers is not None:
             depth = model.config.text_config.num_hidden_layers
             if a.grow_layers < depth:
-                raise SystemExit(f"train-target: --grow-layers {a.grow_layers} is fewer than the {depth} layers of "
-                                 f"{a.init}; give {depth} or more")
+                raise SparrowError(f"--grow-layers {a.grow_layers} is fewer than the {depth} layers of "
+                                   f"{a.init}; give {depth} or more")
             model = grow_depth(model, a.grow_layers)
         torch.manual_seed(a.seed)  # the fresh probes below: a rerun of the stage starts them alike
     else:
@@ -1143,26 +1152,26 @@ def main(argv=None):
     wording = batcher.wording
     layers = model.config.text_config.num_hidden_layers
     if a.bind_weight > 0 and not 0 <= a.bind_layer < layers:
-        raise SystemExit(f"train-target: --bind-layer {a.bind_layer} is not a layer of this {layers}-layer model; "
-                         f"pick one in 0..{layers - 1}")
+        raise SparrowError(f"--bind-layer {a.bind_layer} is not a layer of this {layers}-layer model; "
+                           f"pick one in 0..{layers - 1}")
     if (a.event_weight > 0 or a.time_weight > 0) and not 0 <= a.event_layer < layers:
-        raise SystemExit(f"train-target: --event-layer {a.event_layer} is not a layer of this {layers}-layer model; "
-                         f"pick one in 0..{layers - 1}")
+        raise SparrowError(f"--event-layer {a.event_layer} is not a layer of this {layers}-layer model; "
+                           f"pick one in 0..{layers - 1}")
     binding = BindingLoss(model, a.bind_layer) if a.bind_weight > 0 else None
     if (a.carry_weight > 0 or a.copy_weight > 0) and not 0 <= a.carry_layer < layers:
-        raise SystemExit(f"train-target: --carry-layer {a.carry_layer} is not a layer of this {layers}-layer model; "
-                         f"pick one in 0..{layers - 1}")
+        raise SparrowError(f"--carry-layer {a.carry_layer} is not a layer of this {layers}-layer model; "
+                           f"pick one in 0..{layers - 1}")
     events = EventLoss(model, a.event_layer) if a.event_weight > 0 else None
     carry = EventLoss(model, a.carry_layer) if a.carry_weight > 0 else None
     timing = TimeBindingLoss(model, a.event_layer) if a.time_weight > 0 else None
     heads = model.config.text_config.num_attention_heads
     if a.copy_weight > 0 and not 0 <= a.copy_head < heads:
-        raise SystemExit(f"train-target: --copy-head {a.copy_head} is not a head of this {heads}-head model; "
-                         f"pick one in 0..{heads - 1}")
+        raise SparrowError(f"--copy-head {a.copy_head} is not a head of this {heads}-head model; "
+                           f"pick one in 0..{heads - 1}")
     copying = CopyLoss(model, a.carry_layer, a.copy_head) if a.copy_weight > 0 else None
     if a.track_weight > 0 and not 0 <= a.track_layer < layers:
-        raise SystemExit(f"train-target: --track-layer {a.track_layer} is not a layer of this {layers}-layer model; "
-                         f"pick one in 0..{layers - 1}")
+        raise SparrowError(f"--track-layer {a.track_layer} is not a layer of this {layers}-layer model; "
+                           f"pick one in 0..{layers - 1}")
     tracking = TrackLoss(model, a.track_layer) if a.track_weight > 0 else None
     for extra in (binding.probe if binding else None, events, carry, tracking):  # probes learn with the language model
         if extra is not None:
@@ -1181,21 +1190,21 @@ def main(argv=None):
 
     if a.init_probes:
         if not os.path.isfile(a.init_probes):
-            raise SystemExit(f"train-target: --init-probes {a.init_probes} is not a file; give an earlier stage's "
-                             "RUN/ckpt/state.pt")
+            raise SparrowError(f"--init-probes {a.init_probes} is not a file; give an earlier stage's "
+                               "RUN/ckpt/state.pt")
         state = torch.load(a.init_probes, weights_only=False, map_location="cpu")
         try:
             load_probes(state)
         except (RuntimeError, KeyError) as e:
-            raise SystemExit(f"train-target: the probes of {a.init_probes} do not fit this model "
-                             f"({str(e).splitlines()[0][:120]}); drop --init-probes") from None
+            raise SparrowError(f"the probes of {a.init_probes} do not fit this model "
+                               f"({str(e).splitlines()[0][:120]}); drop --init-probes") from None
     ckpt = os.path.join(a.out, "ckpt", "state.pt")
     state = torch.load(ckpt, weights_only=False, map_location="cpu") if a.resume and os.path.exists(ckpt) else None
     if state is not None and "batcher" not in state:
-        raise SystemExit(f"train-target: {ckpt} was written by an older version; start a new --out or drop --resume")
+        raise SparrowError(f"{ckpt} was written by an older version; start a new --out or drop --resume")
     drawn = len(state["batcher"].get("workers", [])) if state is not None else a.workers
     if drawn != a.workers:
-        raise SystemExit(f"train-target: {ckpt} was drawn with --workers {drawn}; resume with --workers {drawn}")
+        raise SparrowError(f"{ckpt} was drawn with --workers {drawn}; resume with --workers {drawn}")
     if a.workers:  # forked now, while the model is on the CPU: the workers only draw
         batcher = BatchStream(lambda w: make_batcher(a.seed * 1000 + w), a.batch, a.workers,
                               state["batcher"] if state else None)
@@ -1208,8 +1217,8 @@ def main(argv=None):
             load_probes(state)
             opt.load_state_dict(state["opt"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise SystemExit(f"train-target: {ckpt} was written by another version or model shape "
-                             f"({str(e).splitlines()[0][:120]}); start a new --out or drop --resume") from None
+            raise SparrowError(f"{ckpt} was written by another version or model shape "
+                               f"({str(e).splitlines()[0][:120]}); start a new --out or drop --resume") from None
         step = state["step"]
         if not a.workers:
             batcher.restore(state["batcher"], a.batch)
