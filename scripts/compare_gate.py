@@ -8,7 +8,7 @@ difference in attribute accuracy is taken per clip and its standard error is tha
 differences, far smaller than the spread of either accuracy over 200 clips (about +-0.015). Prints, per bucket, the
 candidate's fields with the base's in brackets and the paired difference; then, over the clips with exactly one
 event, how often each side writes that event exactly right, by kind and by lone object against a scene of two or
-three objects (the README's stage notes quote these lines).
+three objects (docs/embedded_target.md quotes these lines).
 """
 
 from __future__ import annotations

@@ -130,7 +130,8 @@ def scene_states(truth: dict) -> list[str]:
     missing from the end disappears, one whose colour differs changes colour). An object that appears and then
     disappears is in neither list. Stage 2b (300 steps from 1x on it) refuted it: -0.017 +- 0.006 against 1x
     over 600 held-out clips, and in the clips of two or three objects whose first and last frames differ, its two
-    lists differed in only 100 of 265: it does not read what the frame shows at one time (README)."""
+    lists differed in only 100 of 265: it does not read what the frame shows at one time
+    (docs/embedded_target.md, 2b)."""
     objects = truth["objects"]
     first = [o for o in objects if o["appear"] == 0]
     last = [{**o, "colour": o["final_colour"]} for o in objects if o["disappear"] >= truth["num_frames"]]

@@ -857,7 +857,7 @@ class TrackLoss(torch.nn.Module):
     at 512 visual tokens the trained probes read "it appeared" at AUC 0.77 and "it has changed colour" at 0.89 on
     the visual tokens of scenes of two or three objects (a lone object: 1.00 and 0.92), and which of the scene's
     objects the last frame shows at 0.80; the descriptions wrote hardly more of those scenes' events (16 of 72
-    appearances against 9, the colour changes and disappearances as rarely as before; README, 2c).
+    appearances against 9, the colour changes and disappearances as rarely as before; docs/embedded_target.md, 2c).
 
     Args: model: the Qwen2.5-VL model; layer: the text layer whose output (B, L, hidden) the probes read.
     Call: input_ids (B, L), every row with one video; track (N, 3) `track_labels` of the batch's N visual tokens in
