@@ -208,6 +208,9 @@ def _write(out: str, name: str, data: dict, draw) -> None:
 
 
 def run_internalization(target, buckets, clips, out, max_new_tokens):
+    """Per bucket (visual tokens), averaged over `clips` synthetic clips: agreement with the full target when the
+    visual KV is removed from layer x on, attention mass on visual tokens and cosine to the input embedding per
+    layer. Writes OUT/internalization.{json,png}; returns the per-bucket dict."""
     per = {}
     for b in buckets:
         inputs = [_clip_inputs(target, b, i) for i in range(clips)]
@@ -240,6 +243,8 @@ def run_internalization(target, buckets, clips, out, max_new_tokens):
 
 
 def run_visual_gain(target, draft, buckets, clips, out, max_new_tokens):
+    """Per bucket: tau of the eagle-mode `draft` keeping a fraction (KEEP_FRACTIONS) of the visual positions in its
+    cache, chosen by attention or uniformly. Writes OUT/visual_gain.{json,png}; returns the per-bucket dict."""
     per = {}
     for b in buckets:
         runs = [visual_gain(target, draft, _clip_inputs(target, b, i), max_new_tokens) for i in range(clips)]
@@ -262,6 +267,8 @@ def run_visual_gain(target, draft, buckets, clips, out, max_new_tokens):
 
 
 def run_dilution(target, draft, buckets, clips, out):
+    """Per bucket: the eagle-mode `draft`'s attention mass on text and on visual positions at the first generated
+    token. Writes OUT/dilution.{json,png}; returns the per-bucket dict."""
     per = {}
     for b in buckets:
         runs = [draft_attention(target, draft, _clip_inputs(target, b, i)) for i in range(clips)]

@@ -223,6 +223,8 @@ def data_samples(path: str, n: int | None) -> list[Sample]:
 
 
 def build_inputs(target, sample: Sample, frames: int) -> dict:
+    """`target.prepare` inputs for a sample: its in-memory frames, or `frames` frames sampled from its file, at the
+    bench's fixed frame size (SIDE x SIDE pixels)."""
     from .video import Video, load_video
 
     if sample.frames is not None:
@@ -257,6 +259,7 @@ def verify_costs(target, inputs: dict, sizes, repeats: int = 7) -> dict[int, flo
 
 
 def tree_for(size: int) -> TreeConfig:
+    """The dynamic tree for `size` draft tokens: top-k 8, depth 5 (6 above 40 tokens), as EAGLE-2's defaults."""
     return TreeConfig(top_k=8, depth=6 if size > 40 else 5, tokens=size)
 
 
@@ -297,6 +300,8 @@ def _peak_memory_mb(device) -> float:
 
 def row_for(bucket: int, sample: Sample, method: Method, out: GenerateOutput, ref: GenerateOutput | None,
             greedy: bool, mem_mb: float, tree: TreeConfig | None) -> dict:
+    """One line of samples.jsonl: the run's timings (seconds), tau, tokens and, against the `ar` reference
+    output `ref`, whether it is lossless (greedy: the same tokens)."""
     s = out.stats
     cycles = max(1, len(s.accept_lengths))
     lossless = (out.token_ids == ref.token_ids) if (greedy and ref is not None) else None
@@ -340,6 +345,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def write_table(summary: dict, path: str) -> str:
+    """Write the per-bucket, per-method summary as a Markdown table (tau, DSR, ESR, ms per cycle, lossless) to
+    `path` and return it."""
     methods = list(dict.fromkeys(m for b in summary.values() for m in b))
     lines = ["| visual tokens | method | tau | DSR | ESR | DSR/tau | draft ms/cycle | verify ms/cycle | tree | lossless |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ ASSISTANT = os.path.join(ASSETS, "assistant")  # a 2-layer sibling of the target
 
 
 def has_target() -> bool:
+    """Whether this install ships the embedded target."""
     return os.path.isfile(os.path.join(TARGET, "config.json"))
 
 
@@ -37,4 +38,5 @@ def assistant_path() -> str | None:
 
 
 def example_clip(i: int = 0) -> str:
+    """Path of shipped example clip `i` (0-4; its ground truth is clip{i}.json beside it)."""
     return os.path.join(CLIPS, f"clip{i}.mp4")

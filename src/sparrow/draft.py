@@ -67,6 +67,8 @@ class DraftConfig:
 
     @classmethod
     def from_target(cls, target, **overrides) -> "DraftConfig":
+        """The draft shaped like one of `target`'s decoder layers (hidden size, heads, head_dim, rope and mRoPE
+        sections, vocabulary), with m = `target.default_mid_layer()`; `overrides` set any other field."""
         tc = target.text_config
         heads = tc.num_attention_heads
         rope = getattr(tc, "rope_parameters", None) or {}
@@ -146,6 +148,7 @@ class DraftCache:
         self.capacity, self.committed, self.length = capacity, 0, 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v (1, kv_heads, q, head_dim) at [length, length + q). RuntimeError past `capacity`."""
         q = k.shape[2]
         if self.length + q > self.capacity:
             raise RuntimeError(f"draft cache capacity {self.capacity} exceeded")
@@ -193,9 +196,11 @@ class SparrowDraft(nn.Module):
         return self.to(device=target.device, dtype=target.dtype)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (...,) -> the target's input embeddings (..., hidden); needs `attach`."""
         return self._frozen[0](ids)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Draft states (..., hidden) -> logits (..., V) through the target's LM head; needs `attach`."""
         return self._frozen[1](states)
 
     # ---- inputs ----

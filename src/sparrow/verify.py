@@ -51,6 +51,7 @@ def warp_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, gen: torch.Generator | None) -> int:
+    """One token id drawn from probs (V,) with `gen` (None: torch's global generator)."""
     return int(torch.multinomial(probs, 1, generator=gen))
 
 

@@ -34,6 +34,7 @@ HELD_OUT = 10**9
 
 
 def frames_for_bucket(visual_tokens: int) -> int:
+    """Frames (even, at least 2) of a SIDE x SIDE clip that give about `visual_tokens` visual tokens."""
     return max(2, 2 * round(visual_tokens / TOKENS_PER_PAIR))
 
 
@@ -357,6 +358,8 @@ def _write(path: str, obj) -> None:
 
 
 def plot(summary: dict, path: str) -> None:
+    """Each field of the summary by bucket (attributes, count, colour, shape, motion, events, exact), with blank
+    frames and chance as lines, as a PNG at `path`; prints a note instead when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:

@@ -317,6 +317,8 @@ def corpus(n: int = 4000) -> list[str]:
 
 
 def build_model(tokenizer, seed: int):
+    """A fresh `Qwen2_5_VLForConditionalGeneration` of the embedded target's shape (TEXT, VISION; mRoPE sections
+    1/8, 3/16, 3/16 of head_dim) for `tokenizer`'s vocabulary and special tokens, initialised from `seed`."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     ids = tokenizer.convert_tokens_to_ids
@@ -904,6 +906,7 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, grounded: torch.Tens
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 300) -> float:
+    """Learning rate at step `step` of `total`: linear warm-up to `peak`, then cosine to 0.1 x peak."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))

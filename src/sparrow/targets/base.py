@@ -154,6 +154,9 @@ class Target:
 
     # ---- family-specific ----
     def prepare(self, video=None, prompt: str = "", **kwargs) -> dict:
+        """The HF forward/generate inputs (batch 1) for one video (or none) and a user prompt: input_ids (1, L),
+        attention_mask (1, L) and the family's visual tensors. Each family implements it (see
+        `QwenVLTarget.prepare` for the arguments). Raises SparrowError for bad videos and settings."""
         raise NotImplementedError
 
     def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:
@@ -206,6 +209,7 @@ class Target:
 
     # ---- the forward passes ----
     def new_cache(self, capacity: int) -> KVCache:
+        """An empty preallocated `KVCache` for this target: `capacity` positions (prompt + tree + new tokens)."""
         return KVCache(self.num_layers, capacity)
 
     @torch.inference_mode()
@@ -287,6 +291,8 @@ FAMILIES: dict[str, type[Target]] = {}
 
 
 def register_family(*model_types: str):
+    """Class decorator: `load_target` builds `cls` for checkpoints whose config.json has one of `model_types`."""
+
     def deco(cls):
         for t in model_types:
             FAMILIES[t] = cls

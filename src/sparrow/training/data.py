@@ -73,6 +73,7 @@ def read_jsonl(path: str, strict: bool = False, log=None) -> list[Sample]:
 
 
 def write_sample(f, sample_id: str, video: str | None, prompt: str, answer: str) -> None:
+    """Append one conversation to the open JSONL file `f` in the LLaVA-Video layout that `read_jsonl` reads."""
     obj = {"id": sample_id, **({"video": video} if video else {}),
            "conversations": [{"from": "human", "value": ("<video>\n" if video else "") + prompt},
                              {"from": "gpt", "value": answer}]}

@@ -77,6 +77,8 @@ class TrainConfig:
 
 
 def load_config(path: str | None, overrides: dict) -> TrainConfig:
+    """A `TrainConfig` from a JSON (or YAML) file, with `overrides` (the CLI's flags, None = unset) on top.
+    Raises SparrowError for a missing file or an unknown key."""
     raw = {}
     if path:
         if not os.path.isfile(path):
@@ -99,6 +101,7 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimiser step `step`: linear warm-up over cfg.warmup steps, then cosine to 0.1 x cfg.lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
