@@ -16,6 +16,17 @@ SPARROW=${SPARROW:-.venv/bin/sparrow}
 ASSETS=${ASSETS:-src/sparrow/assets}  # where the target, clips, drafts and assistant go
 RESULTS=${RESULTS:-benchmarks/results}  # where the measurements go
 FROM=${FROM:-1}  # the first stage to run: 2 keeps the shipped target, 4 only measures
+if ! [[ "$FROM" =~ ^[1-4]$ ]]; then
+  echo "build_embedded.sh: FROM=$FROM: give 1 (everything), 2 (keep the shipped target) or 4 (measure only)" >&2
+  exit 2
+fi
+for exe in "${PY%% *}" "${SPARROW%% *}"; do  # the commands' first words
+  if ! command -v "$exe" > /dev/null; then
+    echo "build_embedded.sh: $exe not found; set up first: python3 -m venv .venv &&" \
+      ".venv/bin/pip install torch==2.13.0 -e . (or set PY and SPARROW)" >&2
+    exit 2
+  fi
+done
 mkdir -p "$RUN" "$ASSETS" "$RESULTS"
 T="$ASSETS/target"
 # wait for the background jobs; a failed one stops the script (a bare `wait` returns 0 whatever they returned)

@@ -134,3 +134,17 @@ def test_build_script_runs_as_it_was_when_it_started(tmp_path):
         return sorted(json.dumps(c).replace(str(tmp_path / name), "") for c in dry_run(tmp_path / name, edit=edit))
 
     assert calls("edited", True) == calls("plain", False)
+
+
+@pytest.mark.parametrize("env, message", [({"FROM": "9"}, "FROM=9: give 1"),
+                                          ({"SPARROW": "/nonexistent/sparrow"}, "/nonexistent/sparrow not found")])
+def test_build_script_bad_setting_is_one_line_before_any_work(tmp_path, env, message):
+    rec = tmp_path / "recorder.py"
+    rec.write_text(RECORDER)
+    full = {**os.environ, "CALLS": str(tmp_path / "calls.jsonl"), "SPARROW": f"{sys.executable} {rec}",
+            "PY": f"{sys.executable} {rec}", "ASSETS": str(tmp_path / "assets"), "RESULTS": str(tmp_path / "results"),
+            **env}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "build_embedded.sh"), str(tmp_path / "run")], cwd=ROOT,
+                          env=full, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "run").exists()
