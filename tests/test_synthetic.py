@@ -574,3 +574,20 @@ def test_compare_gate_pairs_clips_and_counts_events_written_right(tmp_path, caps
     assert f"one event, {scene}, {kind}: right in 1 of " in out and "(base 0)" in out
     with pytest.raises(SystemExit, match="not an evaluate-target result"):
         mod.main([str(tmp_path / "missing.json"), "--base", str(base)])
+
+
+def test_mrope_time_reach_margin():
+    """scripts/mrope_time_reach.py: at one query position any grid can be singled out; along a description's 190
+    positions the embedded target's 8 temporal pairs cannot, and 16 can."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "mrope_time_reach", os.path.join(os.path.dirname(__file__), "..", "scripts", "mrope_time_reach.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.time_reach_margin(1e5, 64, 8, 8, 100, 101) > 1.0
+    assert mod.time_reach_margin(1e5, 64, 8, 8, 18, 208, which="last") == pytest.approx(0.0, abs=1e-6)
+    assert mod.time_reach_margin(1e5, 64, 16, 8, 18, 208) > 0.03
+    with pytest.raises(ValueError):
+        mod.time_reach_margin(1e5, 64, 8, 1, 18, 208)
