@@ -641,3 +641,29 @@ def test_grow_depth_keeps_the_targets_output_and_the_new_layers_then_train(tmp_p
             train_target.main(["--out", str(tmp_path / "x"), "--init", base, "--grow-layers", fewer, "--steps", "1"])
     with pytest.raises(SparrowError, match="give --init DIR too"):
         train_target.main(["--out", str(tmp_path / "y"), "--grow-layers", "3", "--steps", "1"])
+
+
+def test_mrope_section_moves_time_to_other_pairs_and_leaves_text_alone(tmp_path, monkeypatch):
+    """--mrope-section: an --init model with time on more rotary pairs computes a text-only prompt exactly as before
+    (a text token's three coordinates are equal) and a video prompt differently; a bad split is one line."""
+    import torch
+
+    from conftest import clip, prepare
+    from sparrow.synthetic import train_target
+
+    monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+    base, moved = str(tmp_path / "base"), str(tmp_path / "moved")  # head_dim 16: 8 pairs, split 2,3,3 by default
+    train_target.main(["--out", str(tmp_path / "a"), "--steps", "1", "--batch", "2", "--export", base])
+    train_target.main(["--out", str(tmp_path / "b"), "--init", base, "--mrope-section", "4,2,2", "--steps", "1",
+                       "--batch", "2", "--lr", "0", "--export", moved])
+    a, b = (sparrow.load_target(p, device="cpu") for p in (base, moved))
+    assert a.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert b.text_config.rope_parameters["mrope_section"] == [4, 2, 2]
+    with torch.no_grad():
+        text = a.prepare(None, "What happens?")
+        assert torch.equal(a.model(**text).logits, b.model(**text).logits)
+        video = prepare(a, clip(4))
+        assert not torch.allclose(a.model(**video).logits, b.model(**video).logits)
+    for bad, message in (("4,2,3", "must sum to head_dim / 2 = 8"), ("4,4", "three positive pair counts")):
+        with pytest.raises(SparrowError, match=message):
+            train_target.main(["--out", str(tmp_path / "c"), "--init", base, "--mrope-section", bad, "--steps", "1"])

@@ -316,9 +316,20 @@ def corpus(n: int = 4000) -> list[str]:
     return out
 
 
-def build_model(tokenizer, seed: int):
+def set_mrope_section(text_config, section: list[int]) -> None:
+    """Set a Qwen2.5-VL text config's mRoPE split (rotary pairs of time, height, width; time takes the highest
+    frequencies). Raises SparrowError unless the three sum to head_dim / 2."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    if sum(section) != head_dim // 2:
+        raise SparrowError(f"--mrope-section {','.join(map(str, section))}: the pairs must sum to head_dim / 2 = "
+                           f"{head_dim // 2}")
+    text_config.rope_parameters = {**text_config.rope_parameters, "mrope_section": list(section)}
+
+
+def build_model(tokenizer, seed: int, mrope_section: list[int] | None = None):
     """A fresh `Qwen2_5_VLForConditionalGeneration` of the embedded target's shape (TEXT, VISION; mRoPE sections
-    1/8, 3/16, 3/16 of head_dim) for `tokenizer`'s vocabulary and special tokens, initialised from `seed`."""
+    1/8, 3/16, 3/16 of head_dim unless `mrope_section` says otherwise) for `tokenizer`'s vocabulary and special
+    tokens, initialised from `seed`."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     ids = tokenizer.convert_tokens_to_ids
@@ -334,6 +345,8 @@ def build_model(tokenizer, seed: int):
                                image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
                                eos_token_id=ids("<|im_end|>"), tie_word_embeddings=False)
+    if mrope_section is not None:
+        set_mrope_section(cfg.text_config, mrope_section)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32)
     model.generation_config = GenerationConfig(eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
@@ -1072,10 +1085,24 @@ def main(argv=None):
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
                                    "shipped one with a fresh optimiser) instead of a random initialisation")
+    ap.add_argument("--mrope-section", default=None, metavar="T,H,W",
+                    help="rotary pairs of time, height and width (summing to head_dim / 2; default 8,12,12 for a new "
+                         "model, the --init model's own otherwise). Time takes the highest frequencies: 16,8,8 gives "
+                         "it lower ones, which a text token can aim at the first or last frames with "
+                         "(scripts/mrope_time_reach.py); for a text token the three are equal, so an --init model "
+                         "computes its text as before")
     ap.add_argument("--grow-layers", type=int, default=None, metavar="N",
                     help="with --init: first deepen the model to N text layers, the new ones spread through the "
                          "stack and starting as identities (see grow_depth)")
     a = ap.parse_args(argv)
+    section = None
+    if a.mrope_section is not None:
+        try:
+            section = [int(x) for x in a.mrope_section.split(",")]
+        except ValueError:
+            section = []
+        if len(section) != 3 or min(section) < 1:
+            raise SparrowError(f"--mrope-section {a.mrope_section!r}: give three positive pair counts like 16,8,8")
     for flag, path, need in (("--init", a.init, "config.json"), ("--tokenizer", a.tokenizer, "tokenizer_config.json")):
         if path is not None and not os.path.isfile(os.path.join(path, need)):
             raise SparrowError(f"{flag} {path}: no {need} there; give an exported target's directory (a stage's "
@@ -1120,7 +1147,12 @@ def main(argv=None):
     if a.init:
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_pretrained(a.init, dtype=torch.float32)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(a.init)
+        if section is not None:
+            set_mrope_section(config.text_config, section)
+        model = AutoModelForImageTextToText.from_pretrained(a.init, config=config, dtype=torch.float32)
         if model.config.text_config.hidden_size != TEXT["hidden"]:
             raise SparrowError(f"--init {a.init}: hidden size {model.config.text_config.hidden_size} is not "
                                f"{TEXT['hidden']}; give an export of train-target")
@@ -1132,7 +1164,7 @@ def main(argv=None):
             model = grow_depth(model, a.grow_layers)
         torch.manual_seed(a.seed)  # the fresh probes below: a rerun of the stage starts them alike
     else:
-        model = build_model(tokenizer, a.seed)
+        model = build_model(tokenizer, a.seed, section)
     target = sparrow.wrap_model(model, tokenizer)
     for p in model.parameters():
         p.requires_grad_(True)
