@@ -1145,9 +1145,7 @@ def main(argv=None):
 
     tokenizer = AutoTokenizer.from_pretrained(a.init or tok_dir)
     if a.init:
-        from transformers import AutoModelForImageTextToText
-
-        from transformers import AutoConfig
+        from transformers import AutoConfig, AutoModelForImageTextToText
 
         config = AutoConfig.from_pretrained(a.init)
         if section is not None:
