@@ -48,21 +48,25 @@ class Parsed(Exception):
     """Raised by the patched parse_args once a command line has parsed: the command itself never runs."""
 
 
-def dry_run(tmp_path, fail: str = "", edit: bool = False) -> list[list[str]]:
+def run_script(tmp_path, **env) -> subprocess.CompletedProcess:
+    """bash runs a copy of build_embedded.sh in tmp_path with the recorder as `sparrow` and `python`; `env` adds
+    or overrides variables (FAIL, EDIT, FROM, ...). The calls are recorded in tmp_path/calls.jsonl."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "build_embedded.sh"
     script.write_text((ROOT / "scripts" / "build_embedded.sh").read_text())
     rec = tmp_path / "recorder.py"
     rec.write_text(RECORDER)
-    calls = tmp_path / "calls.jsonl"
-    run = tmp_path / "run"
-    env = dict(os.environ, CALLS=str(calls), SPARROW=f"{sys.executable} {rec}", PY=f"{sys.executable} {rec}",
-               ASSETS=str(tmp_path / "assets"), RESULTS=str(tmp_path / "results"), FAIL=fail,
-               EDIT=str(script) if edit else "")
-    done = subprocess.run(["bash", str(script), str(run)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    full = {**os.environ, "CALLS": str(tmp_path / "calls.jsonl"), "SPARROW": f"{sys.executable} {rec}",
+            "PY": f"{sys.executable} {rec}", "ASSETS": str(tmp_path / "assets"), "RESULTS": str(tmp_path / "results"),
+            "FAIL": "", "EDIT": "", **env}
+    return subprocess.run(["bash", str(script), str(tmp_path / "run")], cwd=ROOT, env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+def dry_run(tmp_path, fail: str = "", edit: bool = False) -> list[list[str]]:
+    done = run_script(tmp_path, FAIL=fail, EDIT=str(tmp_path / "build_embedded.sh") if edit else "")
     assert (done.returncode != 0) == bool(fail), done.stderr
-    return [json.loads(line) for line in calls.read_text().splitlines()]
+    return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
 
 
 def parses(argv: list[str], monkeypatch) -> argparse.Namespace:
@@ -139,12 +143,6 @@ def test_build_script_runs_as_it_was_when_it_started(tmp_path):
 @pytest.mark.parametrize("env, message", [({"FROM": "9"}, "FROM=9: give 1"),
                                           ({"SPARROW": "/nonexistent/sparrow"}, "/nonexistent/sparrow not found")])
 def test_build_script_bad_setting_is_one_line_before_any_work(tmp_path, env, message):
-    rec = tmp_path / "recorder.py"
-    rec.write_text(RECORDER)
-    full = {**os.environ, "CALLS": str(tmp_path / "calls.jsonl"), "SPARROW": f"{sys.executable} {rec}",
-            "PY": f"{sys.executable} {rec}", "ASSETS": str(tmp_path / "assets"), "RESULTS": str(tmp_path / "results"),
-            **env}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "build_embedded.sh"), str(tmp_path / "run")], cwd=ROOT,
-                          env=full, capture_output=True, text=True, timeout=60)
+    done = run_script(tmp_path, **env)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "run").exists()

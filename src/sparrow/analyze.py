@@ -291,6 +291,7 @@ def run_dilution(target, draft, buckets, clips, out):
 
 def main(argv=None) -> int:
     from . import defaults, load_draft, load_target
+    from .bench import parse_visual_tokens
 
     ap = argparse.ArgumentParser(prog="sparrow analyze", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", help="local HF checkpoint (default: the embedded target)")
@@ -306,12 +307,7 @@ def main(argv=None) -> int:
     unknown = [w for w in what if w not in ANALYSES]
     if unknown:
         raise SparrowError(f"--what {','.join(unknown)}: unknown analysis; choose from {', '.join(ANALYSES)}")
-    try:
-        buckets = [int(x) for x in a.visual_tokens.split(",") if x.strip()]
-    except ValueError:
-        raise SparrowError(f"--visual-tokens {a.visual_tokens!r}: expected numbers like 500,3000") from None
-    if not buckets or min(buckets) < 1:
-        raise SparrowError(f"--visual-tokens {a.visual_tokens!r}: give one or more positive counts like 500,3000")
+    buckets = parse_visual_tokens(a.visual_tokens)
     if a.clips < 1:
         raise SparrowError("--clips must be >= 1")
     target = load_target(a.target, device="cpu")

@@ -258,6 +258,18 @@ def verify_costs(target, inputs: dict, sizes, repeats: int = 7) -> dict[int, flo
     return out
 
 
+def parse_visual_tokens(text: str) -> list[int]:
+    """`--visual-tokens` "500,1500,8000" -> [500, 1500, 8000] (bench and analyze). Raises SparrowError unless it
+    is one or more positive whole numbers."""
+    try:
+        buckets = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SparrowError(f"--visual-tokens {text!r}: expected numbers like 500,1500,8000") from None
+    if not buckets or min(buckets) < 1:
+        raise SparrowError(f"--visual-tokens {text!r}: give one or more positive counts like 500,1500,8000")
+    return buckets
+
+
 def tree_for(size: int) -> TreeConfig:
     """The dynamic tree for `size` draft tokens: top-k 8, depth 5 (6 above 40 tokens), as EAGLE-2's defaults."""
     return TreeConfig(top_k=8, depth=6 if size > 40 else 5, tokens=size)
@@ -535,12 +547,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--resume", action="store_true", help="skip samples already in OUT/samples.jsonl")
     a = ap.parse_args(argv)
-    try:
-        buckets = [int(x) for x in a.visual_tokens.split(",") if x.strip()]
-    except ValueError:
-        raise SparrowError(f"--visual-tokens {a.visual_tokens!r}: expected numbers like 500,1500,8000") from None
-    if not buckets or min(buckets) < 1:
-        raise SparrowError("--visual-tokens needs at least one positive bucket")
+    buckets = parse_visual_tokens(a.visual_tokens)
     tree = "auto"
     if a.tree != "auto":
         try:
