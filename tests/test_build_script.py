@@ -48,19 +48,22 @@ class Parsed(Exception):
     """Raised by the patched parse_args once a command line has parsed: the command itself never runs."""
 
 
-def run_script(tmp_path, **env) -> subprocess.CompletedProcess:
-    """bash runs a copy of build_embedded.sh in tmp_path with the recorder as `sparrow` and `python`; `env` adds
-    or overrides variables (FAIL, EDIT, FROM, ...). The calls are recorded in tmp_path/calls.jsonl."""
+def run_script(tmp_path, name: str = "build_embedded.sh", args: list[str] | None = None,
+               **env) -> subprocess.CompletedProcess:
+    """bash runs a copy of scripts/NAME in tmp_path with the recorder as `sparrow` and `python`; `args` are its
+    arguments (default: tmp_path/run), `env` adds or overrides variables (FAIL, EDIT, FROM, ...). The calls are
+    recorded in tmp_path/calls.jsonl."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    script = tmp_path / "build_embedded.sh"
-    script.write_text((ROOT / "scripts" / "build_embedded.sh").read_text())
+    script = tmp_path / name
+    script.write_text((ROOT / "scripts" / name).read_text())
     rec = tmp_path / "recorder.py"
     rec.write_text(RECORDER)
     full = {**os.environ, "CALLS": str(tmp_path / "calls.jsonl"), "SPARROW": f"{sys.executable} {rec}",
             "PY": f"{sys.executable} {rec}", "ASSETS": str(tmp_path / "assets"), "RESULTS": str(tmp_path / "results"),
             "FAIL": "", "EDIT": "", **env}
-    return subprocess.run(["bash", str(script), str(tmp_path / "run")], cwd=ROOT, env=full, capture_output=True,
-                          text=True, timeout=300)
+    args = [str(tmp_path / "run")] if args is None else args
+    return subprocess.run(["bash", str(script), *args], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=300)
 
 
 def dry_run(tmp_path, fail: str = "", edit: bool = False) -> list[list[str]]:
@@ -146,3 +149,30 @@ def test_build_script_bad_setting_is_one_line_before_any_work(tmp_path, env, mes
     done = run_script(tmp_path, **env)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "run").exists()
+
+
+def test_gate_script_evaluates_the_goal_lengths_and_beyond_then_compares(tmp_path, monkeypatch):
+    """scripts/gate_target.sh: two evaluate-target processes that together cover 512-3072 visual tokens on 200 clips
+    and 8192 and 25088 on a few, both compared with the shipped evaluation; bad arguments are one line."""
+    cand = tmp_path / "cand"
+    cand.mkdir()
+    (cand / "config.json").write_text("{}")
+    out = str(tmp_path / "g" / "gate")
+    done = run_script(tmp_path, "gate_target.sh", [str(cand), out])
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    evals = [parses(c, monkeypatch) for c in calls if c[0] == "evaluate-target"]
+    assert len(evals) == 2 and all(a.target == str(cand) and a.resume for a in evals)
+    clips = {}
+    for a in evals:
+        counts = a.clips.split(",")
+        for b, n in zip(a.buckets.split(","), counts * len(a.buckets.split(",")) if len(counts) == 1 else counts):
+            clips[int(b)] = int(n)
+        for b in filter(None, a.long_buckets.split(",")):
+            clips[int(b)] = a.long_clips
+    assert clips == {512: 200, 1536: 200, 3072: 200, 8192: 50, 25088: 5}
+    assert calls[-1][-2:] == [out + "_a.json", out + "_b.json"] and calls[-1][0].endswith("compare_gate.py")
+    for args, message in (([], "give the candidate target's directory"),
+                          ([str(tmp_path / "none"), out], "has no config.json")):
+        done = run_script(tmp_path / "bad", "gate_target.sh", args)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
