@@ -453,6 +453,30 @@ def test_clip_mixes_keep_earlier_stages_draws_and_longer_reaches_the_3k_bucket()
     assert (s["ids"] == target.config.video_token_id).sum() == s["cells"].shape[0] == 24 * 64
 
 
+def test_fps_choice_draws_as_before_by_default_and_spreads_time_when_lowered(tmp_path):
+    """--fps: the default draws the very batches of the shipped stages; a lower rate gives the same frames longer
+    seconds per frame pair (so wider temporal mRoPE spans); a bad list is one line."""
+    import torch
+
+    from sparrow.synthetic import train_target
+    from sparrow.synthetic.train_target import FPS, Batcher
+
+    target = sparrow.load_target()
+
+    def draws(**kw):
+        b = Batcher(target, seed=5, pool=1, **kw)
+        return [b.sample() for _ in range(4)]
+
+    old, same, slow = draws(), draws(fps=FPS), draws(fps=(0.5,))
+    for x, y in zip(old, same):
+        assert torch.equal(x["ids"], y["ids"]) and torch.equal(x["sgt"], y["sgt"])
+    assert {float(s["sgt"][0]) for s in old} <= {2 / f for f in FPS}
+    assert all(float(s["sgt"][0]) == 4.0 for s in slow)  # a frame pair is 4 seconds at 0.5 fps
+    for bad in ("0,2", "two", ""):
+        with pytest.raises(SparrowError, match="give positive frame rates"):
+            train_target.main(["--out", str(tmp_path / "x"), "--fps", bad, "--steps", "1"])
+
+
 def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsys):
     from sparrow.cli import main
 

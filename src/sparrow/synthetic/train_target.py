@@ -89,6 +89,10 @@ MIXES = {"short": [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05, 0,
          # "long" with one clip in 14 of 48 or 96 frames at 224 px: from 1.5k visual tokens on, the target trained
          # on "long" loses the thread of its own sentences ("on a blac happens"); ~2x the visual tokens of "long"
          "longer": [0.047, 0.111, 0.204, 0.232, 0.056, 0.056, 0.074, 0.056, 0.047, 0.047, 0.05, 0.02]}
+# frame rates drawn for a clip (uniformly). A frame pair's temporal mRoPE position steps by 2 / fps x
+# tokens_per_second, so at 2 fps a 96-frame clip spans 94 positions, while a 25k-token clip at 4 fps spans 391:
+# `--fps 0.5,1,2,4,8` shows the temporal rotary pairs the angles of long videos on short clips.
+FPS = (2.0, 4.0, 8.0)
 VOCAB = 1024
 CELL = 28  # pixels per merged visual token side (patch 14 x spatial merge 2)
 # Answer words that only the frames decide (attributes, counts, directions, events), weighted by --grounded-weight
@@ -441,8 +445,10 @@ class Batcher:
 
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
                  events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False,
-                 hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False, track: bool = False):
+                 hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False, track: bool = False,
+                 fps: tuple[float, ...] = FPS):
         self.t, self.shape_p, self.hard, self.hard_kind = target, MIXES[mix], hard, hard_kind
+        self.fps = [float(f) for f in fps]  # frame rates drawn, uniformly; the default draws as every shipped stage
         self.track = track  # also give `track_labels` and `end_labels` ("track", "end"), for `TrackLoss`
         self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
                             size_last=size_last)  # see `describe`
@@ -465,7 +471,7 @@ class Batcher:
     def sample(self) -> dict:
         rng = self.rng
         frames, h, w = SHAPES[rng.choice(len(SHAPES), p=self.shape_p)]
-        fps = float(rng.choice([2.0, 4.0, 8.0]))
+        fps = float(rng.choice(self.fps))
         seed = int(rng.integers(2**31))
         hard = self.hard > 0 and frames >= 4 and rng.random() < self.hard
         while hard and not is_hard(plan_clip(np.random.default_rng(seed), frames), self.hard_kind):
@@ -1091,6 +1097,10 @@ def main(argv=None):
                          "it lower ones, which a text token can aim at the first or last frames with "
                          "(scripts/mrope_time_reach.py); for a text token the three are equal, so an --init model "
                          "computes its text as before")
+    ap.add_argument("--fps", default=",".join(f"{f:g}" for f in FPS), metavar="F,F,...",
+                    help="frame rates a clip is drawn at (uniformly; default %(default)s, every shipped stage's); a "
+                         "lower rate spreads the same frames over more temporal mRoPE positions (at 0.5 fps a "
+                         "96-frame clip spans 376, a 25k-token clip at 4 fps 391)")
     ap.add_argument("--grow-layers", type=int, default=None, metavar="N",
                     help="with --init: first deepen the model to N text layers, the new ones spread through the "
                          "stack and starting as identities (see grow_depth)")
@@ -1103,6 +1113,12 @@ def main(argv=None):
             section = []
         if len(section) != 3 or min(section) < 1:
             raise SparrowError(f"--mrope-section {a.mrope_section!r}: give three positive pair counts like 16,8,8")
+    try:
+        fps = tuple(float(x) for x in a.fps.split(","))
+    except ValueError:
+        fps = ()
+    if not fps or min(fps) <= 0:
+        raise SparrowError(f"--fps {a.fps!r}: give positive frame rates separated by commas, like 0.5,1,2,4,8")
     for flag, path, need in (("--init", a.init, "config.json"), ("--tokenizer", a.tokenizer, "tokenizer_config.json")):
         if path is not None and not os.path.isfile(os.path.join(path, need)):
             raise SparrowError(f"{flag} {path}: no {need} there; give an exported target's directory (a stage's "
@@ -1179,7 +1195,7 @@ def main(argv=None):
     def make_batcher(seed: int) -> Batcher:
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
                        restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind,
-                       states=a.states, track=a.track_weight > 0)
+                       states=a.states, track=a.track_weight > 0, fps=fps)
 
     batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
     wording = batcher.wording
