@@ -591,3 +591,28 @@ def test_mrope_time_reach_margin():
     assert mod.time_reach_margin(1e5, 64, 16, 8, 18, 208) > 0.03
     with pytest.raises(ValueError):
         mod.time_reach_margin(1e5, 64, 8, 1, 18, 208)
+
+
+def test_frame_rate_probe_keeps_the_tokens_and_moves_only_the_temporal_span(tmp_path):
+    """scripts/frame_rate_probe.py: at 4 fps a clip's description is the evaluation's own (the shipped
+    target_eval.json row of that seed); at 8 fps the visual tokens are the same and the temporal span halves."""
+    import importlib.util
+    import json
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    spec = importlib.util.spec_from_file_location("frame_rate_probe", os.path.join(root, "scripts",
+                                                                                   "frame_rate_probe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "probe.json"
+    result = mod.main(["--bucket", "512", "--clips", "1", "--fps", "4,8", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+    at4, at8 = result["rows"]
+    shipped = json.load(open(os.path.join(root, "benchmarks", "results", "target_eval.json")))
+    row = next(r for r in shipped["rows"] if r["seed"] == at4["seed"] and not r["blank"])
+    assert at4["text"] == row["text"] and at4["attributes"] == row["attributes"]
+    assert (at4["temporal_span"], at8["temporal_span"]) == (7, 3)  # 8 frame pairs: 7 steps of 1, then of 0.5
+    assert set(result["summary"]) == {"4", "8"}
+    with pytest.raises(SystemExit, match="give positive --fps"):
+        mod.main(["--fps", "0", "--out", str(out)])
