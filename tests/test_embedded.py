@@ -472,7 +472,7 @@ def test_fps_choice_draws_as_before_by_default_and_spreads_time_when_lowered(tmp
         assert torch.equal(x["ids"], y["ids"]) and torch.equal(x["sgt"], y["sgt"])
     assert {float(s["sgt"][0]) for s in old} <= {2 / f for f in FPS}
     assert all(float(s["sgt"][0]) == 4.0 for s in slow)  # a frame pair is 4 seconds at 0.5 fps
-    for bad in ("0,2", "two", ""):
+    for bad in ("0,2", "two", "", "nan"):
         with pytest.raises(SparrowError, match="give positive frame rates"):
             train_target.main(["--out", str(tmp_path / "x"), "--fps", bad, "--steps", "1"])
 

@@ -438,6 +438,9 @@ class Batcher:
     `hard`: that share of the clips of 4 frames or more is drawn again until `is_hard(plan, hard_kind)`, and each
     of its objects' own events is asked after the other turns ("What happens to the red circle?").
 
+    `fps`: the frame rates a clip is drawn at, uniformly (`FPS`, the shipped stages' three, by default); the rate
+    sets how far apart the frame pairs' temporal mRoPE positions lie.
+
     Batches are cut from pools of `pool` batches sorted by length, so that a batch's samples have similar
     lengths and little of the step is spent on padding. The state (`state()` / `restore()`) is the RNG state
     at the start of the current pool and the position in it, so a resumed run draws the same batches.
@@ -1117,7 +1120,7 @@ def main(argv=None):
         fps = tuple(float(x) for x in a.fps.split(","))
     except ValueError:
         fps = ()
-    if not fps or min(fps) <= 0:
+    if not fps or not all(0 < f < float("inf") for f in fps):  # (a NaN fails the comparison too)
         raise SparrowError(f"--fps {a.fps!r}: give positive frame rates separated by commas, like 0.5,1,2,4,8")
     for flag, path, need in (("--init", a.init, "config.json"), ("--tokenizer", a.tokenizer, "tokenizer_config.json")):
         if path is not None and not os.path.isfile(os.path.join(path, need)):
