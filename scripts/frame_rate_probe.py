@@ -17,24 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-import numpy as np
+FIELDS = ("attributes", "count", "colour", "shape", "motion", "events")  # the score fields summarised per rate
 
 
 def describe_at(target, bucket: int, i: int, fps: float, max_new_tokens: int = 160) -> dict:
     """The i-th held-out clip of `bucket` (rendered as `evaluate-target` renders it, at 4 fps) described with its
     frame rate declared as `fps`: the row {seed, fps, text, temporal_span, score fields}."""
     from sparrow import generate
-    from sparrow.synthetic.evaluate import SIDE, frames_for_bucket, held_out_seed
+    from sparrow.synthetic.evaluate import held_out_inputs, held_out_seed
     from sparrow.synthetic.text import score_description
-    from sparrow.synthetic.world import make_clip
-    from sparrow.video import Video
 
-    seed, frames = held_out_seed(bucket, i), frames_for_bucket(bucket)
-    clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0)
-    video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
-    inputs = target.prepare(video, "Describe the video.", max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+    seed = held_out_seed(bucket, i)
+    clip, inputs = held_out_inputs(target, bucket, seed, "Describe the video.", declared_fps=fps)
     out = generate(target, None, inputs, max_new_tokens=max_new_tokens, method="ar")
     tps = target.model.config.vision_config.tokens_per_second
     span = int((int(inputs["video_grid_thw"][0, 0]) - 1) * float(inputs["second_per_grid_ts"][0]) * tps)
@@ -48,13 +43,11 @@ def summarise(rows: list[dict]) -> dict:
     for fps in sorted({r["fps"] for r in rows}):
         rs = [r for r in rows if r["fps"] == fps]
         out[f"{fps:g}"] = {"clips": len(rs), "temporal_span": rs[0]["temporal_span"],
-                           **{k: sum(r[k] for r in rs) / len(rs)
-                              for k in ("attributes", "count", "colour", "shape", "motion", "events")}}
+                           **{k: sum(r[k] for r in rs) / len(rs) for k in FIELDS}}
     return out
 
 
 def main(argv=None) -> dict:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
     import sparrow
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -68,7 +61,7 @@ def main(argv=None) -> dict:
         rates = [float(x) for x in a.fps.split(",")]
     except ValueError:
         rates = []
-    if not rates or min(rates) <= 0 or a.clips < 1 or a.bucket < 1:
+    if not rates or not all(0 < r < float("inf") for r in rates) or a.clips < 1 or a.bucket < 1:
         raise SystemExit(f"frame_rate_probe.py: give positive --fps rates (got {a.fps!r}), --clips and --bucket")
     target = sparrow.load_target(a.target, device="cpu")
     rows = []
@@ -83,7 +76,7 @@ def main(argv=None) -> dict:
                 json.dump(result, f, indent=1)
     for fps, s in result["summary"].items():
         print(f"{fps} fps (temporal span {s['temporal_span']}): " + " ".join(
-            f"{k} {s[k]:.3f}" for k in ("attributes", "count", "colour", "shape", "motion", "events")))
+            f"{k} {s[k]:.3f}" for k in FIELDS))
     return result
 
 

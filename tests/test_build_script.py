@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sparrow.cli import SCRIPTS
+from sparrow.synthetic.evaluate import clip_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,13 +164,7 @@ def test_gate_script_evaluates_the_goal_lengths_and_beyond_then_compares(tmp_pat
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     evals = [parses(c, monkeypatch) for c in calls if c[0] == "evaluate-target"]
     assert len(evals) == 2 and all(a.target == str(cand) and a.resume for a in evals)
-    clips = {}
-    for a in evals:
-        counts = a.clips.split(",")
-        for b, n in zip(a.buckets.split(","), counts * len(a.buckets.split(",")) if len(counts) == 1 else counts):
-            clips[int(b)] = int(n)
-        for b in filter(None, a.long_buckets.split(",")):
-            clips[int(b)] = a.long_clips
+    clips = dict(p for a in evals for p in clip_plan(a.buckets, a.clips, a.long_buckets, a.long_clips))
     assert clips == {512: 200, 1536: 200, 3072: 200, 8192: 50, 25088: 5}
     assert calls[-1][-2:] == [out + "_a.json", out + "_b.json"] and calls[-1][0].endswith("compare_gate.py")
     for args, message in (([], "give the candidate target's directory"),

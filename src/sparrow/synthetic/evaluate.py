@@ -49,13 +49,16 @@ def truth_of(seed: int, bucket: int) -> dict:
     return make_clip(seed, frames_for_bucket(bucket), 56, 56, fps=4.0).truth
 
 
-def held_out_inputs(target, bucket: int, seed: int, prompt: str, blank: bool = False):
-    """A held-out clip (224 x 224 frames at 4 fps) and the target's inputs for it and the prompt."""
+def held_out_inputs(target, bucket: int, seed: int, prompt: str, blank: bool = False,
+                    declared_fps: float = 4.0):
+    """A held-out clip (224 x 224 frames at 4 fps) and the target's inputs for it and the prompt. `declared_fps`
+    is the frame rate the video is given to the target at: the same frames, other temporal mRoPE positions
+    (scripts/frame_rate_probe.py)."""
     from ..video import Video
 
     frames = frames_for_bucket(bucket)
     clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, blank=blank)
-    video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
+    video = Video(frames=clip.frames, fps=declared_fps, indices=np.arange(frames), total_frames=frames)
     return clip, target.prepare(video, prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
 
 
@@ -234,6 +237,21 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def clip_plan(buckets: str, clips: str, long_buckets: str, long_clips: int) -> list[tuple[int, int]]:
+    """The (bucket, clips) pairs that `evaluate-target` runs, in order, from its flags as given: `--buckets`,
+    `--clips` (one count, or one per bucket), `--long-buckets` and `--long-clips`. Raises ValueError (the message
+    names the flag) on a count that is not a whole number or a list of the wrong length."""
+    sizes = [int(b) for b in buckets.split(",") if b]
+    try:
+        counts = [int(c) for c in clips.split(",") if c]
+    except ValueError:
+        raise ValueError(f"--clips {clips}: give whole numbers, e.g. 200 or 200,200,100,40") from None
+    if len(counts) not in (1, len(sizes)):
+        raise ValueError(f"--clips {clips}: give one number or one per bucket ({len(sizes)})")
+    return list(zip(sizes, counts * len(sizes) if len(counts) == 1 else counts)) + \
+        [(int(b), long_clips) for b in long_buckets.split(",") if b]
+
+
 def main(argv=None):
     import sparrow
 
@@ -264,15 +282,10 @@ def main(argv=None):
     target = sparrow.load_target(a.target, device="cpu")
     draft = sparrow.load_draft(a.draft, target) if a.draft else None
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    buckets = [int(b) for b in a.buckets.split(",") if b]
     try:
-        clips = [int(c) for c in a.clips.split(",") if c]
-    except ValueError:
-        ap.error(f"--clips {a.clips}: give whole numbers, e.g. 200 or 200,200,100,40")
-    if len(clips) not in (1, len(buckets)):
-        ap.error(f"--clips {a.clips}: give one number or one per bucket ({len(buckets)})")
-    plan = list(zip(buckets, clips * len(buckets) if len(clips) == 1 else clips)) + \
-        [(int(b), a.long_clips) for b in a.long_buckets.split(",") if b]
+        plan = clip_plan(a.buckets, a.clips, a.long_buckets, a.long_clips)
+    except ValueError as e:
+        ap.error(str(e))
     digest = weights_digest(target.path) if getattr(target, "path", None) else None
     done = _resumable(a.out + ".json", digest) if a.resume else {}
     rows, summary = [], {"buckets": {}, "blank": {}}
