@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch (fixed seeds): the target, its example clips, its drafts, and the
-# measurements quoted in the README. About 15.5 hours on 2 CPU cores, 2 hours of it after the target. Run from the
+# measurements quoted in the README. About 17 hours on 2 CPU cores, 2 hours of it after the target. Run from the
 # repository root:
 #   bash scripts/build_embedded.sh [RUN_DIR]          # everything
 #   FROM=2 bash scripts/build_embedded.sh [RUN_DIR]   # keep the shipped target: its drafts and measurements
@@ -34,10 +34,10 @@ wait_all() { local pid rc=0; for pid in $(jobs -p); do wait "$pid" || rc=$?; don
 DRAFTS="sparrow=$ASSETS/drafts/sparrow,eagle=$ASSETS/drafts/eagle,no_mtp=$ASSETS/drafts/no_mtp,no_ivsb=$ASSETS/drafts/no_ivsb"
 
 # 1. the target (Qwen2.5-VL class, ~11M parameters) on the synthetic world: a chain of resumable runs, every stop
-#    fixed by a step count (--until) so that a rerun draws the same batches. About 13.5 hours: 1a about 2 hours at
+#    fixed by a step count (--until) so that a rerun draws the same batches. About 15 hours: 1a about 2 hours at
 #    the current data mix (~2 s per step; the shipped weights' 1a ran an older, lighter mix in 82 minutes), 1b, 1c,
 #    1d, 1e and 1f about an hour each, 1g 80 minutes, 1h about 2 hours, 1i 50 minutes, 1k 55 minutes, 1v 30 minutes,
-#    1w 30 minutes, 1x 35 minutes.
+#    1w 30 minutes, 1x 35 minutes, 2dc 60 minutes and 2ec 30 minutes.
 if [ "$FROM" -le 1 ]; then
   # 1a. from random weights: conversations about 2-32-frame clips, dense vision probe on the merged visual tokens
   $SPARROW train-target --out "$RUN/target1" --steps 3600 --resume --export "$RUN/target1_export"
@@ -111,6 +111,12 @@ if [ "$FROM" -le 1 ]; then
     --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target12_export"
   # 1x. 300 steps at a third of the learning rate, new clips (--seed 29). 35 minutes.
   $SPARROW train-target --out "$RUN/target13" --init "$RUN/target12_export" --seed 29 --steps 300 --lr 1e-4 \
+    --warmup 10 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target13_export"
+  # 2dc and 2ec (the controls of stages 2d and 2e, run without their --mrope-section 16,8,8): the same cycle once
+  #     more, 600 steps at lr 3e-4 (--seed 35, about 60 minutes), then 300 at 1e-4 (--seed 36, about 30 minutes).
+  $SPARROW train-target --out "$RUN/target14" --init "$RUN/target13_export" --seed 35 --steps 600 --lr 3e-4 \
+    --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target14_export"
+  $SPARROW train-target --out "$RUN/target15" --init "$RUN/target14_export" --seed 36 --steps 300 --lr 1e-4 \
     --warmup 10 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target_export"
   rm -rf "$ASSETS/target" && cp -r "$RUN/target_export" "$ASSETS/target"
   $PY -m sparrow.synthetic.examples --out "$ASSETS/clips" --target "$T"

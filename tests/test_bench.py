@@ -108,3 +108,25 @@ def test_bench_bad_input_is_one_line(env, tmp_path, capsys, extra, message):
     assert main(bench_args(env, str(tmp_path / "x"), *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_tree_calibration_leaves_out_each_tree_sizes_first_run(monkeypatch):
+    """The first run of a new tree shape pays one-off costs; timed, they picked the first draft a 48-token tree."""
+    from types import SimpleNamespace
+
+    import sparrow.bench as bench
+
+    seen = set()
+
+    def fake_generate(target, draft, inputs, max_new_tokens, method, tree):
+        first = (method, tree.tokens) not in seen
+        seen.add((method, tree.tokens))
+        stats = SimpleNamespace(accept_lengths=[4, 4], draft_s=1.0 if first else 0.01, draft_prefill_s=0.0)
+        return SimpleNamespace(stats=stats)
+
+    monkeypatch.setattr(bench, "generate", fake_generate)
+    methods = [Method("sparrow", "spec", draft=object(), mode="sparrow"), Method("ar", "ar")]
+    calib = bench.calibrate(None, methods, [{}, {}], (4, 8), max_new_tokens=16)
+    assert set(calib) == {"sparrow"}
+    for N in (4, 8):
+        assert calib["sparrow"][N]["tau"] == 4 and calib["sparrow"][N]["draft_s"] == pytest.approx(0.005)

@@ -96,7 +96,7 @@ def test_build_script_runs_dry_and_every_command_parses(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
     # the four parts: the target chain, the example clips, the drafts' data and drafts, the measurements
-    assert kinds.count("train-target") == 21  # 1a-1x (stops included) and the assistant
+    assert kinds.count("train-target") == 23  # 1a-1x, 2dc, 2ec (stops included) and the assistant
     for kind in ("sparrow.synthetic.examples", "sparrow.synthetic.dataset", "regenerate", "train-draft",
                  "evaluate-target", "bench", "analyze"):
         assert kind in kinds, kind
@@ -117,7 +117,7 @@ def test_build_script_runs_dry_and_every_command_parses(tmp_path, monkeypatch):
         assert a.resume, f"{a.out}: every stage must resume, or a rerun of the script starts it over"
     # the chain ends in the export that becomes the shipped target
     assert f"{run}/target_export" in exported
-    assert sum(1 for a in exported if a.startswith(f"{run}/target")) == 13  # 1a-1x, the last as target_export
+    assert sum(1 for a in exported if a.startswith(f"{run}/target")) == 15  # 1a-1x, 2dc, 2ec, the last as target_export
 
 
 def test_build_script_dry_run_catches_a_bad_flag(tmp_path, monkeypatch):
