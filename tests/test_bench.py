@@ -111,7 +111,7 @@ def test_bench_bad_input_is_one_line(env, tmp_path, capsys, extra, message):
 
 
 def test_tree_calibration_leaves_out_each_tree_sizes_first_run(monkeypatch):
-    """The first run of a new tree shape pays one-off costs; timed, they picked the first draft a 48-token tree."""
+    """Each tree size's first run is untimed: its one-off costs must not decide the tree."""
     from types import SimpleNamespace
 
     import sparrow.bench as bench

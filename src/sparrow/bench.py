@@ -278,9 +278,9 @@ def tree_for(size: int) -> TreeConfig:
 def calibrate(target, methods: list[Method], inputs: list[dict], sizes, max_new_tokens: int) -> dict:
     """Per speculative method and tree size: tau and draft seconds per cycle, pooled over the cycles of one greedy
     run per calibration input (tau of one short answer swings by +-0.5, enough to flip the choice). Each (method,
-    size) first runs once untimed (8 new tokens): the first run of a new tree shape pays one-off costs (kernel set-up
-    for the new shapes) that once put 16-76 ms on the first draft's cycle against 4-5 ms for every later one, and
-    picked it a 48-token tree."""
+    size) first runs once untimed (8 new tokens), so that a first run's one-off costs are not timed. Other work on
+    the machine during calibration still skews the choice: a run of 2026-12-02, with analysis scripts running
+    alongside, timed 16-76 ms a cycle for the first draft calibrated against 4-5 ms for the others."""
     out = {}
     for m in methods:
         if m.kind != "spec":
