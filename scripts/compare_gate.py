@@ -18,10 +18,8 @@ import collections
 import json
 import math
 
-from sparrow.synthetic.evaluate import truth_of
+from sparrow.synthetic.evaluate import FIELDS, truth_of
 from sparrow.synthetic.text import parse_description
-
-FIELDS = ("attributes", "count", "colour", "shape", "motion", "events")
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:

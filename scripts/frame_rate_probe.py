@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-FIELDS = ("attributes", "count", "colour", "shape", "motion", "events")  # the score fields summarised per rate
+from sparrow.synthetic.evaluate import FIELDS  # the score fields summarised per rate
 
 
 def describe_at(target, bucket: int, i: int, fps: float, max_new_tokens: int = 160) -> dict:

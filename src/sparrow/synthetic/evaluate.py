@@ -213,7 +213,9 @@ def chance(bucket: int, clips: int) -> list[dict]:
              **score_description(d, t)} for t, o in zip(truths[:-1], truths[1:])]
 
 
-KEYS = ("attributes", "count", "colour", "shape", "motion", "events", "exact", "objects", "motion_all")
+# the attribute scores of a description (`score_description`: the headline and its five parts), then the others
+FIELDS = ("attributes", "count", "colour", "shape", "motion", "events")
+KEYS = (*FIELDS, "exact", "objects", "motion_all")
 
 
 def scene(truth: dict) -> str:
@@ -232,7 +234,7 @@ def summarise(rows: list[dict]) -> dict:
             groups.setdefault(r["scene"], []).append(r)
     if groups:
         out["by_scene"] = {k: {**{m: float(np.mean([r[m] for r in g]))
-                                  for m in ("attributes", "count", "colour", "shape", "motion", "events")},
+                                  for m in FIELDS},
                                "clips": len(g)} for k, g in sorted(groups.items())}
     return out
 
