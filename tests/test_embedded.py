@@ -405,6 +405,32 @@ def test_target_batches_supervise_every_answer_and_resume_exactly():
     assert all(torch.equal(again.batch(2)["input_ids"], w) for w in want)
 
 
+def test_unmasked_training_forward_gives_the_masked_loss_and_refuses_left_padding():
+    """train-target drops the padding mask of its right-padded batches (a faster sdpa kernel): the real tokens'
+    logits and the answer loss must be those of the masked forward, and a left-padded batch must be refused."""
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher, answer_loss, without_padding_mask
+
+    target = sparrow.load_target()
+    batch = Batcher(target, seed=5, pool=1).batch(3)
+    mask = batch["attention_mask"]
+    assert (mask == 0).any() and (mask.sum(1) > 0).all()  # some rows padded, so the check means something
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+            "second_per_grid_ts")
+    inputs = {k: batch[k] for k in keys}
+    with torch.no_grad():
+        masked = target.model(**inputs).logits
+        free = target.model(**without_padding_mask(inputs)).logits
+    real = mask.bool()
+    assert torch.allclose(masked[real], free[real], atol=1e-4)
+    loss = lambda logits: answer_loss(logits, batch["labels"], batch["grounded"], 4.0)  # noqa: E731
+    assert abs(loss(masked).item() - loss(free).item()) < 1e-5
+    left = {**inputs, "attention_mask": mask.flip(1)}  # the pads first
+    with pytest.raises(SparrowError, match="padded on the left"):
+        without_padding_mask(left)
+
+
 def test_grounded_words_cover_every_alternative_of_a_decision():
     """--grounded-weight must not tilt a choice that the frames decide: the verb that says whether an object moves,
     and the sentence that follows the last object (another object, an event, or "no events"), are weighted
