@@ -37,10 +37,9 @@ DRAFTS="sparrow=$ASSETS/drafts/sparrow,eagle=$ASSETS/drafts/eagle,no_mtp=$ASSETS
 #    fixed by a step count (--until) so that a rerun draws the same batches. The shipped stages trained with the
 #    padding mask (train-target --padding-mask); this script runs train-target's default, the unmasked forward (the
 #    same loss up to rounding, about 30% less time), so it matches them in quality, not bit for bit. As they ran,
-#    about 15 hours: 1a about 2 hours at
-#    the current data mix (~2 s per step; the shipped weights' 1a ran an older, lighter mix in 82 minutes), 1b, 1c,
-#    1d, 1e and 1f about an hour each, 1g 80 minutes, 1h about 2 hours, 1i 50 minutes, 1k 55 minutes, 1v 30 minutes,
-#    1w 30 minutes, 1x 35 minutes, 2dc 60 minutes and 2ec 30 minutes.
+#    about 15 hours: 1a about 2 hours at the current data mix (~2 s per step; the shipped weights' 1a ran an older,
+#    lighter mix in 82 minutes), 1b, 1c, 1d, 1e and 1f about an hour each, 1g 80 minutes, 1h about 2 hours, 1i 50
+#    minutes, 1k 55 minutes, 1v 30 minutes, 1w 30 minutes, 1x 35 minutes, 2dc 60 minutes and 2ec 30 minutes.
 if [ "$FROM" -le 1 ]; then
   # 1a. from random weights: conversations about 2-32-frame clips, dense vision probe on the merged visual tokens
   $SPARROW train-target --out "$RUN/target1" --steps 3600 --resume --export "$RUN/target1_export"

@@ -3,9 +3,10 @@
     python -m sparrow.synthetic.train_target --out runs/target [--steps 12000] [--minutes 85] [--resume]
 
 Fixed seed; bf16 autocast on CPU (or `--device cuda`, with `--workers N` processes drawing the batches:
-`BatchStream`); right-padded batches fed without their padding mask (`without_padding_mask`; `--padding-mask` as the
-shipped stages trained); a progress bar with the loss; a checkpoint (model, optimiser, step, RNG, where the batches stopped)
-every `--save-every` steps and on SIGINT/SIGTERM, written atomically; `--resume` continues from the last one.
+`BatchStream`); right-padded batches fed without their padding mask (`without_padding_mask`; `--padding-mask` as
+the shipped stages trained); a progress bar with the loss; a checkpoint (model, optimiser, step, RNG, where the
+batches stopped) every `--save-every` steps and on SIGINT/SIGTERM, written atomically; `--resume` continues from
+the last one.
 `--export DIR` writes the final model with `save_pretrained` (bf16 safetensors, config, tokenizer, chat
 template, generation config) for shipping, with the description wording it was trained on (`text.WORDING_FILE`),
 which the reference descriptions of `examples` and `evaluate --reading` then use.
