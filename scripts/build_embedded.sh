@@ -35,8 +35,10 @@ DRAFTS="sparrow=$ASSETS/drafts/sparrow,eagle=$ASSETS/drafts/eagle,no_mtp=$ASSETS
 
 # 1. the target (Qwen2.5-VL class, ~11M parameters) on the synthetic world: a chain of resumable runs, every stop
 #    fixed by a step count (--until) so that a rerun draws the same batches. The shipped stages trained with the
-#    padding mask (train-target --padding-mask); this script runs train-target's default, the unmasked forward (the
-#    same loss up to rounding, about 30% less time), so it matches them in quality, not bit for bit. As they ran,
+#    padding mask, one forward per batch (train-target --padding-mask --whole-batches); this script runs
+#    train-target's defaults, the unmasked forward (about 30% less time) and, for the stages of the language loss
+#    alone (1v on), a batch split into groups of similar lengths (about half the time again on the longer mix): the
+#    same loss up to rounding, so it matches them in quality, not bit for bit. As they ran,
 #    about 15 hours: 1a about 2 hours at the current data mix (~2 s per step; the shipped weights' 1a ran an older,
 #    lighter mix in 82 minutes), 1b, 1c, 1d, 1e and 1f about an hour each, 1g 80 minutes, 1h about 2 hours, 1i 50
 #    minutes, 1k 55 minutes, 1v 30 minutes, 1w 30 minutes, 1x 35 minutes, 2dc 60 minutes and 2ec 30 minutes.

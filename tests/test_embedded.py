@@ -431,6 +431,53 @@ def test_unmasked_training_forward_gives_the_masked_loss_and_refuses_left_paddin
         without_padding_mask(left)
 
 
+def test_length_groups_give_the_whole_batch_gradient():
+    """train-target runs a batch of the language loss alone as groups of similar lengths, each padded to its own
+    longest row: the groups' losses must add up to the whole batch's loss and their gradients to its gradient, and
+    the split must keep a long clip away from short ones but not split rows of one length."""
+    import torch
+
+    from sparrow.synthetic.train_target import (Batcher, answer_loss, answer_weights, length_groups, row_group,
+                                                without_padding_mask)
+
+    assert length_groups([320, 3000, 300, 310]) == [[2, 3, 0], [1]]
+    assert length_groups([500] * 8) == [list(range(8))]
+    target = sparrow.load_target()
+    batch = Batcher(target, seed=5, pool=1).batch(3)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 3  # rows of different lengths, so the groups differ from the batch
+    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values_videos", "video_grid_thw",
+            "second_per_grid_ts")
+    model = target.model
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
+
+    def gradient(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in params if p.grad is not None]), loss.item()
+
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        whole, whole_loss = gradient(answer_loss(model(**without_padding_mask({k: batch[k] for k in keys})).logits,
+                                                 batch["labels"], batch["grounded"], 4.0))
+        total = float(answer_weights(batch["labels"], batch["grounded"], 4.0).sum())
+        parts, parts_loss = torch.zeros_like(whole), 0.0
+        for rows in ([0], [1, 2]):  # a split that cuts every row but the longest short of the batch's length
+            part = without_padding_mask(row_group(batch, rows))
+            assert part["input_ids"].shape[1] == max(lengths[r] for r in rows)
+            labels, grounded = part.pop("labels"), part.pop("grounded")
+            g, value = gradient(answer_loss(model(**part).logits, labels, grounded, 4.0, total))
+            parts, parts_loss = parts + g, parts_loss + value
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, was in zip(params, trainable):
+            p.requires_grad_(was)
+    assert abs(parts_loss - whole_loss) < 1e-5
+    assert (parts - whole).norm() < 1e-4 * whole.norm()
+
+
 def test_grounded_words_cover_every_alternative_of_a_decision():
     """--grounded-weight must not tilt a choice that the frames decide: the verb that says whether an object moves,
     and the sentence that follows the last object (another object, an event, or "no events"), are weighted
