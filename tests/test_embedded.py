@@ -478,6 +478,32 @@ def test_length_groups_give_the_whole_batch_gradient():
     assert (parts - whole).norm() < 1e-4 * whole.norm()
 
 
+def test_train_target_steps_in_length_groups_as_in_whole_batches(tmp_path, monkeypatch):
+    """Under the language loss alone, train-target's steps run a batch as length groups; from the same seed they
+    must end where the whole-batch steps (--whole-batches) end, up to bf16 rounding."""
+    import torch
+
+    from sparrow.synthetic import train_target
+
+    monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+    split = train_target.length_groups
+    groups = []
+    monkeypatch.setattr(train_target, "length_groups", lambda lengths: groups.append(split(lengths, 0)) or groups[-1])
+    common = ["--steps", "3", "--batch", "3", "--lr", "0.003", "--warmup", "1", "--aux-weight", "0",
+              "--grounded-weight", "4", "--save-every", "10"]
+    train_target.main(["--out", str(tmp_path / "groups"), *common])
+    assert len(groups) == 3 and any(len(g) > 1 for g in groups)  # rows of other lengths ran apart
+    train_target.main(["--out", str(tmp_path / "whole"), "--whole-batches", *common])
+    assert len(groups) == 3
+    a = torch.load(str(tmp_path / "groups" / "ckpt" / "state.pt"), weights_only=False)["model"]
+    b = torch.load(str(tmp_path / "whole" / "ckpt" / "state.pt"), weights_only=False)["model"]
+    train_target.main(["--out", str(tmp_path / "first"), "--whole-batches", "--until", "1", *common])
+    start = torch.load(str(tmp_path / "first" / "ckpt" / "state.pt"), weights_only=False)["model"]
+    moved = sum(float((b[k].float() - start[k].float()).norm()) for k in b)  # what steps 2 and 3 changed
+    apart = sum(float((a[k].float() - b[k].float()).norm()) for k in a)
+    assert moved > 0 and apart < 0.05 * moved
+
+
 def test_grounded_words_cover_every_alternative_of_a_decision():
     """--grounded-weight must not tilt a choice that the frames decide: the verb that says whether an object moves,
     and the sentence that follows the last object (another object, an event, or "no events"), are weighted
