@@ -40,6 +40,7 @@ def asked(target, clips: int, bucket: int = 512, first_seed: int = 700_000_000) 
 
     from sparrow.synthetic.evaluate import held_out_inputs, truth_of
     from sparrow.synthetic.text import describe, mention, target_wording
+    from sparrow.training.losses import extend_inputs
 
     tok = target.tokenizer
     first = {w: tok(w, add_special_tokens=False)["input_ids"][0] for w in ("It", "Nothing", "Yes", "No")}
@@ -47,12 +48,8 @@ def asked(target, clips: int, bucket: int = 512, first_seed: int = 700_000_000) 
     found: dict = {k: [] for k in ("object_first", "object_after", "clip_first", "clip_after")}
 
     def p_yes(inputs, extra, yes, no):
-        ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
-        if extra is not None:
-            ids, types = torch.cat((ids, extra[None]), 1), torch.cat((types, torch.zeros_like(extra)[None]), 1)
         with torch.no_grad():
-            logits = target.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                     "mm_token_type_ids": types}).logits[0, -1].float()
+            logits = target.model(**extend_inputs(inputs, extra)).logits[0, -1].float()
         p = logits.softmax(-1)
         return float(p[yes] / (p[yes] + p[no])), int(logits.argmax()) == yes
 
@@ -69,11 +66,11 @@ def asked(target, clips: int, bucket: int = 512, first_seed: int = 700_000_000) 
         asks.append(("Does anything appear, disappear or change colour?", bool(truth["events"]), "clip", "Yes", "No"))
         for question, has_event, kind, yes, no in asks:
             _, inputs = held_out_inputs(target, bucket, seed, question)
-            found[kind + "_first"].append((has_event, *p_yes(inputs, None, first[yes], first[no])))
+            found[kind + "_first"].append((has_event, *p_yes(inputs, [], first[yes], first[no])))
             _, inputs = held_out_inputs(target, bucket, seed, "Describe the video.")
             turn = tok(f"{description}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
                        add_special_tokens=False)["input_ids"]
-            found[kind + "_after"].append((has_event, *p_yes(inputs, torch.tensor(turn), first[yes], first[no])))
+            found[kind + "_after"].append((has_event, *p_yes(inputs, turn, first[yes], first[no])))
     out = {}
     for k, rows in found.items():
         label = np.array([r[0] for r in rows])
@@ -96,6 +93,7 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
     from sparrow.synthetic.evaluate import held_out_inputs
     from sparrow.synthetic.text import describe, target_wording
     from sparrow.synthetic.world import COLOURS, EVENT_TYPES
+    from sparrow.training.losses import extend_inputs
 
     tok = target.tokenizer
     wording = target_wording(target.path)
@@ -118,11 +116,10 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
                       + [colour, EVENT_TYPES.index(kinds[0]) if kinds else -1, len(truth["objects"])])
         answer = torch.tensor(tok(describe(truth, seed, **wording), add_special_tokens=False)["input_ids"])
         n = inputs["input_ids"].shape[1]
-        ids = torch.cat((inputs["input_ids"], answer[None]), 1)
-        types = torch.cat((inputs["mm_token_type_ids"], torch.zeros_like(answer)[None]), 1)
+        forced = extend_inputs(inputs, answer.tolist())
+        ids = forced["input_ids"]
         with torch.no_grad():
-            out = target.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                  "mm_token_type_ids": types}, output_hidden_states=True)
+            out = target.model(**forced, output_hidden_states=True)
         hidden = torch.stack(out.hidden_states)[:, 0].float()  # (layers + 1, L, hidden)
         at = {"vision_end": int((ids[0] == vision_end).nonzero()[0]), "prompt_end": n - 1,
               "first_sentence_end": n + int((answer == stop).nonzero()[0])}

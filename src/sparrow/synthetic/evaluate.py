@@ -127,6 +127,7 @@ def reading(target, bucket: int, clips: int) -> dict:
     """
     import torch
 
+    from ..training.losses import extend_inputs
     from .text import EVENT_VERBS, describe, first_token_id, one_token_ids, target_wording
 
     tok = target.tokenizer
@@ -148,11 +149,8 @@ def reading(target, bucket: int, clips: int) -> dict:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         answer = torch.tensor(enc["input_ids"])
         n = inputs["input_ids"].shape[1]
-        ids = torch.cat((inputs["input_ids"], answer[None]), 1)
-        types = torch.cat((inputs["mm_token_type_ids"], torch.zeros_like(answer)[None]), 1)
         with torch.no_grad():
-            logits = target.model(**{**inputs, "input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                     "mm_token_type_ids": types}).logits[0, n - 1:-1]
+            logits = target.model(**extend_inputs(inputs, enc["input_ids"])).logits[0, n - 1:-1]
         for j, (t, p) in enumerate(zip(answer.tolist(), logits.argmax(-1).tolist())):
             if t in words and not (words[t] == "count" and j and answer[j - 1] == THE):  # "the one in red": no count
                 hits[words[t]].append(p == t)

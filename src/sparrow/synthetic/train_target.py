@@ -963,9 +963,10 @@ def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD) -> list[li
 
 
 def row_group(batch: dict, rows: list[int]) -> dict:
-    """The model inputs and loss targets of some rows of a Batcher batch, cut to their longest row: input_ids,
-    mm_token_type_ids, labels, grounded (R, L'), those rows' videos (pixel_values_videos, video_grid_thw,
-    second_per_grid_ts), and attention_mask where the batch has one. One video per row, in row order."""
+    """The model inputs and loss targets of some rows of a Batcher batch (which has an attention_mask: it gives each
+    row's length), cut to their longest row: input_ids, attention_mask, mm_token_type_ids, labels, grounded
+    (R, L'), and those rows' videos (pixel_values_videos, video_grid_thw, second_per_grid_ts). One video per row,
+    in row order."""
     length = int(batch["attention_mask"][rows].sum(1).max())
     sizes = batch["video_grid_thw"].prod(1).tolist()  # patches of each row's video
     starts = [0] + list(np.cumsum(sizes))
