@@ -634,6 +634,22 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
         s = b.sample()
         if int(s["grid"][0, 0]) * 2 >= 4:
             assert tok.decode(s["ids"]).count("What happens to the") >= 2
+    # hard_ask="alone": a hard clip's conversation is its objects' own questions and nothing else, the first one
+    # right after the video (no description before it to copy the answer from); a clip too short stays as drawn
+    b = Batcher(target, seed=11, pool=1, hard=1.0, hard_ask="alone")
+    seen = 0
+    for _ in range(6):
+        s = b.sample()
+        if int(s["grid"][0, 0]) * 2 < 4:
+            continue
+        seen += 1
+        text = tok.decode(s["ids"])
+        users = text.split("<|im_start|>user\n")[1:]
+        assert len(users) >= 2 and all("What happens to the" in u for u in users), text
+        assert users[0].split("<|vision_end|>")[1].startswith("What happens to the"), text
+    assert seen >= 3
+    with pytest.raises(ValueError, match="hard_ask 'first' is not one of"):
+        Batcher(target, seed=11, hard=1.0, hard_ask="first")
     # hard=0 (the default) draws the samples drawn before the option existed: the first three of seed 11 as the
     # code before it drew them (token count, sum and sum of squares mod 1000003)
     plain = Batcher(target, seed=11, pool=1)

@@ -91,7 +91,11 @@ MIXES = {"short": [0.08, 0.2, 0.22, 0.13, 0.02, 0.08, 0.08, 0.08, 0.06, 0.05, 0,
          "long": [0.05, 0.12, 0.22, 0.25, 0.06, 0.06, 0.08, 0.06, 0.05, 0.05, 0, 0],
          # "long" with one clip in 14 of 48 or 96 frames at 224 px: from 1.5k visual tokens on, the target trained
          # on "long" loses the thread of its own sentences ("on a blac happens"); ~2x the visual tokens of "long"
-         "longer": [0.047, 0.111, 0.204, 0.232, 0.056, 0.056, 0.074, 0.056, 0.047, 0.047, 0.05, 0.02]}
+         "longer": [0.047, 0.111, 0.204, 0.232, 0.056, 0.056, 0.074, 0.056, 0.047, 0.047, 0.05, 0.02],
+         # only 4-frame clips at 224 px (two frame pairs, 128 visual tokens): the smallest clip in which an object
+         # can appear, disappear or change colour between one frame pair and the next; an experiment's mix (with
+         # --hard 1 --hard-ask alone it isolates reading one object across time), not a recipe's
+         "pairs": [0, 1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}
 # frame rates drawn for a clip (uniformly). A frame pair's temporal mRoPE position steps by 2 / fps x
 # tokens_per_second, so at 2 fps a 96-frame clip spans 94 positions, while a 25k-token clip at 4 fps spans 391:
 # `--fps 0.5,1,2,4,8` shows the temporal rotary pairs the angles of long videos on short clips.
@@ -411,6 +415,7 @@ def grow_depth(model, layers: int):
 
 
 HARD_KINDS = ("multi-event", "multi", "colour-change")  # what `is_hard` and --hard-kind take
+HARD_ASK = ("after", "alone")  # where a hard clip's per-object questions go (`Batcher`, --hard-ask)
 
 
 def is_hard(plan: dict, kind: str = "multi-event") -> bool:
@@ -439,7 +444,9 @@ class Batcher:
     the frames directly.
 
     `hard`: that share of the clips of 4 frames or more is drawn again until `is_hard(plan, hard_kind)`, and each
-    of its objects' own events is asked after the other turns ("What happens to the red circle?").
+    of its objects' own events is asked ("What happens to the red circle?"): after the other turns
+    (`hard_ask="after"`), where a description before it may already state the answer, or as the only turns
+    (`hard_ask="alone"`), the first right after the video, so that every answer has to be read from the frames.
 
     `fps`: the frame rates a clip is drawn at, uniformly (`FPS`, the shipped stages' three, by default); the rate
     sets how far apart the frame pairs' temporal mRoPE positions lie.
@@ -452,8 +459,11 @@ class Batcher:
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
                  events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False,
                  hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False, track: bool = False,
-                 fps: tuple[float, ...] = FPS):
+                 fps: tuple[float, ...] = FPS, hard_ask: str = "after"):
         self.t, self.shape_p, self.hard, self.hard_kind = target, MIXES[mix], hard, hard_kind
+        if hard_ask not in HARD_ASK:
+            raise ValueError(f"Batcher: hard_ask {hard_ask!r} is not one of {HARD_ASK}")
+        self.hard_ask = hard_ask
         self.fps = [float(f) for f in fps]  # frame rates drawn, uniformly; the default draws as every shipped stage
         self.track = track  # also give `track_labels` and `end_labels` ("track", "end"), for `TrackLoss`
         self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
@@ -488,8 +498,11 @@ class Batcher:
         turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed, **self.wording))] \
             if rng.random() < 0.75 else []
         turns += [qa[int(k)] for k in order]
-        if hard:  # every object's own events asked as well (a few text tokens next to the clip's visual ones)
-            turns += [(q, a) for q, a in qa if q.startswith("What happens to the") and (q, a) not in turns]
+        own = [(q, a) for q, a in qa if q.startswith("What happens to the")]
+        if hard and self.hard_ask == "alone":  # only each object's own events, the first asked right after the video
+            turns = [own[int(k)] for k in rng.permutation(len(own))]
+        elif hard:  # every object's own events asked as well (a few text tokens next to the clip's visual ones)
+            turns += [(q, a) for q, a in own if (q, a) not in turns]
         video = Video(frames=clip.frames, fps=fps, indices=np.arange(frames), total_frames=frames)
         inputs = self.t.prepare(video, turns[0][0], max_pixels=h * w, min_pixels=h * w)
         inputs = {k: v.cpu() for k, v in inputs.items()}  # samples are drawn on the CPU, whatever the model's device
@@ -1138,8 +1151,9 @@ def main(argv=None):
                     help="after the opening, say what the frame shows at first and at the end (see "
                          "`scene_states`), which the objects' events then follow from: an experiment")
     ap.add_argument("--mix", choices=sorted(MIXES), default="short",
-                    help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often) or "
-                         "longer (long plus 48- and 96-frame clips at 224 px)")
+                    help="clip lengths drawn: short (mostly 4-8 frames), long (16-32 frames twice as often), "
+                         "longer (long plus 48- and 96-frame clips at 224 px) or pairs (only 4 frames at 224 px, "
+                         "an experiment's)")
     ap.add_argument("--init-probes", metavar="STATE_PT",
                     help="start the probes (--aux/--bind/--event-weight; not part of an exported target) from this "
                          "checkpoint of an earlier stage (RUN/ckpt/state.pt) instead of random weights, whose "
@@ -1150,6 +1164,9 @@ def main(argv=None):
     ap.add_argument("--hard-kind", choices=HARD_KINDS, default="multi-event",
                     help="what --hard draws: 2-3 objects and an event, 2-3 objects with the world's own events, or "
                          "a scene with a colour change")
+    ap.add_argument("--hard-ask", choices=HARD_ASK, default="after",
+                    help="a --hard clip's per-object questions: after the description and questions (where the "
+                         "description may already state the answer) or alone, the first right after the video")
     ap.add_argument("--device", default="cpu",
                     help="where the model trains: cpu (the shipped target's stages), cuda, cuda:N or auto (cuda when "
                          "there is one); clips are drawn on the CPU")
@@ -1273,7 +1290,7 @@ def main(argv=None):
     def make_batcher(seed: int) -> Batcher:
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
                        restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind,
-                       states=a.states, track=a.track_weight > 0, fps=fps)
+                       hard_ask=a.hard_ask, states=a.states, track=a.track_weight > 0, fps=fps)
 
     batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
     wording = batcher.wording
