@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+from itertools import islice
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def asked(target, clips: int) -> dict:
     out = {}
     for frames in (4, 8, 16):
         rows = []
-        for (clip, video), _ in zip(_clips(frames, 610_000_000), range(clips)):
+        for clip, video in islice(_clips(frames, 610_000_000), clips):
             for o in clip.truth["objects"]:
                 kinds = [e["type"] for e in clip.truth["events"] if e["object"] == o["id"]]
                 rows.append((kinds[0] if kinds else "", _ask(target, clip, video, o)[0]))
@@ -99,7 +100,7 @@ def when(target, clips: int) -> dict:
     out = {}
     for frames in (4, 16):
         xs, ys, cs = [], [], []
-        for n, (clip, video) in zip(range(clips), _clips(frames, 620_000_000)):
+        for n, (clip, video) in enumerate(islice(_clips(frames, 620_000_000), clips)):
             inputs = target.prepare(video, "Describe the video.", max_pixels=224 * 224, min_pixels=224 * 224)
             t = int(inputs["video_grid_thw"][0, 0])
             where = (inputs["input_ids"][0] == pad).nonzero()[:, 0]
@@ -129,7 +130,7 @@ def which(target, clips: int) -> dict:
     from sklearn.metrics import roc_auc_score
 
     xs, own, held, cs = [], [], [], []
-    for n, (clip, video) in zip(range(clips), _clips(4, 630_000_000)):
+    for n, (clip, video) in enumerate(islice(_clips(4, 630_000_000), clips)):
         in_clip = [any(e["type"] == k for e in clip.truth["events"]) for k in KINDS]
         for o in clip.truth["objects"]:
             xs.append(_ask(target, clip, video, o, hidden=True)[1])
