@@ -467,8 +467,8 @@ def test_length_groups_give_the_whole_batch_gradient():
         for rows in ([0], [1, 2]):  # a split that cuts every row but the longest short of the batch's length
             part = without_padding_mask(row_group(batch, rows))
             assert part["input_ids"].shape[1] == max(lengths[r] for r in rows)
-            labels, grounded = part.pop("labels"), part.pop("grounded")
-            g, value = gradient(answer_loss(model(**part).logits, labels, grounded, 4.0, total))
+            labels, grounded, rows_w = part.pop("labels"), part.pop("grounded"), part.pop("row_weight")
+            g, value = gradient(answer_loss(model(**part).logits, labels, grounded, 4.0, total, rows_w))
             parts, parts_loss = parts + g, parts_loss + value
     finally:
         model.zero_grad(set_to_none=True)
@@ -656,6 +656,43 @@ def test_hard_share_draws_multi_object_event_clips_and_asks_what_happens_to_each
     seen = [(len(ids), int(ids.sum()), int((ids * ids).sum() % 1000003)) for ids in
             (plain.sample()["ids"] for _ in range(3))]
     assert seen == [(271, 39179, 364730), (132, 15589, 85873), (171, 9844, 514435)]
+
+
+def test_pairs_add_weighted_four_frame_clips_asked_alone_to_every_batch():
+    """--pairs N adds to each batch N clips of 4 frames at 224 px with 2-3 objects and an event, asked only their
+    objects' own events; their answer tokens count --pairs-weight times in the loss, and the batch's other clips
+    are those drawn without the option."""
+    import torch
+
+    from sparrow.synthetic.train_target import Batcher, answer_loss, answer_weights
+
+    target = sparrow.load_target()
+    tok = target.tokenizer
+    plain = Batcher(target, seed=11, pool=4)
+    b = Batcher(target, seed=11, pool=4, pairs=2, pairs_weight=5.0)
+    for _ in range(3):  # the same clips in the same batches, in the same order
+        expect, batch = plain.batch(3), b.batch(3)
+        assert torch.equal(batch["input_ids"][:3, :expect["input_ids"].shape[1]], expect["input_ids"])
+    assert batch["input_ids"].shape[0] == 5 and batch["row_weight"].tolist() == [1, 1, 1, 5, 5]
+    assert batch["video_grid_thw"][3:].tolist() == [[2, 16, 16]] * 2  # two frame pairs of 8 x 8 merged tokens
+    for row in (3, 4):
+        text = tok.decode(batch["input_ids"][row])
+        users = text.split("<|im_start|>user\n")[1:]
+        assert len(users) >= 2 and all("What happens to the" in u for u in users), text
+        assert users[0].split("<|vision_end|>")[1].startswith("What happens to the"), text
+        answers = [u.split("assistant\n")[1].split("<|im_end|>")[0] for u in users]
+        assert any(not a.startswith("Nothing") for a in answers), text
+    w = answer_weights(batch["labels"], batch["grounded"], 4.0, batch["row_weight"])
+    w1 = answer_weights(batch["labels"], batch["grounded"], 4.0)
+    assert torch.equal(w[:3], w1[:3]) and torch.equal(w[3:], 5 * w1[3:])
+    logits = torch.randn(*batch["input_ids"].shape, len(tok))
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:].clamp(min=0),
+                                           reduction="none")
+    expect = (ce * w).sum() / w.sum()
+    assert torch.allclose(answer_loss(logits, batch["labels"], batch["grounded"], 4.0, rows=batch["row_weight"]),
+                          expect)
+    with pytest.raises(ValueError, match="pairs_weight"):
+        Batcher(target, seed=11, pairs=1, pairs_weight=0)
 
 
 def test_batcher_in_the_states_wording_writes_the_state_sentences_and_weighs_their_decisions():

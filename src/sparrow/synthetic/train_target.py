@@ -448,6 +448,11 @@ class Batcher:
     (`hard_ask="after"`), where a description before it may already state the answer, or as the only turns
     (`hard_ask="alone"`), the first right after the video, so that every answer has to be read from the frames.
 
+    `pairs`: each batch also holds that many clips of 4 frames at 224 px (two frame pairs, 128 visual tokens) with
+    two or three objects and an event, asked only their objects' own events (the clips of `--mix pairs --hard 1
+    --hard-ask alone`), drawn after the pool's other clips; their answer tokens count `pairs_weight` times in
+    `answer_loss` (the batch's "row_weight"). With `pairs=0` the draws are those of earlier stages.
+
     `fps`: the frame rates a clip is drawn at, uniformly (`FPS`, the shipped stages' three, by default); the rate
     sets how far apart the frame pairs' temporal mRoPE positions lie.
 
@@ -459,11 +464,14 @@ class Batcher:
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
                  events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False,
                  hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False, track: bool = False,
-                 fps: tuple[float, ...] = FPS, hard_ask: str = "after"):
+                 fps: tuple[float, ...] = FPS, hard_ask: str = "after", pairs: int = 0, pairs_weight: float = 1.0):
         self.t, self.shape_p, self.hard, self.hard_kind = target, MIXES[mix], hard, hard_kind
         if hard_ask not in HARD_ASK:
             raise ValueError(f"Batcher: hard_ask {hard_ask!r} is not one of {HARD_ASK}")
         self.hard_ask = hard_ask
+        if pairs < 0 or pairs_weight <= 0:
+            raise ValueError(f"Batcher: pairs {pairs} must be 0 or more and pairs_weight {pairs_weight} positive")
+        self.pairs, self.pairs_weight = pairs, float(pairs_weight)
         self.fps = [float(f) for f in fps]  # frame rates drawn, uniformly; the default draws as every shipped stage
         self.track = track  # also give `track_labels` and `end_labels` ("track", "end"), for `TrackLoss`
         self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
@@ -484,13 +492,16 @@ class Batcher:
                                          | {tok.convert_tokens_to_ids("<|im_end|>")}))
         self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
 
-    def sample(self) -> dict:
+    def sample(self, pair: bool = False) -> dict:
+        """One clip and its conversation; `pair`: one of the `pairs` clips (4 frames at 224 px, 2-3 objects and an
+        event, its objects' own events asked alone)."""
         rng = self.rng
-        frames, h, w = SHAPES[rng.choice(len(SHAPES), p=self.shape_p)]
+        frames, h, w = (4, 224, 224) if pair else SHAPES[rng.choice(len(SHAPES), p=self.shape_p)]
         fps = float(rng.choice(self.fps))
         seed = int(rng.integers(2**31))
-        hard = self.hard > 0 and frames >= 4 and rng.random() < self.hard
-        while hard and not is_hard(plan_clip(np.random.default_rng(seed), frames), self.hard_kind):
+        hard = pair or (self.hard > 0 and frames >= 4 and rng.random() < self.hard)
+        kind = "multi-event" if pair else self.hard_kind
+        while hard and not is_hard(plan_clip(np.random.default_rng(seed), frames), kind):
             seed = int(rng.integers(2**31))  # make_clip draws the same plan from the same seed first
         clip = make_clip(seed, frames, h, w, fps=fps)
         qa = questions(clip.truth, seed)
@@ -499,7 +510,7 @@ class Batcher:
             if rng.random() < 0.75 else []
         turns += [qa[int(k)] for k in order]
         own = [(q, a) for q, a in qa if q.startswith("What happens to the")]
-        if hard and self.hard_ask == "alone":  # only each object's own events, the first asked right after the video
+        if hard and (pair or self.hard_ask == "alone"):  # only each object's own events, the first asked right after the video
             turns = [own[int(k)] for k in rng.permutation(len(own))]
         elif hard:  # every object's own events asked as well (a few text tokens next to the clip's visual ones)
             turns += [(q, a) for q, a in own if (q, a) not in turns]
@@ -528,7 +539,8 @@ class Batcher:
         return {"ids": ids, "labels": labels, "pixels": inputs["pixel_values_videos"], "grid": grid,
                 "sgt": inputs["second_per_grid_ts"], "cells": cells,
                 "grounded": (labels >= 0) & torch.isin(labels, self.grounded), "colour": colour,
-                "named": named, "event": event, "carry": carried_labels(event, source), "source": source, **tracks}
+                "named": named, "event": event, "carry": carried_labels(event, source), "source": source,
+                "weight": self.pairs_weight if pair else 1.0, **tracks}
 
     def colour_words(self, ids: torch.Tensor) -> torch.Tensor:
         """(L,) long: at each colour word of the text (not "dark green", a background), the colour's 1-based
@@ -553,9 +565,14 @@ class Batcher:
             self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
             samples = sorted((self.sample() for _ in range(size * self.pool)), key=lambda s: s["ids"].shape[0])
             chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
-            self.queue = [chunks[int(k)] for k in self.rng.permutation(len(chunks))]
+            order = self.rng.permutation(len(chunks))
+            if self.pairs:  # drawn last, so that the other clips and their batches are those drawn without them
+                extra = [self.sample(pair=True) for _ in range(self.pairs * len(chunks))]
+                chunks = [c + extra[k * self.pairs:(k + 1) * self.pairs] for k, c in enumerate(chunks)]
+            self.queue = [chunks[int(k)] for k in order]
         self.pool_pos += 1
         samples = self.queue.pop()
+        size = len(samples)  # `size` + `pairs`
         L = max(s["ids"].shape[0] for s in samples)
         pad = self.t.tokenizer.pad_token_id
         ids = torch.full((size, L), pad)
@@ -579,6 +596,7 @@ class Batcher:
                 "second_per_grid_ts": torch.cat([s["sgt"] for s in samples]),
                 "cells": torch.cat([s["cells"] for s in samples]), "grounded": grounded, "colour": colour,
                 "named": named, "event": event, "carry": carry, "source": source,
+                "row_weight": torch.tensor([float(s["weight"]) for s in samples]),
                 **({"track": torch.cat([s["track"] for s in samples]), "end": torch.stack([s["end"] for s in samples])}
                    if self.track else {})}
 
@@ -934,18 +952,21 @@ class TrackLoss(torch.nn.Module):
         return loss + 8 * torch.nn.functional.binary_cross_entropy_with_logits(self.end(stop), end)
 
 
-def answer_weights(labels: torch.Tensor, grounded: torch.Tensor, weight: float) -> torch.Tensor:
-    """(B, L - 1) float: how much each next-token prediction counts in `answer_loss` (0: not scored)."""
-    return (labels[:, 1:] >= 0).float() * (1 + (weight - 1) * grounded[:, 1:].float())
+def answer_weights(labels: torch.Tensor, grounded: torch.Tensor, weight: float,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L - 1) float: how much each next-token prediction counts in `answer_loss` (0: not scored); `rows` (B,)
+    multiplies each row's (the `Batcher` batch's "row_weight": `pairs_weight` on its pairs clips)."""
+    w = (labels[:, 1:] >= 0).float() * (1 + (weight - 1) * grounded[:, 1:].float())
+    return w if rows is None else w * rows.to(w.dtype)[:, None]
 
 
 def answer_loss(logits: torch.Tensor, labels: torch.Tensor, grounded: torch.Tensor, weight: float,
-                total: float | None = None) -> torch.Tensor:
+                total: float | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy over the answer tokens, (B, L, V) logits and (B, L) labels (-100: not scored,
-    aligned with the inputs), where the tokens flagged in `grounded` (B, L) count `weight` times. Divided by the
-    rows' own total weight, or by `total` (the whole batch's, when these rows are one of its `length_groups`, so
-    that the groups' losses add up to the batch's)."""
-    w = answer_weights(labels, grounded, weight)
+    aligned with the inputs), where the tokens flagged in `grounded` (B, L) count `weight` times and row b's
+    `rows[b]` times ((B,), default 1). Divided by the rows' own total weight, or by `total` (the whole batch's, when
+    these rows are one of its `length_groups`, so that the groups' losses add up to the batch's)."""
+    w = answer_weights(labels, grounded, weight, rows)
     ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:].clamp(min=0),
                                            reduction="none")
     return (ce * w).sum() / (w.sum().clamp(min=1) if total is None else max(total, 1.0))
@@ -986,6 +1007,8 @@ def row_group(batch: dict, rows: list[int]) -> dict:
     index = torch.tensor(rows)
     out = {k: batch[k][index, :length] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels",
                                                     "grounded")}
+    if "row_weight" in batch:
+        out["row_weight"] = batch["row_weight"][index]
     out["pixel_values_videos"] = torch.cat([batch["pixel_values_videos"][starts[r]:starts[r + 1]] for r in rows])
     out["video_grid_thw"] = batch["video_grid_thw"][index]
     out["second_per_grid_ts"] = batch["second_per_grid_ts"][index]
@@ -1167,6 +1190,12 @@ def main(argv=None):
     ap.add_argument("--hard-ask", choices=HARD_ASK, default="after",
                     help="a --hard clip's per-object questions: after the description and questions (where the "
                          "description may already state the answer) or alone, the first right after the video")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="each batch also holds this many 4-frame clips at 224 px of 2-3 objects and an event, asked "
+                         "only their objects' own events (cheap: 128 visual tokens each), beside --batch clips of --mix")
+    ap.add_argument("--pairs-weight", type=float, default=1.0,
+                    help="how many times the --pairs clips' answer tokens count in the language loss (their answers "
+                         "are short: a few tokens against a description's hundred)")
     ap.add_argument("--device", default="cpu",
                     help="where the model trains: cpu (the shipped target's stages), cuda, cuda:N or auto (cuda when "
                          "there is one); clips are drawn on the CPU")
@@ -1240,6 +1269,9 @@ def main(argv=None):
         raise SparrowError(f"--workers {a.workers}: give 0 (draw in the training process) or more")
     if not 0 <= a.hard <= 1:
         raise SparrowError(f"--hard {a.hard} is not a share; give a number from 0 to 1")
+    if a.pairs < 0 or a.pairs_weight <= 0:
+        raise SparrowError(f"--pairs {a.pairs} / --pairs-weight {a.pairs_weight}: give 0 or more clips and a "
+                           f"positive weight")
     if a.export_shard_mb is not None and a.export_shard_mb < 1:
         raise SparrowError(f"--export-shard-mb {a.export_shard_mb}: give a size of 1 MB or more")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -1290,7 +1322,8 @@ def main(argv=None):
     def make_batcher(seed: int) -> Batcher:
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
                        restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind,
-                       hard_ask=a.hard_ask, states=a.states, track=a.track_weight > 0, fps=fps)
+                       hard_ask=a.hard_ask, states=a.states, track=a.track_weight > 0, fps=fps, pairs=a.pairs,
+                       pairs_weight=a.pairs_weight)
 
     batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
     wording = batcher.wording
@@ -1385,6 +1418,7 @@ def main(argv=None):
             carried = batch.pop("carry")
             source = batch.pop("source")
             track, end_seen = batch.pop("track", None), batch.pop("end", None)  # with --track-weight only
+            row_weight = batch.pop("row_weight")  # (B,): --pairs-weight on the --pairs clips, else 1
             opt.param_groups[0]["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
             lm_step = step - a.vision_steps  # the language model warms up again when it starts to train
             opt.param_groups[1]["lr"] = lr_at(max(0, lm_step), a.steps - a.vision_steps, a.lr, a.warmup)
@@ -1393,15 +1427,16 @@ def main(argv=None):
             vision_only = step < a.vision_steps and a.aux_weight > 0
             if grouped and not vision_only:  # the language loss alone: one forward per group of similar lengths
                 opt.zero_grad(set_to_none=True)
-                whole = {**batch, "labels": labels, "grounded": grounded}
-                total = float(answer_weights(labels, grounded, a.grounded_weight).sum())
+                whole = {**batch, "labels": labels, "grounded": grounded, "row_weight": row_weight}
+                total = float(answer_weights(labels, grounded, a.grounded_weight, row_weight).sum())
                 loss = torch.zeros(())
                 for rows in length_groups(batch["attention_mask"].sum(1).tolist()):
                     part = without_padding_mask(row_group(whole, rows))
                     part_labels, part_grounded = part.pop("labels"), part.pop("grounded")
+                    part_rows = part.pop("row_weight")
                     with torch.autocast(device.type, dtype=torch.bfloat16):
                         part_loss = answer_loss(model(**part).logits, part_labels, part_grounded, a.grounded_weight,
-                                                total)
+                                                total, part_rows)
                     part_loss.backward()
                     loss = loss + part_loss.detach()
                 aux = bind = ev = cr = tm = cp = tk = torch.zeros(())
@@ -1412,7 +1447,8 @@ def main(argv=None):
                         loss = torch.zeros(())
                     else:
                         inputs = batch if a.padding_mask else without_padding_mask(batch)
-                        loss = answer_loss(model(**inputs).logits, labels, grounded, a.grounded_weight)
+                        loss = answer_loss(model(**inputs).logits, labels, grounded, a.grounded_weight,
+                                           rows=row_weight)
                     aux = probe(feats.pop("v"), cells) if a.aux_weight > 0 else torch.zeros(())
                     bind = binding(batch["input_ids"], colour, cells, model.config.video_token_id) \
                         if binding is not None and not vision_only else torch.zeros(())
