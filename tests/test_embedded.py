@@ -693,6 +693,11 @@ def test_pairs_add_weighted_four_frame_clips_asked_alone_to_every_batch():
                           expect)
     with pytest.raises(ValueError, match="pairs_weight"):
         Batcher(target, seed=11, pairs=1, pairs_weight=0)
+    with pytest.raises(ValueError, match="even frame counts"):
+        Batcher(target, seed=11, pairs=1, pairs_frames=(4, 5))
+    mixed = Batcher(target, seed=11, pool=4, pairs=2, pairs_frames=(4, 16))
+    grids = sorted({int(mixed.batch(3)["video_grid_thw"][r, 0]) for r in (3, 4) for _ in range(3)})
+    assert grids == [2, 8]  # 4 and 16 frames: two and eight frame pairs
 
 
 def test_batcher_in_the_states_wording_writes_the_state_sentences_and_weighs_their_decisions():

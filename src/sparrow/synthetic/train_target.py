@@ -448,10 +448,11 @@ class Batcher:
     (`hard_ask="after"`), where a description before it may already state the answer, or as the only turns
     (`hard_ask="alone"`), the first right after the video, so that every answer has to be read from the frames.
 
-    `pairs`: each batch also holds that many clips of 4 frames at 224 px (two frame pairs, 128 visual tokens) with
-    two or three objects and an event, asked only their objects' own events (the clips of `--mix pairs --hard 1
-    --hard-ask alone`), drawn after the pool's other clips; their answer tokens count `pairs_weight` times in
-    `answer_loss` (the batch's "row_weight"). With `pairs=0` the draws are those of earlier stages.
+    `pairs`: each batch also holds that many clips at 224 px of `pairs_frames` frames (drawn uniformly; 4 frames:
+    two frame pairs, 128 visual tokens) with two or three objects and an event, asked only their objects' own events
+    (the clips of `--mix pairs --hard 1 --hard-ask alone`), drawn after the pool's other clips; their answer tokens
+    count `pairs_weight` times in `answer_loss` (the batch's "row_weight"). With `pairs=0` the draws are those of
+    earlier stages.
 
     `fps`: the frame rates a clip is drawn at, uniformly (`FPS`, the shipped stages' three, by default); the rate
     sets how far apart the frame pairs' temporal mRoPE positions lie.
@@ -464,14 +465,17 @@ class Batcher:
     def __init__(self, target, seed: int, max_questions: int = 2, pool: int = 4, mix: str = "short",
                  events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False,
                  hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False, track: bool = False,
-                 fps: tuple[float, ...] = FPS, hard_ask: str = "after", pairs: int = 0, pairs_weight: float = 1.0):
+                 fps: tuple[float, ...] = FPS, hard_ask: str = "after", pairs: int = 0, pairs_weight: float = 1.0,
+                 pairs_frames: tuple[int, ...] = (4,)):
         self.t, self.shape_p, self.hard, self.hard_kind = target, MIXES[mix], hard, hard_kind
         if hard_ask not in HARD_ASK:
             raise ValueError(f"Batcher: hard_ask {hard_ask!r} is not one of {HARD_ASK}")
         self.hard_ask = hard_ask
         if pairs < 0 or pairs_weight <= 0:
             raise ValueError(f"Batcher: pairs {pairs} must be 0 or more and pairs_weight {pairs_weight} positive")
-        self.pairs, self.pairs_weight = pairs, float(pairs_weight)
+        if not pairs_frames or any(f < 4 or f % 2 for f in pairs_frames):
+            raise ValueError(f"Batcher: pairs_frames {pairs_frames} must be even frame counts of 4 or more")
+        self.pairs, self.pairs_weight, self.pairs_frames = pairs, float(pairs_weight), [int(f) for f in pairs_frames]
         self.fps = [float(f) for f in fps]  # frame rates drawn, uniformly; the default draws as every shipped stage
         self.track = track  # also give `track_labels` and `end_labels` ("track", "end"), for `TrackLoss`
         self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
@@ -493,10 +497,14 @@ class Batcher:
         self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
 
     def sample(self, pair: bool = False) -> dict:
-        """One clip and its conversation; `pair`: one of the `pairs` clips (4 frames at 224 px, 2-3 objects and an
-        event, its objects' own events asked alone)."""
+        """One clip and its conversation; `pair`: one of the `pairs` clips (`pairs_frames` frames at 224 px, 2-3
+        objects and an event, its objects' own events asked alone)."""
         rng = self.rng
-        frames, h, w = (4, 224, 224) if pair else SHAPES[rng.choice(len(SHAPES), p=self.shape_p)]
+        if pair:  # one frame count draws nothing (the draws of --pairs before --pairs-frames)
+            k = int(rng.integers(len(self.pairs_frames))) if len(self.pairs_frames) > 1 else 0
+            frames, h, w = self.pairs_frames[k], 224, 224
+        else:
+            frames, h, w = SHAPES[rng.choice(len(SHAPES), p=self.shape_p)]
         fps = float(rng.choice(self.fps))
         seed = int(rng.integers(2**31))
         hard = pair or (self.hard > 0 and frames >= 4 and rng.random() < self.hard)
@@ -1193,6 +1201,8 @@ def main(argv=None):
     ap.add_argument("--pairs", type=int, default=0,
                     help="each batch also holds this many 4-frame clips at 224 px of 2-3 objects and an event, asked "
                          "only their objects' own events (cheap: 128 visual tokens each), beside --batch clips of --mix")
+    ap.add_argument("--pairs-frames", default="4",
+                    help="the --pairs clips' frame counts, comma-separated, drawn uniformly (4: two frame pairs)")
     ap.add_argument("--pairs-weight", type=float, default=1.0,
                     help="how many times the --pairs clips' answer tokens count in the language loss (their answers "
                          "are short: a few tokens against a description's hundred)")
@@ -1269,6 +1279,13 @@ def main(argv=None):
         raise SparrowError(f"--workers {a.workers}: give 0 (draw in the training process) or more")
     if not 0 <= a.hard <= 1:
         raise SparrowError(f"--hard {a.hard} is not a share; give a number from 0 to 1")
+    try:
+        pairs_frames = tuple(int(f) for f in a.pairs_frames.split(","))
+    except ValueError:
+        raise SparrowError(f"--pairs-frames {a.pairs_frames!r}: give frame counts, e.g. 4,8,16") from None
+    if any(f < 4 or f % 2 for f in pairs_frames):
+        raise SparrowError(f"--pairs-frames {a.pairs_frames}: give even frame counts of 4 or more (an event lies "
+                           f"between two frame pairs)")
     if a.pairs < 0 or a.pairs_weight <= 0:
         raise SparrowError(f"--pairs {a.pairs} / --pairs-weight {a.pairs_weight}: give 0 or more clips and a "
                            f"positive weight")
@@ -1323,7 +1340,7 @@ def main(argv=None):
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
                        restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind,
                        hard_ask=a.hard_ask, states=a.states, track=a.track_weight > 0, fps=fps, pairs=a.pairs,
-                       pairs_weight=a.pairs_weight)
+                       pairs_weight=a.pairs_weight, pairs_frames=pairs_frames)
 
     batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
     wording = batcher.wording
