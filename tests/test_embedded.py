@@ -698,6 +698,13 @@ def test_pairs_add_weighted_four_frame_clips_asked_alone_to_every_batch():
     mixed = Batcher(target, seed=11, pool=4, pairs=2, pairs_frames=(4, 16))
     grids = sorted({int(mixed.batch(3)["video_grid_thw"][r, 0]) for r in (3, 4) for _ in range(3)})
     assert grids == [2, 8]  # 4 and 16 frames: two and eight frame pairs
+    described = Batcher(target, seed=11, pool=2, pairs=2, pairs_ask="describe").batch(3)
+    for row in (3, 4):
+        text = tok.decode(described["input_ids"][row])
+        assert text.count("<|im_start|>user") == 1 and "What happens to the" not in text, text
+        assert any(w in text for w in (" appears", " disappears", " changes")), text  # an event, described
+    with pytest.raises(ValueError, match="pairs_ask 'ask' is not one of"):
+        Batcher(target, seed=11, pairs=1, pairs_ask="ask")
 
 
 def test_batcher_in_the_states_wording_writes_the_state_sentences_and_weighs_their_decisions():

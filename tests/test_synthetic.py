@@ -394,9 +394,24 @@ def test_reading_scores_the_true_description_word_by_word():
 
     target = sparrow.load_target()  # the embedded target counts objects right ~90% of the time with the truth fed
     acc = reading(target, 128, 3)
-    assert set(acc) == set(READING) | {"event_follows", "no_event_follows", "event_auc"}
+    assert set(acc) == set(READING) | {"event_follows", "no_event_follows", "event_auc", "event_follows_multi",
+                                         "event_auc_multi"}
     assert all(0 <= acc[k] <= 1 for k in ("count", "colour", "shape", "size", "no_event_follows"))
     assert acc["count"] >= 0.5  # a shifted alignment of logits and words would score ~0
+
+
+def test_decision_scores_split_the_scenes_of_several_objects():
+    import math
+
+    from sparrow.synthetic.evaluate import decision_scores
+
+    lone = [(True, 0.9, True, False), (False, 0.1, True, False)]  # a lone object: told apart
+    multi = [(True, 0.3, False, True), (True, 0.6, True, True), (False, 0.4, True, True), (False, 0.4, True, True)]
+    s = decision_scores(lone + multi)
+    assert s["event_follows_multi"] == 0.5 and s["event_auc_multi"] == 0.5  # 0.3 < 0.4 twice, 0.6 > 0.4 twice
+    assert s["event_follows"] == 2 / 3 and s["no_event_follows"] == 1.0
+    assert s["event_auc"] == (3 + 3 + 1) / 9  # 0.9 and 0.6 above all three nones; 0.3 above only 0.1
+    assert math.isnan(decision_scores(lone)["event_auc_multi"])
 
 
 def test_reading_feeds_the_wording_the_target_was_trained_on(tmp_path, monkeypatch):

@@ -119,7 +119,8 @@ def reading(target, bucket: int, clips: int) -> dict:
     (`event_decisions`): after each object's motion, " and" (an event of that object follows) against "." (none);
     in the restate wording, after the restated colour, an event verb against " stays". "event_follows" and
     "no_event_follows" are the top-1 accuracies there, and "event_auc" how well P(event) / (P(event) + P(none))
-    separates the two (1: perfectly, 0.5: not at all).
+    separates the two (1: perfectly, 0.5: not at all); "event_auc_multi" and "event_follows_multi" are the same
+    over the objects of scenes of two or three objects only, where the descriptions' events go wrong.
 
     Returns: {category: accuracy} over all such words of `clips` clips (224 x 224 frames, as `evaluate`), plus
         the three event-decision scores (nan where a clip set has none, and for the events-first wording, whose
@@ -141,7 +142,7 @@ def reading(target, bucket: int, clips: int) -> dict:
     else:
         yes_ids, no_ids = [first_token_id(tok, " and")], [first_token_id(tok, ".")]
     THE = first_token_id(tok, " the")
-    decisions = []  # (an event follows, P(event) / (P(event) + P(none)), top-1 right)
+    decisions = []  # (an event follows, P(event) / (P(event) + P(none)), top-1 right, a scene of 2-3 objects)
     for i in tqdm(range(clips), desc=f"{bucket} tokens, teacher-forced", leave=False):
         seed = held_out_seed(bucket, i)
         clip, inputs = held_out_inputs(target, bucket, seed, "Describe the video.")
@@ -162,15 +163,31 @@ def reading(target, bucket: int, clips: int) -> dict:
             p = logits[k].float().softmax(-1)
             yes, no = float(p[yes_ids].sum()), float(p[no_ids].sum())
             top = int(p.argmax())
-            decisions.append((event, yes / (yes + no), top in yes_ids if event else top in no_ids))
+            decisions.append((event, yes / (yes + no), top in yes_ids if event else top in no_ids,
+                              len(clip.truth["objects"]) > 1))
     out = {k: float(np.mean(v)) if v else float("nan") for k, v in hits.items()}
-    yes = np.array([d[1] for d in decisions if d[0]])
-    no = np.array([d[1] for d in decisions if not d[0]])
-    out["event_follows"] = float(np.mean([d[2] for d in decisions if d[0]])) if len(yes) else float("nan")
-    out["no_event_follows"] = float(np.mean([d[2] for d in decisions if not d[0]])) if len(no) else float("nan")
-    out["event_auc"] = float((yes[:, None] > no[None]).mean() + 0.5 * (yes[:, None] == no[None]).mean()) \
-        if len(yes) and len(no) else float("nan")
-    return out
+    return {**out, **decision_scores(decisions)}
+
+
+def decision_scores(decisions: list[tuple[bool, float, bool, bool]]) -> dict:
+    """The event-decision scores of `reading` from its decisions (an event follows, P(event) / (P(event) +
+    P(none)), the top-1 word right, the object is one of a scene of 2-3 objects): "event_follows" and
+    "no_event_follows" (top-1 accuracy where an event follows / none does), "event_auc" (how well P(event)
+    separates the two; ties count half), and "event_follows_multi" and "event_auc_multi" over the objects of scenes
+    of two or three only. nan where a side has no decision."""
+
+    def auc(ds: list) -> float:
+        yes, no = np.array([d[1] for d in ds if d[0]]), np.array([d[1] for d in ds if not d[0]])
+        return float((yes[:, None] > no[None]).mean() + 0.5 * (yes[:, None] == no[None]).mean()) \
+            if len(yes) and len(no) else float("nan")
+
+    def follows(ds: list, event: bool) -> float:
+        right = [d[2] for d in ds if d[0] == event]
+        return float(np.mean(right)) if right else float("nan")
+
+    multi = [d for d in decisions if d[3]]
+    return {"event_follows": follows(decisions, True), "no_event_follows": follows(decisions, False),
+            "event_auc": auc(decisions), "event_follows_multi": follows(multi, True), "event_auc_multi": auc(multi)}
 
 
 def event_decisions(text: str, restate: str = "") -> list[tuple[int, bool]]:

@@ -416,6 +416,7 @@ def grow_depth(model, layers: int):
 
 HARD_KINDS = ("multi-event", "multi", "colour-change")  # what `is_hard` and --hard-kind take
 HARD_ASK = ("after", "alone")  # where a hard clip's per-object questions go (`Batcher`, --hard-ask)
+PAIRS_ASK = ("alone", "describe")  # what a --pairs clip is asked (`Batcher`, --pairs-ask)
 
 
 def is_hard(plan: dict, kind: str = "multi-event") -> bool:
@@ -450,7 +451,8 @@ class Batcher:
 
     `pairs`: each batch also holds that many clips at 224 px of `pairs_frames` frames (drawn uniformly; 4 frames:
     two frame pairs, 128 visual tokens) with two or three objects and an event, asked only their objects' own events
-    (the clips of `--mix pairs --hard 1 --hard-ask alone`), drawn after the pool's other clips; their answer tokens
+    (the clips of `--mix pairs --hard 1 --hard-ask alone`), or, with `pairs_ask="describe"`, only asked to describe
+    the video (the usual prompts and description), drawn after the pool's other clips; their answer tokens
     count `pairs_weight` times in `answer_loss` (the batch's "row_weight"). With `pairs=0` the draws are those of
     earlier stages.
 
@@ -466,7 +468,7 @@ class Batcher:
                  events_first: bool = False, colour_last: bool = False, restate: str = "", size_last: bool = False,
                  hard: float = 0.0, hard_kind: str = "multi-event", states: bool = False, track: bool = False,
                  fps: tuple[float, ...] = FPS, hard_ask: str = "after", pairs: int = 0, pairs_weight: float = 1.0,
-                 pairs_frames: tuple[int, ...] = (4,)):
+                 pairs_frames: tuple[int, ...] = (4,), pairs_ask: str = "alone"):
         self.t, self.shape_p, self.hard, self.hard_kind = target, MIXES[mix], hard, hard_kind
         if hard_ask not in HARD_ASK:
             raise ValueError(f"Batcher: hard_ask {hard_ask!r} is not one of {HARD_ASK}")
@@ -476,6 +478,9 @@ class Batcher:
         if not pairs_frames or any(f < 4 or f % 2 for f in pairs_frames):
             raise ValueError(f"Batcher: pairs_frames {pairs_frames} must be even frame counts of 4 or more")
         self.pairs, self.pairs_weight, self.pairs_frames = pairs, float(pairs_weight), [int(f) for f in pairs_frames]
+        if pairs_ask not in PAIRS_ASK:
+            raise ValueError(f"Batcher: pairs_ask {pairs_ask!r} is not one of {PAIRS_ASK}")
+        self.pairs_ask = pairs_ask
         self.fps = [float(f) for f in fps]  # frame rates drawn, uniformly; the default draws as every shipped stage
         self.track = track  # also give `track_labels` and `end_labels` ("track", "end"), for `TrackLoss`
         self.wording = dict(events_first=events_first, colour_last=colour_last, restate=restate,
@@ -518,7 +523,9 @@ class Batcher:
             if rng.random() < 0.75 else []
         turns += [qa[int(k)] for k in order]
         own = [(q, a) for q, a in qa if q.startswith("What happens to the")]
-        if hard and (pair or self.hard_ask == "alone"):  # only each object's own events, the first asked right after the video
+        if pair and self.pairs_ask == "describe":  # the description alone: the events written where objects are named
+            turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed, **self.wording))]
+        elif hard and (pair or self.hard_ask == "alone"):  # only each object's own events, the first asked right after the video
             turns = [own[int(k)] for k in rng.permutation(len(own))]
         elif hard:  # every object's own events asked as well (a few text tokens next to the clip's visual ones)
             turns += [(q, a) for q, a in own if (q, a) not in turns]
@@ -1203,6 +1210,8 @@ def main(argv=None):
                          "only their objects' own events (cheap: 128 visual tokens each), beside --batch clips of --mix")
     ap.add_argument("--pairs-frames", default="4",
                     help="the --pairs clips' frame counts, comma-separated, drawn uniformly (4: two frame pairs)")
+    ap.add_argument("--pairs-ask", choices=PAIRS_ASK, default="alone",
+                    help="what a --pairs clip is asked: its objects' own events alone, or to describe the video")
     ap.add_argument("--pairs-weight", type=float, default=1.0,
                     help="how many times the --pairs clips' answer tokens count in the language loss (their answers "
                          "are short: a few tokens against a description's hundred)")
@@ -1340,7 +1349,7 @@ def main(argv=None):
         return Batcher(target, seed, mix=a.mix, events_first=a.events_first, colour_last=a.colour_last,
                        restate=a.restate, size_last=a.size_last, hard=a.hard, hard_kind=a.hard_kind,
                        hard_ask=a.hard_ask, states=a.states, track=a.track_weight > 0, fps=fps, pairs=a.pairs,
-                       pairs_weight=a.pairs_weight, pairs_frames=pairs_frames)
+                       pairs_weight=a.pairs_weight, pairs_frames=pairs_frames, pairs_ask=a.pairs_ask)
 
     batcher = make_batcher(a.seed)  # with --workers, BatchStream draws instead (below)
     wording = batcher.wording
