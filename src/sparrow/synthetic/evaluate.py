@@ -123,8 +123,8 @@ def reading(target, bucket: int, clips: int) -> dict:
     over the objects of scenes of two or three objects only, where the descriptions' events go wrong.
 
     Returns: {category: accuracy} over all such words of `clips` clips (224 x 224 frames, as `evaluate`), plus
-        the three event-decision scores (nan where a clip set has none, and for the events-first wording, whose
-        decision is not at one word).
+        the event-decision scores of `decision_scores` (nan where a clip set has none, and for the events-first
+        wording, whose decision is not at one word).
     """
     import torch
 

@@ -503,7 +503,7 @@ class Batcher:
 
     def sample(self, pair: bool = False) -> dict:
         """One clip and its conversation; `pair`: one of the `pairs` clips (`pairs_frames` frames at 224 px, 2-3
-        objects and an event, its objects' own events asked alone)."""
+        objects and an event; its objects' own events asked alone, or its description, as `pairs_ask` says)."""
         rng = self.rng
         if pair:  # one frame count draws nothing (the draws of --pairs before --pairs-frames)
             k = int(rng.integers(len(self.pairs_frames))) if len(self.pairs_frames) > 1 else 0
@@ -525,7 +525,7 @@ class Batcher:
         own = [(q, a) for q, a in qa if q.startswith("What happens to the")]
         if pair and self.pairs_ask == "describe":  # the description alone: the events written where objects are named
             turns = [(str(rng.choice(DESCRIBE_PROMPTS)), describe(clip.truth, seed, **self.wording))]
-        elif hard and (pair or self.hard_ask == "alone"):  # only each object's own events, the first asked right after the video
+        elif hard and (pair or self.hard_ask == "alone"):  # its objects' own events, the first right after the video
             turns = [own[int(k)] for k in rng.permutation(len(own))]
         elif hard:  # every object's own events asked as well (a few text tokens next to the clip's visual ones)
             turns += [(q, a) for q, a in own if (q, a) not in turns]
@@ -1206,8 +1206,9 @@ def main(argv=None):
                     help="a --hard clip's per-object questions: after the description and questions (where the "
                          "description may already state the answer) or alone, the first right after the video")
     ap.add_argument("--pairs", type=int, default=0,
-                    help="each batch also holds this many 4-frame clips at 224 px of 2-3 objects and an event, asked "
-                         "only their objects' own events (cheap: 128 visual tokens each), beside --batch clips of --mix")
+                    help="each batch also holds this many clips at 224 px (--pairs-frames frames, cheap: 128 visual "
+                         "tokens at 4 frames) of 2-3 objects and an event, asked as --pairs-ask says, beside --batch "
+                         "clips of --mix")
     ap.add_argument("--pairs-frames", default="4",
                     help="the --pairs clips' frame counts, comma-separated, drawn uniformly (4: two frame pairs)")
     ap.add_argument("--pairs-ask", choices=PAIRS_ASK, default="alone",
