@@ -1014,16 +1014,15 @@ def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD) -> list[li
 def row_group(batch: dict, rows: list[int]) -> dict:
     """The model inputs and loss targets of some rows of a Batcher batch (which has an attention_mask: it gives each
     row's length), cut to their longest row: input_ids, attention_mask, mm_token_type_ids, labels, grounded
-    (R, L'), and those rows' videos (pixel_values_videos, video_grid_thw, second_per_grid_ts). One video per row,
-    in row order."""
+    (R, L'), their row_weight (R,), and those rows' videos (pixel_values_videos, video_grid_thw,
+    second_per_grid_ts). One video per row, in row order."""
     length = int(batch["attention_mask"][rows].sum(1).max())
     sizes = batch["video_grid_thw"].prod(1).tolist()  # patches of each row's video
     starts = [0] + list(np.cumsum(sizes))
     index = torch.tensor(rows)
     out = {k: batch[k][index, :length] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels",
                                                     "grounded")}
-    if "row_weight" in batch:
-        out["row_weight"] = batch["row_weight"][index]
+    out["row_weight"] = batch["row_weight"][index]
     out["pixel_values_videos"] = torch.cat([batch["pixel_values_videos"][starts[r]:starts[r + 1]] for r in rows])
     out["video_grid_thw"] = batch["video_grid_thw"][index]
     out["second_per_grid_ts"] = batch["second_per_grid_ts"][index]
