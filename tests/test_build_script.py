@@ -144,7 +144,19 @@ def test_build_script_runs_as_it_was_when_it_started(tmp_path):
     assert calls("edited", True) == calls("plain", False)
 
 
+def test_build_script_to_1_trains_the_target_alone(tmp_path):
+    """TO=1 (the from-scratch check of the recipe) runs the target chain and its example clips, then stops before the
+    drafts' data and the measurements."""
+    done = run_script(tmp_path, TO="1")
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
+    assert kinds.count("train-target") == 22 and kinds[-1] == "sparrow.synthetic.examples"
+    assert (tmp_path / "assets" / "target" / "config.json").exists()
+
+
 @pytest.mark.parametrize("env, message", [({"FROM": "9"}, "FROM=9: give 1"),
+                                          ({"FROM": "4", "TO": "1"}, "TO=1: give a stage from FROM=4 to 4"),
                                           ({"SPARROW": "/nonexistent/sparrow"}, "/nonexistent/sparrow not found")])
 def test_build_script_bad_setting_is_one_line_before_any_work(tmp_path, env, message):
     done = run_script(tmp_path, **env)
