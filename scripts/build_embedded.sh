@@ -17,13 +17,14 @@ SPARROW=${SPARROW:-.venv/bin/sparrow}
 ASSETS=${ASSETS:-src/sparrow/assets}  # where the target, clips, drafts and assistant go
 RESULTS=${RESULTS:-benchmarks/results}  # where the measurements go
 FROM=${FROM:-1}  # the first stage to run: 2 keeps the shipped target, 4 only measures
-TO=${TO:-4}  # the last stage to run: 1 stops after the target, 3 after the drafts
+TO=${TO:-4}  # the last stage to run: 1 stops after the target, 2 after the drafts' data, 3 after the drafts
 if ! [[ "$FROM" =~ ^[1-4]$ ]]; then
   echo "build_embedded.sh: FROM=$FROM: give 1 (everything), 2 (keep the shipped target) or 4 (measure only)" >&2
   exit 2
 fi
 if ! [[ "$TO" =~ ^[1-4]$ ]] || [ "$TO" -lt "$FROM" ]; then
-  echo "build_embedded.sh: TO=$TO: give a stage from FROM=$FROM to 4 (1: the target, 3: the drafts, 4: everything)" >&2
+  echo "build_embedded.sh: TO=$TO: give a stage from FROM=$FROM to 4" \
+    "(1: the target, 2: the drafts' data, 3: the drafts, 4: everything)" >&2
   exit 2
 fi
 for exe in "${PY%% *}" "${SPARROW%% *}"; do  # the commands' first words
@@ -144,6 +145,7 @@ if [ "$FROM" -le 3 ]; then
   done
   wait_all
   cat "$RUN/synth/regen0.jsonl" "$RUN/synth/regen1.jsonl" > "$RUN/synth/regen.jsonl"
+  [ "$TO" -ge 3 ] || exit 0
 
   # 3. the two shipped drafts, trained side by side (1 thread each, about 8 minutes)
   OMP_NUM_THREADS=1 $SPARROW train-draft --target "$T" --data "$RUN/synth/regen.jsonl" --out "$RUN/draft_sparrow" \

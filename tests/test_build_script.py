@@ -144,15 +144,19 @@ def test_build_script_runs_as_it_was_when_it_started(tmp_path):
     assert calls("edited", True) == calls("plain", False)
 
 
-def test_build_script_to_1_trains_the_target_alone(tmp_path):
+def test_build_script_to_stops_after_that_stage(tmp_path):
     """TO=1 (the from-scratch check of the recipe) runs the target chain and its example clips, then stops before the
-    drafts' data and the measurements."""
+    drafts' data and the measurements; TO=2 stops after the drafts' data."""
     done = run_script(tmp_path, TO="1")
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
     assert kinds.count("train-target") == 22 and kinds[-1] == "sparrow.synthetic.examples"
     assert (tmp_path / "assets" / "target" / "config.json").exists()
+    done = run_script(tmp_path / "to2", TO="2", FROM="2")  # the drafts' data, then stop before the drafts
+    assert done.returncode == 0, done.stderr
+    kinds = [json.loads(line)[0] for line in (tmp_path / "to2" / "calls.jsonl").read_text().splitlines()]
+    assert kinds.count("regenerate") == 2 and "train-draft" not in kinds and "evaluate-target" not in kinds
 
 
 @pytest.mark.parametrize("env, message", [({"FROM": "9"}, "FROM=9: give 1"),
