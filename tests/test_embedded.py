@@ -137,7 +137,10 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     for bad, message in ((["--init", str(tmp_path)], "--init .*: no config.json there"),
                          (["--tokenizer", str(tmp_path)], "--tokenizer .*: no tokenizer_config.json there"),
                          (["--steps", "0"], "--steps 0: give a count of 1 or more"),
-                         (["--until", "0"], "--until 0: give a count"), (["--batch", "0"], "--batch 0: give a count")):
+                         (["--until", "0"], "--until 0: give a count"), (["--batch", "0"], "--batch 0: give a count"),
+                         (["--heads", "3"], "--heads 3 / --kv-heads 2: --kv-heads must divide --heads"),
+                         (["--heads", "8", "--kv-heads", "3"], "--heads 8 / --kv-heads 3"),
+                         (["--init", export, "--heads", "8", "--kv-heads", "4"], "--init keeps its model's own heads")):
         with pytest.raises(SparrowError, match=message):  # bad input: one line, before anything is written
             train_target.main(["--out", str(tmp_path / "bad"), "--steps", "1", *bad])
         assert not (tmp_path / "bad").exists()
@@ -147,6 +150,15 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     with pytest.raises(SparrowError, match="--copy-head 4 is not a head"):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--batch", "2", "--copy-weight", "1",
                            "--carry-layer", "1", "--copy-head", "4"])
+    # a new model of more, smaller heads: the same parameter count (q, k, v and o keep their sizes), its own mRoPE split
+    heads = str(tmp_path / "heads8_export")
+    train_target.main(["--out", str(tmp_path / "heads8"), "--steps", "1", "--batch", "2", "--heads", "8", "--kv-heads",
+                       "4", "--export", heads])
+    tc = json.load(open(os.path.join(heads, "config.json")))["text_config"]
+    assert (tc["num_attention_heads"], tc["num_key_value_heads"]) == (8, 4)
+    assert tc["rope_parameters"]["mrope_section"] == [1, 1, 2]  # head_dim 8: 4 rotary pairs
+    size = lambda d: os.path.getsize(os.path.join(d, "model.safetensors"))
+    assert abs(size(heads) - size(export)) < 4096  # the same tensors but for the header
     target = sparrow.load_target(export, device="cpu")
     assert target.tokenizer.chat_template and target.eos_token_ids
     assert (target.settings["min_pixels"], target.settings["max_pixels"]) == (112 * 112, 224 * 224)

@@ -337,19 +337,23 @@ def set_mrope_section(text_config, section: list[int]) -> None:
     text_config.rope_parameters = {**text_config.rope_parameters, "mrope_section": list(section)}
 
 
-def build_model(tokenizer, seed: int, mrope_section: list[int] | None = None):
-    """A fresh `Qwen2_5_VLForConditionalGeneration` of the embedded target's shape (TEXT, VISION; mRoPE sections
-    1/8, 3/16, 3/16 of head_dim unless `mrope_section` says otherwise) for `tokenizer`'s vocabulary and special
-    tokens, initialised from `seed`."""
+def build_model(tokenizer, seed: int, mrope_section: list[int] | None = None, **shape):
+    """A fresh `Qwen2_5_VLForConditionalGeneration` of the embedded target's shape (TEXT, with any of its keys
+    overridden by `shape`, e.g. layers=2 or heads=8, kv_heads=4; VISION; mRoPE sections 1/8, 3/16, 3/16 of head_dim
+    unless `mrope_section` says otherwise) for `tokenizer`'s vocabulary and special tokens, initialised from
+    `seed`."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = TEXT["hidden"] // TEXT["heads"]
-    text = dict(vocab_size=len(tokenizer), hidden_size=TEXT["hidden"], intermediate_size=TEXT["intermediate"],
-                num_hidden_layers=TEXT["layers"], num_attention_heads=TEXT["heads"],
-                num_key_value_heads=TEXT["kv_heads"], max_position_embeddings=32768, rms_norm_eps=1e-6,
+    t = {**TEXT, **shape}
+    head_dim = t["hidden"] // t["heads"]
+    pairs = head_dim // 2  # rotary pairs, split between time, height and width
+    text = dict(vocab_size=len(tokenizer), hidden_size=t["hidden"], intermediate_size=t["intermediate"],
+                num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                num_key_value_heads=t["kv_heads"], max_position_embeddings=32768, rms_norm_eps=1e-6,
                 rope_parameters={"rope_type": "default", "rope_theta": 100000.0,
-                                 "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]},
+                                 "mrope_section": [head_dim // 8, (pairs - head_dim // 8) // 2,
+                                                   pairs - head_dim // 8 - (pairs - head_dim // 8) // 2]},
                 eos_token_id=ids("<|im_end|>"), bos_token_id=ids("<|endoftext|>"),
                 pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=False)
     cfg = AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config={**VISION, "out_hidden_size": TEXT["hidden"]},
@@ -1127,6 +1131,13 @@ def main(argv=None):
                     help="split the exported weights into files of at most MB megabytes (default: one file)")
     ap.add_argument("--layers", type=int, default=TEXT["layers"],
                     help="text layers (the default target: 12; its small sibling for HF assisted generation: 2)")
+    ap.add_argument("--heads", type=int, default=TEXT["heads"],
+                    help="a new model's attention heads per text layer (default %(default)s, of head_dim hidden / "
+                         "heads); more heads of a smaller head_dim give a layer more attention patterns at the same "
+                         "parameter count")
+    ap.add_argument("--kv-heads", type=int, default=TEXT["kv_heads"],
+                    help="a new model's key/value heads per text layer (GQA; default %(default)s; must divide "
+                         "--heads)")
     ap.add_argument("--tokenizer", help="reuse this tokenizer directory (e.g. the target's, for a sibling model)")
     ap.add_argument("--aux-weight", type=float, default=1.0,
                     help="weight of the dense vision supervision (per-token object attributes; 0 turns it off)")
@@ -1272,6 +1283,11 @@ def main(argv=None):
     if a.grow_layers is not None and not a.init:
         raise SparrowError("--grow-layers deepens the model of --init; give --init DIR too (or --layers N for a "
                            "new model)")
+    if a.heads < 1 or a.kv_heads < 1 or a.heads % a.kv_heads or TEXT["hidden"] % (2 * a.heads):
+        raise SparrowError(f"--heads {a.heads} / --kv-heads {a.kv_heads}: --kv-heads must divide --heads, and "
+                           f"--heads divide the hidden size {TEXT['hidden']} into an even head_dim")
+    if a.init and (a.heads, a.kv_heads) != (TEXT["heads"], TEXT["kv_heads"]):
+        raise SparrowError("--heads and --kv-heads shape a new model; --init keeps its model's own heads (drop them)")
     if a.restate and a.events_first:
         raise SparrowError("--restate and --events-first both place the object's events; pass one of them")
     if a.size_last and a.colour_last:
@@ -1302,7 +1318,6 @@ def main(argv=None):
         raise SparrowError(f"--export-shard-mb {a.export_shard_mb}: give a size of 1 MB or more")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(a.out, exist_ok=True)
-    TEXT["layers"] = a.layers
     tok_dir = os.path.join(a.out, "tokenizer")
     if a.tokenizer and not os.path.isdir(tok_dir):
         from transformers import AutoTokenizer
@@ -1331,7 +1346,7 @@ def main(argv=None):
             model = grow_depth(model, a.grow_layers)
         torch.manual_seed(a.seed)  # the fresh probes below: a rerun of the stage starts them alike
     else:
-        model = build_model(tokenizer, a.seed, section)
+        model = build_model(tokenizer, a.seed, section, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads)
     target = sparrow.wrap_model(model, tokenizer)
     for p in model.parameters():
         p.requires_grad_(True)
