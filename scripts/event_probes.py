@@ -19,6 +19,10 @@ apart from the evaluation's), both without generating:
    before any object is named. It predicts whether some object appears, disappears or changes colour (AUC), and,
    for the clips with an event, the first event's object's colour and the event's kind (accuracy; guessing one of
    the clip's own colours scores `colour_chance`).
+3. Named. The same kind of probe, per object, at the first colour word of the teacher-forced description that
+   names that object alone (the objects of the clips of measurement 2, split by clip): whether that object
+   appears, disappears or changes colour (AUC per layer). Whether the target has gathered one object's own event
+   where it names it, whatever its training made it write there.
 
 Writes JSON (per measurement, per layer) and prints a summary.
 """
@@ -84,14 +88,16 @@ def asked(target, clips: int, bucket: int = 512, first_seed: int = 700_000_000) 
 
 
 def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -> dict:
-    """Measurement 2: {place: {"any_event": [AUC per layer], "appears", "disappears", "changes colour",
-    "colour": [accuracy per layer], "kind": [...]}, "clips", "event_clips", "colour_chance"}."""
+    """Measurements 2 and 3: {place: {"any_event": [AUC per layer], "appears", "disappears", "changes colour",
+    "colour": [accuracy per layer], "kind": [...]}, "clips", "event_clips", "colour_chance", "named": {"any_event":
+    [AUC per layer], "objects", "with_event", "scored"}}."""
     import torch
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     from sparrow.synthetic.evaluate import held_out_inputs
-    from sparrow.synthetic.text import describe, target_wording
+    from sparrow.synthetic.text import describe, one_token_ids, target_wording
+    from sparrow.synthetic.train_target import named_objects
     from sparrow.synthetic.world import COLOURS, EVENT_TYPES
     from sparrow.training.losses import extend_inputs
 
@@ -102,6 +108,9 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
     places = ("vision_end", "prompt_end", "first_sentence_end")
     feats: dict = {k: [] for k in places}
     labels = []
+    objects = []  # (clip index, whether the object has an event, (layers + 1, hidden) at its colour word)
+    colours = one_token_ids(tok, COLOURS)
+    colour_ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
     seed = first_seed
     while len(labels) < clips:
         seed += 1
@@ -125,6 +134,12 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
               "first_sentence_end": n + int((answer == stop).nonzero()[0])}
         for k in places:
             feats[k].append(hidden[:, at[k]].numpy())
+        # 3: each object at the first colour word that names it alone in the description
+        named = named_objects(torch.tensor([colour_ids.get(t, 0) for t in answer.tolist()]), truth)
+        for oid in sorted({int(v) - 1 for v in named[named > 0].tolist()}):
+            r = int((named == oid + 1).nonzero()[0])
+            objects.append((len(labels) - 1, any(e["object"] == oid for e in truth["events"]),
+                            hidden[:, n + r].numpy()))
     y = np.array(labels)
     fit = int(len(y) * 2 / 3)
     events = y[:, 0] == 1
@@ -150,13 +165,25 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
                      for j, name in enumerate(("any_event",) + EVENT_TYPES)}
         result[k]["colour"] = per_layer(x, y[:, 4], np.flatnonzero(events), accuracy)
         result[k]["kind"] = per_layer(x, y[:, 5], np.flatnonzero(events), accuracy)
+    # per object, split by clip: the first two thirds of the clips fit, the rest score
+    held = np.array([c >= fit for c, _, _ in objects])
+    x = np.stack([h for _, _, h in objects])
+    t = np.array([int(e) for _, e, _ in objects])
+    aucs = []
+    for layer in range(x.shape[1]):
+        z = x[:, layer]
+        z = (z - z[~held].mean(0)) / (z[~held].std(0) + 1e-6)
+        model = LogisticRegression(C=0.05, max_iter=3000).fit(z[~held], t[~held])
+        aucs.append(round(float(roc_auc_score(t[held], model.decision_function(z[held]))), 3))
+    result["named"] = {"any_event": aucs, "objects": len(t), "with_event": int(t.sum()), "scored": int(held.sum())}
     return result
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=None, help="a target directory (default: the embedded one)")
-    ap.add_argument("--clips", type=int, default=120, help="clips of two or three objects for measurement 1")
+    ap.add_argument("--clips", type=int, default=120, help="clips of two or three objects for measurement 1 (0 skips it: a target "
+                                                                   "not yet trained on the per-object question)")
     ap.add_argument("--probe-clips", type=int, default=450, help="clips of two or three objects for measurement 2")
     ap.add_argument("--out", default="benchmarks/results/event_probes.json")
     a = ap.parse_args(argv)
@@ -172,7 +199,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     target = sparrow.load_target(a.target, device="cpu")
     result = {"target": target.path, "weights": weights_digest(target.path), "bucket": 512,
-              "asked": asked(target, a.clips), "read": read(target, a.probe_clips)}
+              "asked": asked(target, a.clips) if a.clips else {}, "read": read(target, a.probe_clips)}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -181,6 +208,9 @@ def main(argv=None) -> int:
     for place in ("vision_end", "prompt_end", "first_sentence_end"):
         for k, v in result["read"][place].items():
             print(f"read at {place}, {k}: best {max(v):.3f} (layer {int(np.argmax(v))})")
+    named = result["read"]["named"]
+    print(f"read at each object's colour word ({named['objects']} objects, {named['with_event']} with an event), "
+          f"its own event: best {max(named['any_event']):.3f} (layer {int(np.argmax(named['any_event']))})")
     print(f"colour chance {result['read']['colour_chance']:.3f}; wrote {a.out}")
     return 0
 
