@@ -6,6 +6,7 @@
 #   FROM=2 bash scripts/build_embedded.sh [RUN_DIR]   # keep the shipped target: its drafts and measurements
 #   FROM=4 bash scripts/build_embedded.sh [RUN_DIR]   # the measurements only
 #   TO=1 bash scripts/build_embedded.sh [RUN_DIR]     # the target only (stages FROM to TO run)
+#   TARGET_ARGS="--heads 8 --kv-heads 4" bash ...     # a target of another shape (flags added to stage 1a)
 #   ASSETS=runs/check/assets RESULTS=runs/check/results bash scripts/build_embedded.sh runs/check
 #                                                      # a check of the recipe that leaves the shipped files alone
 # Each stage checkpoints or appends as it goes; rerunning the script resumes the stage that was interrupted.
@@ -18,6 +19,9 @@ ASSETS=${ASSETS:-src/sparrow/assets}  # where the target, clips, drafts and assi
 RESULTS=${RESULTS:-benchmarks/results}  # where the measurements go
 FROM=${FROM:-1}  # the first stage to run: 2 keeps the shipped target, 4 only measures
 TO=${TO:-4}  # the last stage to run: 1 stops after the target, 2 after the drafts' data, 3 after the drafts
+# more train-target flags for 1a, the stage that shapes the model (e.g. "--heads 8 --kv-heads 4"; the later stages
+# start from its export and keep its shape)
+TARGET_ARGS=${TARGET_ARGS:-}
 if ! [[ "$FROM" =~ ^[1-4]$ ]]; then
   echo "build_embedded.sh: FROM=$FROM: give 1 (everything), 2 (keep the shipped target) or 4 (measure only)" >&2
   exit 2
@@ -51,7 +55,8 @@ DRAFTS="sparrow=$ASSETS/drafts/sparrow,eagle=$ASSETS/drafts/eagle,no_mtp=$ASSETS
 #    minutes, 1k 55 minutes, 1v 30 minutes, 1w 30 minutes, 1x 35 minutes, 2dc 60 minutes and 2ec 30 minutes.
 if [ "$FROM" -le 1 ]; then
   # 1a. from random weights: conversations about 2-32-frame clips, dense vision probe on the merged visual tokens
-  $SPARROW train-target --out "$RUN/target1" --steps 3600 --resume --export "$RUN/target1_export"
+  # shellcheck disable=SC2086  # TARGET_ARGS is a list of flags
+  $SPARROW train-target --out "$RUN/target1" --steps 3600 $TARGET_ARGS --resume --export "$RUN/target1_export"
   # 1b. vision-only warm-up of the tower and the probe (cheap steps), then both again, lr 1e-3
   $SPARROW train-target --out "$RUN/target2" --init "$RUN/target1_export" --steps 3450 --until 2460 --vision-steps 1500 \
     --lr 1e-3 --warmup 100 --save-every 200 --resume --export "$RUN/target2_export"

@@ -153,6 +153,12 @@ def test_build_script_to_stops_after_that_stage(tmp_path):
     kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
     assert kinds.count("train-target") == 22 and kinds[-1] == "sparrow.synthetic.examples"
     assert (tmp_path / "assets" / "target" / "config.json").exists()
+    # TARGET_ARGS shapes the model at 1a, the stage without --init; the later stages inherit it
+    done = run_script(tmp_path / "heads", TO="1", TARGET_ARGS="--heads 8 --kv-heads 4")
+    assert done.returncode == 0, done.stderr
+    shaped = [c for c in map(json.loads, (tmp_path / "heads" / "calls.jsonl").read_text().splitlines())
+              if "--heads" in c]
+    assert len(shaped) == 1 and "--init" not in shaped[0] and shaped[0][shaped[0].index("--heads") + 1] == "8"
     done = run_script(tmp_path / "to2", TO="2", FROM="2")  # the drafts' data, then stop before the drafts
     assert done.returncode == 0, done.stderr
     kinds = [json.loads(line)[0] for line in (tmp_path / "to2" / "calls.jsonl").read_text().splitlines()]
