@@ -339,9 +339,9 @@ def set_mrope_section(text_config, section: list[int]) -> None:
 
 def build_model(tokenizer, seed: int, mrope_section: list[int] | None = None, **shape):
     """A fresh `Qwen2_5_VLForConditionalGeneration` of the embedded target's shape (TEXT, with any of its keys
-    overridden by `shape`, e.g. layers=2 or heads=8, kv_heads=4; VISION; mRoPE sections 1/8, 3/16, 3/16 of head_dim
-    unless `mrope_section` says otherwise) for `tokenizer`'s vocabulary and special tokens, initialised from
-    `seed`."""
+    overridden by `shape`, e.g. layers=2 or heads=8, kv_heads=4; VISION; mRoPE: head_dim / 8 rotary pairs for time,
+    the rest of the head_dim / 2 split between height and width (8, 12, 12 at head_dim 64), unless `mrope_section`
+    says otherwise) for `tokenizer`'s vocabulary and special tokens, initialised from `seed`."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     ids = tokenizer.convert_tokens_to_ids
