@@ -96,8 +96,8 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
     from sklearn.metrics import roc_auc_score
 
     from sparrow.synthetic.evaluate import held_out_inputs
-    from sparrow.synthetic.text import describe, one_token_ids, target_wording
-    from sparrow.synthetic.train_target import named_objects
+    from sparrow.synthetic.text import describe, target_wording
+    from sparrow.synthetic.train_target import ColourWords, named_objects
     from sparrow.synthetic.world import COLOURS, EVENT_TYPES
     from sparrow.training.losses import extend_inputs
 
@@ -109,8 +109,7 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
     feats: dict = {k: [] for k in places}
     labels = []
     objects = []  # (clip index, whether the object has an event, (layers + 1, hidden) at its colour word)
-    colours = one_token_ids(tok, COLOURS)
-    colour_ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
+    colour_words = ColourWords(tok)
     seed = first_seed
     while len(labels) < clips:
         seed += 1
@@ -135,7 +134,7 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
         for k in places:
             feats[k].append(hidden[:, at[k]].numpy())
         # 3: each object at the first colour word that names it alone in the description
-        named = named_objects(torch.tensor([colour_ids.get(t, 0) for t in answer.tolist()]), truth)
+        named = named_objects(colour_words(answer), truth)
         for oid in sorted({int(v) - 1 for v in named[named > 0].tolist()}):
             r = int((named == oid + 1).nonzero()[0])
             objects.append((len(labels) - 1, any(e["object"] == oid for e in truth["events"]),
@@ -146,11 +145,11 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
     result: dict = {"clips": len(y), "event_clips": int(events.sum()),
                     "colour_chance": float(np.mean(1 / y[fit:][events[fit:], 6]))}
 
-    def per_layer(x, target_y, rows, score):
+    def per_layer(x, target_y, rows, score, fit_rows=None):  # fit_rows: a mask over `rows` (default: first 2/3)
         out = []
         for layer in range(x.shape[1]):
             z = x[rows, layer]
-            train = np.arange(len(z)) < int(len(z) * 2 / 3)
+            train = np.arange(len(z)) < int(len(z) * 2 / 3) if fit_rows is None else fit_rows
             z = (z - z[train].mean(0)) / (z[train].std(0) + 1e-6)
             model = LogisticRegression(C=0.05, max_iter=3000).fit(z[train], target_y[rows][train])
             out.append(round(float(score(model, z[~train], target_y[rows][~train])), 3))
@@ -165,25 +164,21 @@ def read(target, clips: int, bucket: int = 512, first_seed: int = 500_000_000) -
                      for j, name in enumerate(("any_event",) + EVENT_TYPES)}
         result[k]["colour"] = per_layer(x, y[:, 4], np.flatnonzero(events), accuracy)
         result[k]["kind"] = per_layer(x, y[:, 5], np.flatnonzero(events), accuracy)
-    # per object, split by clip: the first two thirds of the clips fit, the rest score
-    held = np.array([c >= fit for c, _, _ in objects])
-    x = np.stack([h for _, _, h in objects])
+    # per object, split by clip: the objects of the first two thirds of the clips fit, the rest score
+    fit_objects = np.array([c < fit for c, _, _ in objects])
     t = np.array([int(e) for _, e, _ in objects])
-    aucs = []
-    for layer in range(x.shape[1]):
-        z = x[:, layer]
-        z = (z - z[~held].mean(0)) / (z[~held].std(0) + 1e-6)
-        model = LogisticRegression(C=0.05, max_iter=3000).fit(z[~held], t[~held])
-        aucs.append(round(float(roc_auc_score(t[held], model.decision_function(z[held]))), 3))
-    result["named"] = {"any_event": aucs, "objects": len(t), "with_event": int(t.sum()), "scored": int(held.sum())}
+    result["named"] = {"any_event": per_layer(np.stack([h for _, _, h in objects]), t, np.arange(len(t)), auc,
+                                              fit_objects),
+                       "objects": len(t), "with_event": int(t.sum()), "scored": int((~fit_objects).sum())}
     return result
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=None, help="a target directory (default: the embedded one)")
-    ap.add_argument("--clips", type=int, default=120, help="clips of two or three objects for measurement 1 (0 skips it: a target "
-                                                                   "not yet trained on the per-object question)")
+    ap.add_argument("--clips", type=int, default=120,
+                    help="clips of two or three objects for measurement 1 (0 skips it: a target not yet trained on "
+                         "the per-object question)")
     ap.add_argument("--probe-clips", type=int, default=450, help="clips of two or three objects for measurement 2")
     ap.add_argument("--out", default="benchmarks/results/event_probes.json")
     a = ap.parse_args(argv)

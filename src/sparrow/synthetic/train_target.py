@@ -178,7 +178,7 @@ def cell_labels(truth: dict, grid: tuple[int, int, int], min_cover: float = 0.25
 def named_objects(colour: torch.Tensor, truth: dict) -> torch.Tensor:
     """The object that each colour word of the text names.
 
-    Args: colour: (L,) long, `Batcher.colour_words` (1-based index in COLOURS at a colour word, else 0); truth:
+    Args: colour: (L,) long, `ColourWords` (1-based index in COLOURS at a colour word, else 0); truth:
         the clip's ground truth.
     Returns: (L,) long: 1 + the id of the object, at every colour word that names exactly one object (by its first
         or its last colour); 0 everywhere else (no colour word, or two objects of that colour).
@@ -248,7 +248,7 @@ def carry_sources(event: torch.Tensor, ids: torch.Tensor, colour: torch.Tensor, 
     or "." (none). Read by `carried_labels` and `CopyLoss`.
 
     Args: event: (L, 4) long, `event_labels` (-1: no label); ids: (L,) long token ids; colour: (L,) long,
-        `Batcher.colour_words`; stops: (S,) long, the ids that end a clause (" and", ",", ".", "?", <|im_end|>).
+        `ColourWords`; stops: (S,) long, the ids that end a clause (" and", ",", ".", "?", <|im_end|>).
     Returns: (L,) long, the row of the clause's colour word at each token after it and before the first stop or
         the next colour word; -1 everywhere else (the colour words themselves included).
     """
@@ -440,6 +440,25 @@ def is_hard(plan: dict, kind: str = "multi-event") -> bool:
     return len(plan["objects"]) >= 2 and (kind == "multi" or len(plan["events"]) >= 1)
 
 
+class ColourWords:
+    """The colour words of a tokenized text, for `named_objects` and the binding losses.
+
+    `ColourWords(tokenizer)(ids)`: ids (L,) long -> (L,) long, at each colour word of the text (not "dark green", a
+    background) the colour's 1-based index in COLOURS (the numbering of `cell_labels`), else 0.
+    """
+
+    def __init__(self, tokenizer):
+        colours = one_token_ids(tokenizer, COLOURS)
+        self.ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
+        self.dark = one_token_ids(tokenizer, ["dark"]).get("dark")  # "dark green" names a background
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        out = torch.tensor([self.ids.get(t, 0) for t in ids.tolist()])
+        if self.dark is not None:
+            out[1:][ids[:-1] == self.dark] = 0
+        return out
+
+
 class Batcher:
     """Draws training samples and batches them.
 
@@ -498,9 +517,7 @@ class Batcher:
         # the state sentences' "shows the red circle" against "shows no object": both weigh
         extra = set(one_token_ids(tok, STATE_GROUNDED).values()) if states else set()
         self.grounded = torch.tensor(sorted(grounded_ids(tok) | extra))
-        colours = one_token_ids(tok, COLOURS)
-        self.colour_ids = {colours[c]: k + 1 for k, c in enumerate(COLOURS) if c in colours}
-        self.dark = one_token_ids(tok, ["dark"]).get("dark")  # "dark green" names a background
+        self.colour_words = ColourWords(tok)
         self.stops = torch.tensor(sorted({first_token_id(tok, w) for w in (" and", ",", ".", "?")}
                                          | {tok.convert_tokens_to_ids("<|im_end|>")}))
         self.pool_state, self.pool_pos = self.rng.bit_generator.state, 0
@@ -560,14 +577,6 @@ class Batcher:
                 "grounded": (labels >= 0) & torch.isin(labels, self.grounded), "colour": colour,
                 "named": named, "event": event, "carry": carried_labels(event, source), "source": source,
                 "weight": self.pairs_weight if pair else 1.0, **tracks}
-
-    def colour_words(self, ids: torch.Tensor) -> torch.Tensor:
-        """(L,) long: at each colour word of the text (not "dark green", a background), the colour's 1-based
-        index in COLOURS (the numbering of `cell_labels`), else 0."""
-        out = torch.tensor([self.colour_ids.get(t, 0) for t in ids.tolist()])
-        if self.dark is not None:
-            out[1:][ids[:-1] == self.dark] = 0
-        return out
 
     def state(self) -> dict:
         return {"pool_state": self.pool_state, "pool_pos": self.pool_pos}
@@ -736,7 +745,7 @@ class BindingLoss(_HeadSupervision):
 
     def __call__(self, input_ids: torch.Tensor, colour: torch.Tensor, cells: torch.Tensor,
                  video_token: int) -> torch.Tensor:
-        """input_ids, colour (B, L) (colour: `Batcher.colour_words`), cells (N, 6) `cell_labels` of the batch's
+        """input_ids, colour (B, L) (colour: `ColourWords`), cells (N, 6) `cell_labels` of the batch's
         N visual tokens in order -> scalar loss (0 when the batch has no colour word with a matching visual token)."""
         a = self.attn
         x, pe = self.saved.pop("x"), self.saved.pop("pe")
