@@ -8,7 +8,8 @@ difference in attribute accuracy is taken per clip and its standard error is tha
 differences, far smaller than the spread of either accuracy over 200 clips (about +-0.015). Prints, per bucket, the
 candidate's fields with the base's in brackets and the paired difference; then, over the clips with exactly one
 event, how often each side writes that event exactly right, by kind and by lone object against a scene of two or
-three objects (docs/embedded_target.md quotes these lines).
+three objects; last, per scene (objects/events), how many clips each side gets the events of exactly right and how
+the rest go wrong (`event_error`; docs/embedded_target.md quotes these lines).
 """
 
 from __future__ import annotations
@@ -42,6 +43,27 @@ def rows_of(path: str) -> list[dict]:
                      "and scores); give the file that evaluate-target --out wrote")
 
 
+ERRORS = ("said none", "invented", "too few or too many", "wrong order", "wrong kind", "wrong object")
+
+
+def event_error(claimed: list[tuple], want: list[tuple]) -> str | None:
+    """How a description's events (`parse_description`'s [(kind, colour, shape)]) miss the true ones: None when
+    exactly right, else one of ERRORS, the first that applies (an event-free description of an eventful clip is
+    "said none", never "too few")."""
+    if claimed == want:
+        return None
+    if not claimed:
+        return "said none"
+    if not want:
+        return "invented"
+    if len(claimed) != len(want):
+        return "too few or too many"
+    kinds, wanted = [c[0] for c in claimed], [w[0] for w in want]
+    if kinds == wanted:
+        return "wrong object"
+    return "wrong order" if sorted(kinds) == sorted(wanted) else "wrong kind"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("gates", nargs="+", help="the candidate's evaluate-target JSON file(s)")
@@ -67,20 +89,27 @@ def main(argv=None) -> None:
     m, se = mean_se(every)
     print(f"all {len(every)} clips: paired difference {m:+.3f} +- {se:.3f}")
     right = collections.defaultdict(lambda: [0, 0, 0])  # (scene, kind) -> candidate right, base right, clips
+    errors = collections.defaultdict(lambda: [collections.Counter(), collections.Counter()])  # scene -> per side
     for bucket in pairs:
         for r, b in pairs[bucket]:
             truth = truth_of(r["seed"], bucket)
-            if len(truth["events"]) != 1:
+            by_id = {o["id"]: o for o in truth["objects"]}
+            want = [(e["type"], by_id[e["object"]]["colour"], by_id[e["object"]]["shape"]) for e in truth["events"]]
+            claims = [parse_description(x["text"])["events"] for x in (r, b)]
+            for side, claimed in enumerate(claims):
+                errors[f"{len(truth['objects'])}/{len(want)}"][side][event_error(claimed, want) or "right"] += 1
+            if len(want) != 1:
                 continue
-            e = truth["events"][0]
-            o = next(o for o in truth["objects"] if o["id"] == e["object"])
-            want = [(e["type"], o["colour"], o["shape"])]
-            k = right["lone" if len(truth["objects"]) == 1 else "two or three objects", e["type"]]
-            k[0] += parse_description(r["text"])["events"] == want
-            k[1] += parse_description(b["text"])["events"] == want
+            k = right["lone" if len(truth["objects"]) == 1 else "two or three objects", want[0][0]]
+            k[0] += claims[0] == want
+            k[1] += claims[1] == want
             k[2] += 1
     for (scene, kind), (new, old, n) in sorted(right.items()):
         print(f"one event, {scene}, {kind}: right in {new} of {n} clips (base {old})")
+    for scene, (new, old) in sorted(errors.items()):
+        wrong = ", ".join(f"{e} {new[e]} ({old[e]})" for e in ERRORS if new[e] or old[e])
+        print(f"events, {scene} objects/events: right in {new['right']} of {sum(new.values())} clips "
+              f"(base {old['right']})" + (f"; {wrong}" if wrong else ""))
 
 
 if __name__ == "__main__":

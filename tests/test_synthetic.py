@@ -557,7 +557,8 @@ def test_evaluate_resume_keeps_the_earlier_rows_not_reached_yet_in_every_save(tm
 
 def test_compare_gate_pairs_clips_and_counts_events_written_right(tmp_path, capsys):
     """scripts/compare_gate.py: the paired difference is taken over the clips both files describe, and a one-event
-    clip counts as right only when its event is written exactly."""
+    clip counts as right only when its event is written exactly, and each wrong clip's events are told apart by how
+    they miss."""
     import importlib.util
     import json
     import os
@@ -587,6 +588,14 @@ def test_compare_gate_pairs_clips_and_counts_events_written_right(tmp_path, caps
     kind = truth["events"][0]["type"]
     scene = "lone" if len(truth["objects"]) == 1 else "two or three objects"
     assert f"one event, {scene}, {kind}: right in 1 of " in out and "(base 0)" in out
+    objects = len(truth["objects"])
+    assert f"events, {objects}/1 objects/events: right in 1 of 2 clips (base 0); said none 1 (2)" in out
+    red, blue = ("appears", "red", "circle"), ("disappears", "blue", "square")
+    assert mod.event_error([red], [red]) is None and mod.event_error([], [red]) == "said none"
+    assert mod.event_error([red], []) == "invented" and mod.event_error([red], [red, blue]) == "too few or too many"
+    assert mod.event_error([blue, red], [red, blue]) == "wrong order"
+    assert mod.event_error([("appears", "blue", "square")], [red]) == "wrong object"
+    assert mod.event_error([("changes colour", "red", "circle")], [red]) == "wrong kind"
     with pytest.raises(SystemExit, match="not an evaluate-target result"):
         mod.main([str(tmp_path / "missing.json"), "--base", str(base)])
 
