@@ -20,7 +20,7 @@ import json
 import math
 
 from sparrow.synthetic.evaluate import FIELDS, truth_of
-from sparrow.synthetic.text import parse_description
+from sparrow.synthetic.text import parse_description, true_events
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -93,8 +93,7 @@ def main(argv=None) -> None:
     for bucket in pairs:
         for r, b in pairs[bucket]:
             truth = truth_of(r["seed"], bucket)
-            by_id = {o["id"]: o for o in truth["objects"]}
-            want = [(e["type"], by_id[e["object"]]["colour"], by_id[e["object"]]["shape"]) for e in truth["events"]]
+            want = true_events(truth)
             claims = [parse_description(x["text"])["events"] for x in (r, b)]
             for side, claimed in enumerate(claims):
                 errors[f"{len(truth['objects'])}/{len(want)}"][side][event_error(claimed, want) or "right"] += 1

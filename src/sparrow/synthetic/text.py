@@ -350,6 +350,13 @@ def _attribute_matches(claimed: list[tuple], truth: list[tuple]) -> tuple[int, i
     return best
 
 
+def true_events(truth: dict) -> list[tuple[str, str, str]]:
+    """A clip's events as `parse_description` gives a description's: [(kind, colour, shape)] in the truth's order,
+    each object named by its colour and shape in the truth."""
+    by_id = {o["id"]: o for o in truth["objects"]}
+    return [(e["type"], by_id[e["object"]]["colour"], by_id[e["object"]]["shape"]) for e in truth["events"]]
+
+
 def score_description(text: str, truth: dict) -> dict:
     """Score a description against the truth, two ways.
 
@@ -368,8 +375,7 @@ def score_description(text: str, truth: dict) -> dict:
     objs = truth["objects"]
     want = {(o["colour"], o["shape"]): o["motion"] for o in objs}
     found = claim["objects"]
-    by_id = {o["id"]: o for o in objs}
-    want_events = [(e["type"], by_id[e["object"]]["colour"], by_id[e["object"]]["shape"]) for e in truth["events"]]
+    want_events = true_events(truth)
     count = float(claim["count"] == len(objs))
     events = float(claim["events"] == want_events)
     n = max(len(objs), len(found))
