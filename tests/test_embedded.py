@@ -86,6 +86,30 @@ def test_train_target_stopped_by_a_signal_exits_nonzero_without_exporting(tmp_pa
     assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
 
 
+def test_train_target_trains_in_float32_where_bf16_is_slow(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from sparrow.synthetic import train_target
+
+    monkeypatch.setattr(train_target, "TEXT", dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128))
+    seen = []
+    real = torch.autocast
+
+    def recording(*args, enabled=True, **kw):  # what each training forward asked for
+        seen.append(enabled)
+        return real(*args, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", recording)
+    for precision, fast, bf16 in (("auto", False, False), ("auto", True, True), ("bf16", False, True),
+                                  ("fp32", True, False)):
+        monkeypatch.setattr(train_target, "fast_bf16", lambda device, fast=fast: fast)
+        seen.clear()
+        run = str(tmp_path / f"{precision}{fast}")
+        assert not train_target.main(["--out", run, "--steps", "1", "--batch", "2", "--precision", precision])
+        assert seen and set(seen) == {bf16}, (precision, fast)
+        assert ("training in float32" in capsys.readouterr().out) == (precision == "auto" and not fast)
+
+
 def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
     import torch
 
