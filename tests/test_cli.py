@@ -78,6 +78,7 @@ BAD = {
     "draft path not a draft": ({"--draft": "/tmp"}, "not a Sparrow draft"),
     "target path not a checkpoint": ({"--target": "/tmp"}, "config.json"),
     "empty tree": ({"--tree-depth": "0"}, "each must be 1 or more"),
+    "unknown dtype": ({"--dtype": "bf17"}, "dtype 'bf17' is not known"),
 }
 
 
@@ -92,6 +93,15 @@ def test_bad_input_one_line_exit_2(env, capsys, case):
     assert main(gen_args(env, **over)) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sparrow: error: ") and "\n" not in err and needle in err, err
+
+
+def test_slow_bf16_on_this_cpu_is_said(env, capsys, monkeypatch):
+    from sparrow.targets import base
+
+    for fast in (False, True):
+        monkeypatch.setattr(base, "fast_bf16", lambda device, fast=fast: fast)
+        assert main(gen_args(env, **{"--dtype": "bfloat16", "--device": "cpu"})) == 0
+        assert ("no fast bfloat16 kernels" in capsys.readouterr().err) != fast
 
 
 def test_console_script_no_traceback(env):

@@ -70,6 +70,7 @@ import numpy as np
 import torch
 
 from ..errors import SparrowError
+from ..targets.base import fast_bf16
 from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
 from ..training.trainer import stop_on_signals
@@ -1054,20 +1055,6 @@ def without_padding_mask(batch: dict) -> dict:
         raise SparrowError("a training batch is padded on the left; the Batcher pads on the right, which the "
                            "unmasked forward needs (or train with --padding-mask)")
     return {k: v for k, v in batch.items() if k != "attention_mask"}
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds training up on `device`: on CUDA when the GPU has bf16 (Ampere on); on the CPU
-    when oneDNN has bf16 kernels for it (AVX-512 or AMX). On a CPU with AVX2 only (AMD Zen 2-3, Intel before
-    Skylake-SP) oneDNN has none: measured here on an AMD EPYC with AVX2, a 256 x 1024 linear layer's forward and
-    backward took 44x longer under bf16 autocast than in float32, and a step of stage 1a 79 s against 3.5 s."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else torch.backends.cpu.get_cpu_capability() != "AVX2"
-    except RuntimeError:
-        return False
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 300) -> float:
