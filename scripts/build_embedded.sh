@@ -8,6 +8,8 @@
 #   FROM=4 bash scripts/build_embedded.sh [RUN_DIR]   # the measurements only
 #   TO=1 bash scripts/build_embedded.sh [RUN_DIR]     # the target only (stages FROM to TO run)
 #   TARGET_ARGS="--heads 8 --kv-heads 4" bash ...     # a target of another shape (flags added to stage 1a)
+#   STAGE_ARGS="--device cuda --workers 12" bash ...  # flags added to every stage of the target (1a-2ec): here, to
+#                                                      # train it on a GPU while 12 processes draw the batches
 #   ASSETS=runs/check/assets RESULTS=runs/check/results bash scripts/build_embedded.sh runs/check
 #                                                      # a check of the recipe that leaves the shipped files alone
 # Each stage checkpoints or appends as it goes; rerunning the script resumes the stage that was interrupted.
@@ -23,6 +25,9 @@ TO=${TO:-4}  # the last stage to run: 1 stops after the target, 2 after the draf
 # more train-target flags for 1a, the stage that shapes the model (e.g. "--heads 8 --kv-heads 4"; the later stages
 # start from its export and keep its shape)
 TARGET_ARGS=${TARGET_ARGS:-}
+# more train-target flags for every stage of the target, 1a to 2ec (e.g. "--device cuda --workers 12", or
+# "--precision bf16"); a stage resumes only with the --workers it started with
+STAGE_ARGS=${STAGE_ARGS:-}
 if ! [[ "$FROM" =~ ^[1-4]$ ]]; then
   echo "build_embedded.sh: FROM=$FROM: give 1 (everything), 2 (keep the shipped target) or 4 (measure only)" >&2
   exit 2
@@ -55,39 +60,41 @@ DRAFTS="sparrow=$ASSETS/drafts/sparrow,eagle=$ASSETS/drafts/eagle,no_mtp=$ASSETS
 #    lighter mix in 82 minutes), 1b, 1c, 1d, 1e and 1f about an hour each, 1g 80 minutes, 1h about 2 hours, 1i 50
 #    minutes, 1k 55 minutes, 1v 30 minutes, 1w 30 minutes, 1x 35 minutes, 2dc 60 minutes and 2ec 30 minutes.
 if [ "$FROM" -le 1 ]; then
+  # shellcheck disable=SC2086  # STAGE_ARGS is a list of flags
+  stage() { $SPARROW train-target "$@" $STAGE_ARGS; }
   # 1a. from random weights: conversations about 2-32-frame clips, dense vision probe on the merged visual tokens
   # shellcheck disable=SC2086  # TARGET_ARGS is a list of flags
-  $SPARROW train-target --out "$RUN/target1" --steps 3600 $TARGET_ARGS --resume --export "$RUN/target1_export"
+  stage --out "$RUN/target1" --steps 3600 $TARGET_ARGS --resume --export "$RUN/target1_export"
   # 1b. vision-only warm-up of the tower and the probe (cheap steps), then both again, lr 1e-3
-  $SPARROW train-target --out "$RUN/target2" --init "$RUN/target1_export" --steps 3450 --until 2460 --vision-steps 1500 \
+  stage --out "$RUN/target2" --init "$RUN/target1_export" --steps 3450 --until 2460 --vision-steps 1500 \
     --lr 1e-3 --warmup 100 --save-every 200 --resume --export "$RUN/target2_export"
   # 1c. a fresh optimiser; from step 543 the answer words only the frames decide weigh 4x (--grounded-weight) and
   #     the cosine schedule is cut short to 1450 steps (--steps shrinks on resume). 50 minutes.
-  $SPARROW train-target --out "$RUN/target3" --init "$RUN/target2_export" --steps 1800 --until 543 --lr 1e-3 \
+  stage --out "$RUN/target3" --init "$RUN/target2_export" --steps 1800 --until 543 --lr 1e-3 \
     --warmup 100 --save-every 100 --resume
-  $SPARROW train-target --out "$RUN/target3" --init "$RUN/target2_export" --steps 1450 --lr 1e-3 --warmup 100 \
+  stage --out "$RUN/target3" --init "$RUN/target2_export" --steps 1450 --lr 1e-3 --warmup 100 \
     --grounded-weight 4 --save-every 100 --resume --export "$RUN/target3_export"
   # 1d. a fresh optimiser again, with the binding supervision (head 0 of layer 1 fetches, at each colour word, the
   #     visual tokens of that colour); planned for 1400 steps, extended at step 690 to 1900 (--steps grows on
   #     resume). 75 minutes. The shipped run weighed, up to step 748, only the verbs of keeping still among the
   #     verbs of motion, and "Nothing" but not the other openers of the sentence after the last object (GROUNDED
   #     before it was fixed); this script runs the fixed weighting throughout.
-  $SPARROW train-target --out "$RUN/target4" --init "$RUN/target3_export" --steps 1400 --until 690 --lr 1e-3 \
+  stage --out "$RUN/target4" --init "$RUN/target3_export" --steps 1400 --until 690 --lr 1e-3 \
     --warmup 100 --grounded-weight 4 --bind-weight 1 --bind-layer 1 --save-every 100 --resume
-  $SPARROW train-target --out "$RUN/target4" --init "$RUN/target3_export" --steps 1900 --lr 1e-3 --warmup 100 \
+  stage --out "$RUN/target4" --init "$RUN/target3_export" --steps 1900 --lr 1e-3 --warmup 100 \
     --grounded-weight 4 --bind-weight 1 --bind-layer 1 --save-every 100 --resume --export "$RUN/target4_export"
   # 1e. the same losses once more from a fresh optimiser, new clips (--seed 7), half the learning rate. 60 minutes.
-  $SPARROW train-target --out "$RUN/target5" --init "$RUN/target4_export" --seed 7 --steps 1500 --lr 5e-4 \
+  stage --out "$RUN/target5" --init "$RUN/target4_export" --seed 7 --steps 1500 --lr 5e-4 \
     --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1 --save-every 100 --resume --export "$RUN/target5_export"
   # 1f. the same losses on the descriptions that settle each event fact at one word (sparrow.synthetic.text: the
   #     shipped 1a-1e ran the earlier wording, with three openings of "no events"), the per-object event question,
   #     16- and 32-frame clips twice as often (--mix long), new clips (--seed 8). 900 steps, 46 minutes.
-  $SPARROW train-target --out "$RUN/target6" --init "$RUN/target5_export" --seed 8 --steps 900 --lr 5e-4 \
+  stage --out "$RUN/target6" --init "$RUN/target5_export" --seed 8 --steps 900 --lr 5e-4 \
     --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1 --mix long --save-every 100 --resume \
     --export "$RUN/target6_export"
   # 1g. plus the event probe on layer 3 (at each colour word naming one object: does it appear, disappear or
   #     change colour, and its last colour), new clips (--seed 9). 2000 steps, about 80 minutes.
-  $SPARROW train-target --out "$RUN/target7" --init "$RUN/target6_export" --seed 9 --steps 2000 --lr 5e-4 \
+  stage --out "$RUN/target7" --init "$RUN/target6_export" --seed 9 --steps 2000 --lr 5e-4 \
     --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1 --event-weight 1 --event-layer 3 --mix long \
     --save-every 100 --resume --export "$RUN/target7_export"
   # 1h. plus time binding (--time-weight 1: two heads of layer 3 fetch, at each colour word naming one object, that
@@ -97,9 +104,9 @@ if [ "$FROM" -le 1 ]; then
   #     order throughout.
   T8=(--init "$RUN/target7_export" --seed 10 --lr 5e-4 --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1
     --event-weight 1 --event-layer 3 --time-weight 1 --mix long --save-every 50 --resume)
-  $SPARROW train-target --out "$RUN/target8" "${T8[@]}" --steps 1500 --until 125
-  $SPARROW train-target --out "$RUN/target8" "${T8[@]}" --steps 1000
-  $SPARROW train-target --out "$RUN/target8" "${T8[@]}" --steps 2500 --export "$RUN/target8_export"
+  stage --out "$RUN/target8" "${T8[@]}" --steps 1500 --until 125
+  stage --out "$RUN/target8" "${T8[@]}" --steps 1000
+  stage --out "$RUN/target8" "${T8[@]}" --steps 2500 --export "$RUN/target8_export"
   # 1i. the descriptions give each object's own events in its sentence ("... moves up and appears."), and the token
   #     after an object's motion or event (" and", ", then" or ".") is weighted too; new clips (--seed 11). Planned
   #     for 1800 steps, cut to 650 at step 62 and to 550 at step 213 (--steps on resume). About 50 minutes. The
@@ -107,9 +114,9 @@ if [ "$FROM" -le 1 ]; then
   #     and weighting; this script runs the current ones throughout.
   T9=(--init "$RUN/target8_export" --seed 11 --lr 5e-4 --warmup 50 --grounded-weight 4 --bind-weight 1 --bind-layer 1
     --event-weight 1 --event-layer 3 --time-weight 1 --mix long --save-every 50 --resume)
-  $SPARROW train-target --out "$RUN/target9" "${T9[@]}" --steps 1800 --until 62
-  $SPARROW train-target --out "$RUN/target9" "${T9[@]}" --steps 650 --until 213
-  $SPARROW train-target --out "$RUN/target9" "${T9[@]}" --steps 550 --export "$RUN/target9_export"
+  stage --out "$RUN/target9" "${T9[@]}" --steps 1800 --until 62
+  stage --out "$RUN/target9" "${T9[@]}" --steps 650 --until 213
+  stage --out "$RUN/target9" "${T9[@]}" --steps 550 --export "$RUN/target9_export"
   # 1k. longer clips: --mix longer adds the 1.5k and 3k evaluation buckets' own shapes (48 and 96 frames at 224 px)
   #     to the "long" mix, one clip in 14; the probes start where 1i left them (--init-probes), new clips (--seed 13).
   #     Planned for 400 steps, cut to 300 at step 37 (--steps on resume). About 55 minutes. (Stage 1j, long clips at
@@ -117,23 +124,23 @@ if [ "$FROM" -le 1 ]; then
   T10=(--init "$RUN/target9_export" --init-probes "$RUN/target9/ckpt/state.pt" --seed 13 --lr 5e-4 --warmup 50
     --grounded-weight 4 --bind-weight 1 --bind-layer 1 --event-weight 1 --event-layer 3 --time-weight 1 --mix longer
     --save-every 25 --resume)
-  $SPARROW train-target --out "$RUN/target10" "${T10[@]}" --steps 400 --until 37
-  $SPARROW train-target --out "$RUN/target10" "${T10[@]}" --steps 300 --export "$RUN/target10_export"
+  stage --out "$RUN/target10" "${T10[@]}" --steps 400 --until 37
+  stage --out "$RUN/target10" "${T10[@]}" --steps 300 --export "$RUN/target10_export"
   # 1v. 300 more steps of the language loss alone (no probes), lr 3e-4, new clips (--seed 27). 30 minutes. (Stages
   #     1l-1u, aids to the event decision and more multi-object clips, were not shipped: see the README.)
-  $SPARROW train-target --out "$RUN/target11" --init "$RUN/target10_export" --seed 27 --steps 300 --lr 3e-4 \
+  stage --out "$RUN/target11" --init "$RUN/target10_export" --seed 27 --steps 300 --lr 3e-4 \
     --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target11_export"
   # 1w. the same once more from 1v's weights, new clips (--seed 28). 30 minutes.
-  $SPARROW train-target --out "$RUN/target12" --init "$RUN/target11_export" --seed 28 --steps 300 --lr 3e-4 \
+  stage --out "$RUN/target12" --init "$RUN/target11_export" --seed 28 --steps 300 --lr 3e-4 \
     --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target12_export"
   # 1x. 300 steps at a third of the learning rate, new clips (--seed 29). 35 minutes.
-  $SPARROW train-target --out "$RUN/target13" --init "$RUN/target12_export" --seed 29 --steps 300 --lr 1e-4 \
+  stage --out "$RUN/target13" --init "$RUN/target12_export" --seed 29 --steps 300 --lr 1e-4 \
     --warmup 10 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target13_export"
   # 2dc and 2ec (the controls of stages 2d and 2e, run without their --mrope-section 16,8,8): the same cycle once
   #     more, 600 steps at lr 3e-4 (--seed 35, about 60 minutes), then 300 at 1e-4 (--seed 36, about 30 minutes).
-  $SPARROW train-target --out "$RUN/target14" --init "$RUN/target13_export" --seed 35 --steps 600 --lr 3e-4 \
+  stage --out "$RUN/target14" --init "$RUN/target13_export" --seed 35 --steps 600 --lr 3e-4 \
     --warmup 30 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target14_export"
-  $SPARROW train-target --out "$RUN/target15" --init "$RUN/target14_export" --seed 36 --steps 300 --lr 1e-4 \
+  stage --out "$RUN/target15" --init "$RUN/target14_export" --seed 36 --steps 300 --lr 1e-4 \
     --warmup 10 --grounded-weight 4 --mix longer --aux-weight 0 --save-every 25 --resume --export "$RUN/target_export"
   rm -rf "$ASSETS/target" && cp -r "$RUN/target_export" "$ASSETS/target"
   $PY -m sparrow.synthetic.examples --out "$ASSETS/clips" --target "$T"

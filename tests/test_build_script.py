@@ -165,6 +165,18 @@ def test_build_script_to_stops_after_that_stage(tmp_path):
     assert kinds.count("regenerate") == 2 and "train-draft" not in kinds and "evaluate-target" not in kinds
 
 
+def test_build_script_stage_args_reach_every_stage_of_the_target(tmp_path, monkeypatch):
+    """STAGE_ARGS (e.g. a GPU's --device cuda --workers N) go to all 22 train-target runs of the target, 1a to 2ec,
+    and to nothing else; each command line still parses."""
+    done = run_script(tmp_path, STAGE_ARGS="--device cuda --workers 2")
+    assert done.returncode == 0, done.stderr
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    staged = [c for c in calls if c[-4:] == ["--device", "cuda", "--workers", "2"]]
+    assert len(staged) == 22 and all(c[0] == "train-target" and "--layers" not in c for c in staged)
+    assert all(parses(c, monkeypatch).workers == 2 for c in staged)
+    assert sum("--workers" in c for c in calls) == 22  # not the assistant, not the drafts
+
+
 @pytest.mark.parametrize("env, message", [({"FROM": "9"}, "FROM=9: give 1"),
                                           ({"FROM": "4", "TO": "1"}, "TO=1: give a stage from FROM=4 to 4"),
                                           ({"SPARROW": "/nonexistent/sparrow"}, "/nonexistent/sparrow not found")])
