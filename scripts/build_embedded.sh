@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default from scratch (fixed seeds): the target, its example clips, its drafts, and the
 # measurements quoted in the README. About 17 hours on 2 CPU cores with fast bf16 (AVX-512 or AMX), 2 hours of it
-# after the target; on a CPU with AVX2 alone the target trains in float32, each step about 1.7 times as long. Run
+# after the target; on a CPU with AVX2 alone the target trains in float32, each step about 2.2 times as long. Run
 # from the repository root:
 #   bash scripts/build_embedded.sh [RUN_DIR]          # everything
 #   FROM=2 bash scripts/build_embedded.sh [RUN_DIR]   # keep the shipped target: its drafts and measurements

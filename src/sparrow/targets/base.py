@@ -306,7 +306,7 @@ def fast_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 fast: on CUDA when the GPU has bf16 (Ampere on); on the CPU when oneDNN has
     bf16 kernels for it (AVX-512 or AMX). On a CPU with AVX2 only (AMD Zen 2-3, Intel before Skylake-SP) oneDNN has
     none. Measured on an AMD EPYC with AVX2 (2026-12-03): a 256 x 1024 linear layer's forward and backward took 44x
-    longer under bf16 autocast than in float32, a step of train-target's stage 1a 79 s against 3.5 s, and
+    longer under bf16 autocast than in float32, the first steps of train-target's stage 1a 79 s against 3-5 s, and
     `sparrow generate` on an example clip prefilled 6.6x and decoded 2.5x slower with the target in bf16."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
