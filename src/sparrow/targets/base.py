@@ -312,7 +312,7 @@ def fast_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
     try:
-        return bool(check()) if check is not None else torch.backends.cpu.get_cpu_capability() != "AVX2"
+        return bool(check()) if check is not None else torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
     except RuntimeError:
         return False
 
