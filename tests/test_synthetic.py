@@ -5,7 +5,7 @@ import pytest
 
 from sparrow.errors import SparrowError
 from sparrow.synthetic.text import describe, parse_description, questions, score_description
-from sparrow.synthetic.world import BACKGROUNDS, COLOURS, make_clip
+from sparrow.synthetic.world import BACKGROUNDS, COLOURS, SIZES, _shape_mask, make_clip, visible_share
 from sparrow.video import load_video, write_video
 
 
@@ -55,6 +55,32 @@ def test_truth_matches_pixels(seed):
                 assert _near(pixel, COLOURS[colour]), (seed, f, o["id"], pixel, colour)
             else:
                 assert not any(_near(pixel, c, 30) for c in COLOURS.values())
+
+
+def test_visible_share_of_hand_built_and_rendered_clips():
+    """A small square under a large one shows nothing, beside it all of itself; on rendered clips the share equals
+    the share of the object's pixels that show its colour (solid objects of a colour no other object has)."""
+    square = {"shape": "square", "appear": 0, "disappear": 2}
+    truth = {"height": 40, "width": 40, "objects": [
+        {**square, "id": 0, "size": "small", "track": [[20, 20], [5, 5]]},  # under object 1, then clear of it
+        {**square, "id": 1, "size": "large", "track": [[20, 20], [33, 33]]},
+        {**square, "id": 2, "size": "small", "track": [[5, 35], [5, 35]], "appear": 1, "disappear": 1}]}  # never in
+    assert visible_share(truth) == {0: 0.5, 1: 1.0, 2: 0.0}
+    checked = covered = 0
+    for seed in range(30):
+        clip = make_clip(seed, 12, 112, 140)
+        t, share = clip.truth, visible_share(clip.truth)
+        yy, xx = np.mgrid[0:112, 0:140].astype(np.float32)
+        for o in t["objects"]:
+            same = [p for p in t["objects"] if p["colour"] == o["colour"] or p["final_colour"] == o["colour"]]
+            if o["texture"] != "solid" or o["final_colour"] != o["colour"] or len(same) > 1:
+                continue
+            shown = [np.all(clip.frames[f][_shape_mask(o["shape"], xx, yy, *o["track"][f], SIZES[o["size"]] * 112)]
+                            == COLOURS[o["colour"]], axis=-1).mean() for f in range(o["appear"], o["disappear"])]
+            assert abs(share[o["id"]] - (np.mean(shown) if shown else 0.0)) < 0.03, (seed, o["id"])
+            checked += 1
+            covered += share[o["id"]] < 0.99
+    assert checked > 30 and covered >= 3  # the check saw objects partly covered, not only clear ones
 
 
 def test_motion_direction_in_track():

@@ -113,6 +113,31 @@ def plan_clip(rng: np.random.Generator, num_frames: int, max_objects: int = 3, m
     return {"objects": objects, "events": events}
 
 
+def visible_share(truth: dict) -> dict[int, float]:
+    """How much of each object shows, from a clip's ground truth (with its tracks, as `make_clip` writes it): per
+    object id, the share of the object's pixels not covered by an object drawn after it (objects are painted in
+    id order, so a later one covers an earlier one), averaged over the frames the object is in, at the clip's own
+    frame size. 1.0: never covered; 0.0: always fully covered or never in view. A check of how much of the truth the
+    frames show: in the 34 held-out clips of three objects and one event at 512 visual tokens, the event's object
+    is on average more than half covered in 7 (docs/embedded_target.md)."""
+    h, w = truth["height"], truth["width"]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = {o["id"]: SIZES[o["size"]] * min(h, w) for o in truth["objects"]}
+    shares = {}
+    for o in truth["objects"]:
+        later = [p for p in truth["objects"] if p["id"] > o["id"]]
+        seen = []
+        for f in range(o["appear"], o["disappear"]):
+            mask = _shape_mask(o["shape"], xx, yy, *o["track"][f], r[o["id"]])
+            for p in later:
+                if p["appear"] <= f < p["disappear"]:
+                    mask &= ~_shape_mask(p["shape"], xx, yy, *p["track"][f], r[p["id"]])
+            full = _shape_mask(o["shape"], xx, yy, *o["track"][f], r[o["id"]]).sum()
+            seen.append(mask.sum() / max(1, full))
+        shares[o["id"]] = float(np.mean(seen)) if seen else 0.0
+    return shares
+
+
 def make_clip(seed: int, num_frames: int = 16, height: int = 112, width: int = 112, fps: float = 4.0,
               max_objects: int = 3, max_events: int = 2, blank: bool = False) -> Clip:
     """Render one clip.
