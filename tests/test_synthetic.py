@@ -626,6 +626,31 @@ def test_compare_gate_pairs_clips_and_counts_events_written_right(tmp_path, caps
         mod.main([str(tmp_path / "missing.json"), "--base", str(base)])
 
 
+def test_occlusion_script_splits_one_event_clips_by_covered_event_object(tmp_path, capsys):
+    """scripts/occlusion.py: held-out clip 15 at 512 tokens (three objects; its event's object shows 38% of itself)
+    counts as covered, clip 1 (three objects, its event's object never covered) does not; a description counts as
+    right only with the events exactly."""
+    import importlib.util
+    import json
+    import os
+
+    from sparrow.synthetic.evaluate import held_out_seed, truth_of
+
+    spec = importlib.util.spec_from_file_location(
+        "occlusion", os.path.join(os.path.dirname(__file__), "..", "scripts", "occlusion.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    covered, clear = held_out_seed(512, 15), held_out_seed(512, 1)
+    rows = [{"bucket": 512, "seed": seed, "blank": False, "text": text, "attributes": 1.0, "count": 1.0,
+             "colour": 1.0, "shape": 1.0, "motion": 1.0, "events": 1.0}
+            for seed, text in ((covered, describe(truth_of(covered, 512), 0)), (clear, "Nothing."))]
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps({"rows": rows}))
+    mod.main([str(path)])
+    out = capsys.readouterr().out
+    assert "3/1: 2 clips, 1 covered | eval.json: right 1 of 1 covered, 0 of 1 not" in out, out
+
+
 def test_mrope_time_reach_margin():
     """scripts/mrope_time_reach.py: at one query position any grid can be singled out; along a description's 190
     positions the embedded target's 8 temporal pairs cannot, and 16 can."""
