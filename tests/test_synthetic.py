@@ -651,6 +651,29 @@ def test_occlusion_script_splits_one_event_clips_by_covered_event_object(tmp_pat
     assert "3/1: 2 clips, 1 covered | eval.json: right 1 of 1 covered, 0 of 1 not" in out, out
 
 
+def test_edited_clip_keeps_the_rest_of_the_clip():
+    """make_clip(edit=...) renders the edited plan over the same background: with every object removed it is the
+    blank clip; scripts/event_alone.py's variants keep the event's object (alone, or painted last) and its event."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "event_alone", os.path.join(os.path.dirname(__file__), "..", "scripts", "event_alone.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seed = next(s for s in range(100) if len(make_clip(s, 16).truth["events"]) == 1
+                and len(make_clip(s, 16).truth["objects"]) == 3)
+    empty = make_clip(seed, 16, edit=lambda plan: {"objects": [], "events": []})
+    assert np.array_equal(empty.frames, make_clip(seed, 16, blank=True).frames) and empty.truth["objects"] == []
+    drawn = make_clip(seed, 16).truth
+    who = drawn["objects"][drawn["events"][0]["object"]]
+    for edit, at in ((mod.alone, 0), (mod.on_top, 2)):
+        t = make_clip(seed, 16, edit=edit).truth
+        assert len(t["objects"]) == (1 if at == 0 else 3) and t["events"][0]["object"] == at
+        assert {k: v for k, v in t["objects"][at].items() if k != "id"} == {k: v for k, v in who.items() if k != "id"}
+        assert t["events"][0]["type"] == drawn["events"][0]["type"] and t["background"] == drawn["background"]
+
+
 def test_mrope_time_reach_margin():
     """scripts/mrope_time_reach.py: at one query position any grid can be singled out; along a description's 190
     positions the embedded target's 8 temporal pairs cannot, and 16 can."""
