@@ -1,14 +1,17 @@
 """Does the target miss an event because of the other objects? The held-out clips of two or three objects and one
-event, described as they are, with the event's object alone, and with it drawn over the others.
+event, described as drawn and in controlled variants of the same clip.
 
-    .venv/bin/python scripts/event_alone.py [--target DIR] [--bucket 512] [--clips 200] [--out FILE.json]
+    .venv/bin/python scripts/event_alone.py [--target DIR] [--bucket 512] [--clips 200] [--variants V,...] [--out F]
 
 Each variant is the same clip (`world.make_clip(..., edit=...)`: the same background, noise, positions and event)
-with its plan edited: `scene` as drawn; `alone`, the event's object without the others; `on-top`, the event's
-object painted last, so that no other object covers it. For each, the target's greedy description is scored on
-its events (`compare_gate.event_error`: right, said none, ...), by scene (objects/events). On the shipped target
-(2026-12-03, 512 visual tokens): right in 8 and 2 of the 34 clips of two and of three objects as drawn, 26 and 29
-alone, 10 and 1 on top (docs/embedded_target.md).
+with its plan edited: `scene`, as drawn; `alone`, the event's object without the others; `on-top`, the event's
+object painted last, so that no other object covers it; `named-first` and `named-last`, the event's object in a
+free colour that the description names before or after the others (`text.object_order`; clips where no colour is
+left are skipped); `others-still`, the other objects kept still. For each, the target's greedy description is
+scored on its events (`compare_gate.event_error`: right, said none, ...) by scene (objects/events), beside the
+same clips as drawn. On the shipped target (2026-12-03, 512 visual tokens; benchmarks/results/event_alone_2ec.json):
+of the 34 clips of two objects and the 34 of three, right as drawn 8 and 2, alone 26 and 29, on top 10 and 1; the
+naming order and the others' motion change little (docs/embedded_target.md).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from compare_gate import event_error  # noqa: E402
 
 from sparrow.synthetic.evaluate import SIDE, frames_for_bucket, held_out_seed  # noqa: E402
 from sparrow.synthetic.text import parse_description, true_events  # noqa: E402
-from sparrow.synthetic.world import make_clip  # noqa: E402
+from sparrow.synthetic.world import COLOURS, make_clip  # noqa: E402
 
 
 def _renumber(objects: list[dict], events: list[dict]) -> dict:
@@ -50,7 +53,49 @@ def on_top(plan: dict) -> dict:
                      plan["events"])
 
 
-VARIANTS = {"scene": None, "alone": alone, "on-top": on_top}
+class NotPossible(Exception):
+    """Raised by a variant that this clip's plan does not allow (no colour left to name its object first)."""
+
+
+def _recoloured(plan: dict, first: bool) -> dict:
+    """The plan with the event's object in a colour that `text.object_order` names before (first=True) or after
+    every other object's, from those no other object starts or ends in and, for a colour change, not the one it
+    changes to. Raises NotPossible when no colour is left for that."""
+    who = plan["events"][0]["object"]
+    others = [o for o in plan["objects"] if o["id"] != who]
+    obj = next(o for o in plan["objects"] if o["id"] == who)
+    order = list(COLOURS)
+    taken = {c for o in others for c in (o["colour"], o["final_colour"])} | \
+        ({obj["final_colour"]} if obj["final_colour"] != obj["colour"] else set())
+    edge = [order.index(o["colour"]) for o in others]
+    free = [c for c in order if c not in taken and (order.index(c) < min(edge) if first else order.index(c) > max(edge))]
+    if not free:
+        raise NotPossible
+    colour = free[0] if first else free[-1]
+    final = obj["final_colour"] if obj["final_colour"] != obj["colour"] else colour
+    return {"objects": [{**o, "colour": colour, "final_colour": final} if o["id"] == who else o
+                        for o in plan["objects"]], "events": plan["events"]}
+
+
+def named_first(plan: dict) -> dict:
+    """The event's object in a colour that the description names first (`text.object_order`)."""
+    return _recoloured(plan, first=True)
+
+
+def named_last(plan: dict) -> dict:
+    """The event's object in a colour that the description names last."""
+    return _recoloured(plan, first=False)
+
+
+def others_still(plan: dict) -> dict:
+    """The plan with every object but the event's kept still."""
+    who = plan["events"][0]["object"]
+    return {"objects": [o if o["id"] == who else {**o, "motion": "still"} for o in plan["objects"]],
+            "events": plan["events"]}
+
+
+VARIANTS = {"scene": None, "alone": alone, "on-top": on_top, "named-first": named_first, "named-last": named_last,
+            "others-still": others_still}
 
 
 def main(argv=None) -> None:
@@ -62,7 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("--target", default=None, help="the target (default: the embedded one)")
     ap.add_argument("--bucket", type=int, default=512, help="visual tokens of the held-out clips (default 512)")
     ap.add_argument("--clips", type=int, default=200, help="held-out clips to look through (default 200)")
-    ap.add_argument("--variants", default="scene,alone,on-top", help="of " + ", ".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="some of " + ", ".join(VARIANTS))
     ap.add_argument("--out", help="write every clip's result here (JSON)")
     a = ap.parse_args(argv)
     variants = a.variants.split(",")
@@ -77,7 +122,10 @@ def main(argv=None) -> None:
         if len(truth["events"]) != 1 or len(truth["objects"]) == 1:
             continue
         for name in variants:
-            clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, edit=VARIANTS[name])
+            try:
+                clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, edit=VARIANTS[name])
+            except NotPossible:
+                continue
             video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
             inputs = target.prepare(video, "Describe the video.", max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
             text = generate(target, None, inputs, max_new_tokens=160, method="ar").text
@@ -90,11 +138,13 @@ def main(argv=None) -> None:
     table = collections.defaultdict(collections.Counter)
     for r in rows:
         table[(r["scene"], r["variant"])][r["error"] or "right"] += 1
+    drawn = {r["seed"]: r["error"] is None for r in rows if r["variant"] == "scene"}
     print(f"bucket {a.bucket}: one-event clips of two or three objects, events written")
     for (scene, name), c in sorted(table.items()):
-        print(f"  {scene} {name}: right {c['right']} of {sum(c.values())}, said none {c['said none']}, "
+        seeds = [r["seed"] for r in rows if r["scene"] == scene and r["variant"] == name]
+        paired = f" (as drawn, the same clips: {sum(drawn[s] for s in seeds)})" if name != "scene" and drawn else ""
+        print(f"  {scene} {name}: right {c['right']} of {sum(c.values())}{paired}, said none {c['said none']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("right", "said none")))
-
 
 if __name__ == "__main__":
     main()

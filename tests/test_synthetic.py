@@ -672,6 +672,29 @@ def test_edited_clip_keeps_the_rest_of_the_clip():
         assert len(t["objects"]) == (1 if at == 0 else 3) and t["events"][0]["object"] == at
         assert {k: v for k, v in t["objects"][at].items() if k != "id"} == {k: v for k, v in who.items() if k != "id"}
         assert t["events"][0]["type"] == drawn["events"][0]["type"] and t["background"] == drawn["background"]
+    from sparrow.synthetic.text import object_order
+
+    named = 0
+    for s in range(60):  # recoloured to be named first or last, where a colour is left for it
+        plan = make_clip(s, 16).truth
+        if len(plan["events"]) != 1 or len(plan["objects"]) == 1:
+            continue
+        for edit, at in ((mod.named_first, 0), (mod.named_last, -1)):
+            try:
+                t = make_clip(s, 16, edit=edit).truth
+            except mod.NotPossible:
+                continue
+            named += 1
+            assert object_order(t["objects"])[at]["id"] == t["events"][0]["object"]
+            who = t["events"][0]["object"]
+            mine = {c for o in t["objects"] if o["id"] == who for c in (o["colour"], o["final_colour"])}
+            assert not mine & {c for o in t["objects"] if o["id"] != who for c in (o["colour"], o["final_colour"])}
+        t = make_clip(s, 16, edit=mod.others_still).truth
+        still = make_clip(s, 16, edit=mod.others_still).truth
+        assert all(o["motion"] == "still" or o["id"] == still["events"][0]["object"] for o in still["objects"])
+        assert [o["motion"] for o in still["objects"] if o["id"] == still["events"][0]["object"]] == \
+            [o["motion"] for o in plan["objects"] if o["id"] == plan["events"][0]["object"]]
+    assert named >= 10
 
 
 def test_mrope_time_reach_margin():
