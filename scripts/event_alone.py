@@ -11,7 +11,10 @@ left are skipped); `others-still`, the other objects kept still. For each, the t
 scored on its events (`compare_gate.event_error`: right, said none, ...) by scene (objects/events), beside the
 same clips as drawn. On the shipped target (2026-12-03, 512 visual tokens; benchmarks/results/event_alone_2ec.json):
 of the 34 clips of two objects and the 34 of three, right as drawn 8 and 2, alone 26 and 29, on top 10 and 1; the
-naming order and the others' motion change little (docs/embedded_target.md).
+naming order and the others' motion change little. `--ask` also puts the training's event questions to each
+one-event clip as drawn: the shipped target answers "Yes" to "Does anything appear, disappear or change colour?"
+in 24 of the 34 three-object clips, and the right event to "What happens to the ...?" of its object in 2
+(docs/embedded_target.md).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # compare_gate, beside this file
 from compare_gate import event_error  # noqa: E402
 
 from sparrow.synthetic.evaluate import SIDE, frames_for_bucket, held_out_seed  # noqa: E402
-from sparrow.synthetic.text import parse_description, true_events  # noqa: E402
+from sparrow.synthetic.text import mention, parse_description, true_events  # noqa: E402
 from sparrow.synthetic.world import COLOURS, make_clip  # noqa: E402
 
 
@@ -98,6 +101,31 @@ VARIANTS = {"scene": None, "alone": alone, "on-top": on_top, "named-first": name
             "others-still": others_still}
 
 
+def said_kind(answer: str) -> str | None:
+    """The event kind that an answer to "What happens to the X?" gives (`text.questions`), None for "Nothing ..."."""
+    a = answer.lower()
+    if a.startswith("nothing"):
+        return None
+    return next((k for k in ("disappears", "appears", "changes colour") if k.split()[0] in a), "other")
+
+
+def asked(ask, truth: dict) -> dict:
+    """What the target answers, about a one-event clip, to the training's event questions: "What happens to the X?"
+    of each object and "Does anything appear, disappear or change colour?". `ask(question) -> answer`. Returns
+    {"own": "right" | "nothing" | "wrong kind" for the event's object, "others": [said an event?] for the other
+    objects, "anything": True for an answer that opens "Yes"}."""
+    event = truth["events"][0]
+    own, others = None, []
+    for o in truth["objects"]:
+        kind = said_kind(ask(f"What happens to the {mention(o, full=False)}?"))
+        if o["id"] == event["object"]:
+            own = "right" if kind == event["type"] else "nothing" if kind is None else "wrong kind"
+        else:
+            others.append(kind is not None)
+    anything = ask("Does anything appear, disappear or change colour?").lower().startswith("yes")
+    return {"own": own, "others": others, "anything": anything}
+
+
 def main(argv=None) -> None:
     import sparrow
     from sparrow import generate
@@ -108,6 +136,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bucket", type=int, default=512, help="visual tokens of the held-out clips (default 512)")
     ap.add_argument("--clips", type=int, default=200, help="held-out clips to look through (default 200)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="some of " + ", ".join(VARIANTS))
+    ap.add_argument("--ask", action="store_true",
+                    help="also ask, of each one-event clip as drawn (lone objects included), the training's event "
+                         "questions: what happens to each object, and whether anything happens (`asked`)")
     ap.add_argument("--out", help="write every clip's result here (JSON)")
     a = ap.parse_args(argv)
     variants = a.variants.split(",")
@@ -119,9 +150,20 @@ def main(argv=None) -> None:
     for i in range(a.clips):
         seed = held_out_seed(a.bucket, i)
         truth = make_clip(seed, frames, 56, 56, fps=4.0).truth
-        if len(truth["events"]) != 1 or len(truth["objects"]) == 1:
+        if len(truth["events"]) != 1 or (len(truth["objects"]) == 1 and not a.ask):
             continue
-        for name in variants:
+        scene = f"{len(truth['objects'])}/1"
+        if a.ask:
+            clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0)
+            video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
+
+            def ask(question, video=video):
+                inputs = target.prepare(video, question, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+                return generate(target, None, inputs, max_new_tokens=24, method="ar").text
+
+            rows.append({"seed": seed, "scene": scene, "variant": "asked", **asked(ask, clip.truth)})
+            print(f"clip {i} ({scene}) asked: {rows[-1]}", flush=True)
+        for name in variants if len(truth["objects"]) > 1 else ():
             try:
                 clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, edit=VARIANTS[name])
             except NotPossible:
@@ -130,13 +172,14 @@ def main(argv=None) -> None:
             inputs = target.prepare(video, "Describe the video.", max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
             text = generate(target, None, inputs, max_new_tokens=160, method="ar").text
             error = event_error(parse_description(text)["events"], true_events(clip.truth))
-            rows.append({"seed": seed, "scene": f"{len(truth['objects'])}/1", "variant": name, "text": text,
-                         "error": error})
+            rows.append({"seed": seed, "scene": scene, "variant": name, "text": text, "error": error})
             print(f"clip {i} ({rows[-1]['scene']}) {name}: {error or 'right'}", flush=True)
     if a.out:
         json.dump({"target": a.target or "embedded", "bucket": a.bucket, "rows": rows}, open(a.out, "w"), indent=1)
     table = collections.defaultdict(collections.Counter)
     for r in rows:
+        if r["variant"] == "asked":
+            continue
         table[(r["scene"], r["variant"])][r["error"] or "right"] += 1
     drawn = {r["seed"]: r["error"] is None for r in rows if r["variant"] == "scene"}
     print(f"bucket {a.bucket}: one-event clips of two or three objects, events written")
@@ -145,6 +188,13 @@ def main(argv=None) -> None:
         paired = f" (as drawn, the same clips: {sum(drawn[s] for s in seeds)})" if name != "scene" and drawn else ""
         print(f"  {scene} {name}: right {c['right']} of {sum(c.values())}{paired}, said none {c['said none']}, "
               + ", ".join(f"{k} {v}" for k, v in sorted(c.items()) if k not in ("right", "said none")))
+    for scene in sorted({r["scene"] for r in rows if r["variant"] == "asked"}):
+        got = [r for r in rows if r["variant"] == "asked" and r["scene"] == scene]
+        own = collections.Counter(r["own"] for r in got)
+        others = [x for r in got for x in r["others"]]
+        print(f"  {scene} asked: anything happens? yes in {sum(r['anything'] for r in got)} of {len(got)}; "
+              f"what happens to the event's object? right {own['right']}, nothing {own['nothing']}, wrong kind "
+              f"{own['wrong kind']}; to another object: an event in {sum(others)} of {len(others)}")
 
 if __name__ == "__main__":
     main()

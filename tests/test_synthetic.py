@@ -465,7 +465,7 @@ def test_event_decisions_in_the_restate_wording_point_at_the_word_after_the_rest
     """restate: the decision is the word after the restated colour, an event verb exactly when the object has an
     event, one per object in the description's order; text without a restated object is refused."""
     from sparrow.synthetic.evaluate import event_decisions
-    from sparrow.synthetic.text import object_order
+    from sparrow.synthetic.text import mention, object_order
 
     seen = set()
     for restate in ("mention", "one"):
@@ -672,7 +672,7 @@ def test_edited_clip_keeps_the_rest_of_the_clip():
         assert len(t["objects"]) == (1 if at == 0 else 3) and t["events"][0]["object"] == at
         assert {k: v for k, v in t["objects"][at].items() if k != "id"} == {k: v for k, v in who.items() if k != "id"}
         assert t["events"][0]["type"] == drawn["events"][0]["type"] and t["background"] == drawn["background"]
-    from sparrow.synthetic.text import object_order
+    from sparrow.synthetic.text import mention, object_order
 
     named = 0
     for s in range(60):  # recoloured to be named first or last, where a colour is left for it
@@ -695,6 +695,18 @@ def test_edited_clip_keeps_the_rest_of_the_clip():
         assert [o["motion"] for o in still["objects"] if o["id"] == still["events"][0]["object"]] == \
             [o["motion"] for o in plan["objects"] if o["id"] == plan["events"][0]["object"]]
     assert named >= 10
+    # --ask: the answers to the training's event questions, scored against the event's object and the others
+    assert [mod.said_kind(x) for x in ("Nothing happens to it.", "It appears in view.", "It disappears.",
+                                       "It changes to red.")] == [None, "appears", "disappears", "changes colour"]
+    event = drawn["events"][0]
+    kind = {"appears": "It appears.", "disappears": "It disappears.", "changes colour": "It changes to red."}
+    answers = {f"What happens to the {mention(o, full=False)}?": kind[event["type"]] if k == 0 else "It disappears."
+               for k, o in enumerate(o for o in drawn["objects"] if o["id"] != event["object"])}
+    answers["Does anything appear, disappear or change colour?"] = "Yes: ..."
+    got = mod.asked(lambda q: answers.get(q, kind[event["type"]]), drawn)  # the event's object: the right kind
+    assert got == {"own": "right", "others": [True, True], "anything": True}
+    assert mod.asked(lambda q: "Nothing happens to it." if q.startswith("What") else "No, nothing does.", drawn) == \
+        {"own": "nothing", "others": [False, False], "anything": False}
 
 
 def test_mrope_time_reach_margin():
