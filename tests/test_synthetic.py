@@ -465,7 +465,7 @@ def test_event_decisions_in_the_restate_wording_point_at_the_word_after_the_rest
     """restate: the decision is the word after the restated colour, an event verb exactly when the object has an
     event, one per object in the description's order; text without a restated object is refused."""
     from sparrow.synthetic.evaluate import event_decisions
-    from sparrow.synthetic.text import mention, object_order
+    from sparrow.synthetic.text import object_order
 
     seen = set()
     for restate in ("mention", "one"):
@@ -689,7 +689,6 @@ def test_edited_clip_keeps_the_rest_of_the_clip():
             who = t["events"][0]["object"]
             mine = {c for o in t["objects"] if o["id"] == who for c in (o["colour"], o["final_colour"])}
             assert not mine & {c for o in t["objects"] if o["id"] != who for c in (o["colour"], o["final_colour"])}
-        t = make_clip(s, 16, edit=mod.others_still).truth
         still = make_clip(s, 16, edit=mod.others_still).truth
         assert all(o["motion"] == "still" or o["id"] == still["events"][0]["object"] for o in still["objects"])
         assert [o["motion"] for o in still["objects"] if o["id"] == still["events"][0]["object"]] == \

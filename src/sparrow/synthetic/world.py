@@ -128,12 +128,12 @@ def visible_share(truth: dict) -> dict[int, float]:
         later = [p for p in truth["objects"] if p["id"] > o["id"]]
         seen = []
         for f in range(o["appear"], o["disappear"]):
-            mask = _shape_mask(o["shape"], xx, yy, *o["track"][f], r[o["id"]])
+            body = _shape_mask(o["shape"], xx, yy, *o["track"][f], r[o["id"]])
+            shown = body.copy()
             for p in later:
                 if p["appear"] <= f < p["disappear"]:
-                    mask &= ~_shape_mask(p["shape"], xx, yy, *p["track"][f], r[p["id"]])
-            full = _shape_mask(o["shape"], xx, yy, *o["track"][f], r[o["id"]]).sum()
-            seen.append(mask.sum() / max(1, full))
+                    shown &= ~_shape_mask(p["shape"], xx, yy, *p["track"][f], r[p["id"]])
+            seen.append(shown.sum() / max(1, body.sum()))
         shares[o["id"]] = float(np.mean(seen)) if seen else 0.0
     return shares
 
