@@ -25,15 +25,13 @@ import json
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(__file__))  # compare_gate, beside this file
 
 from compare_gate import event_error  # noqa: E402
 
-from sparrow.synthetic.evaluate import SIDE, frames_for_bucket, held_out_seed  # noqa: E402
+from sparrow.synthetic.evaluate import held_out_inputs, held_out_seed, truth_of  # noqa: E402
 from sparrow.synthetic.text import mention, parse_description, true_events  # noqa: E402
-from sparrow.synthetic.world import COLOURS, make_clip  # noqa: E402
+from sparrow.synthetic.world import COLOURS  # noqa: E402
 
 
 def _renumber(objects: list[dict], events: list[dict]) -> dict:
@@ -129,7 +127,6 @@ def asked(ask, truth: dict) -> dict:
 def main(argv=None) -> None:
     import sparrow
     from sparrow import generate
-    from sparrow.video import Video
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=None, help="the target (default: the embedded one)")
@@ -145,35 +142,29 @@ def main(argv=None) -> None:
     if not set(variants) <= set(VARIANTS):
         raise SystemExit(f"event_alone: --variants {a.variants}: give some of {', '.join(VARIANTS)}")
     target = sparrow.load_target(a.target, device="cpu")
-    frames = frames_for_bucket(a.bucket)
     rows = []
     for i in range(a.clips):
         seed = held_out_seed(a.bucket, i)
-        truth = make_clip(seed, frames, 56, 56, fps=4.0).truth
+        truth = truth_of(seed, a.bucket)
         if len(truth["events"]) != 1 or (len(truth["objects"]) == 1 and not a.ask):
             continue
         scene = f"{len(truth['objects'])}/1"
         if a.ask:
-            clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0)
-            video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
-
-            def ask(question, video=video):
-                inputs = target.prepare(video, question, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+            def ask(question, seed=seed):
+                _, inputs = held_out_inputs(target, a.bucket, seed, question)
                 return generate(target, None, inputs, max_new_tokens=24, method="ar").text
 
-            rows.append({"seed": seed, "scene": scene, "variant": "asked", **asked(ask, clip.truth)})
+            rows.append({"seed": seed, "scene": scene, "variant": "asked", **asked(ask, truth)})
             print(f"clip {i} ({scene}) asked: {rows[-1]}", flush=True)
         for name in variants if len(truth["objects"]) > 1 else ():
             try:
-                clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, edit=VARIANTS[name])
+                clip, inputs = held_out_inputs(target, a.bucket, seed, "Describe the video.", edit=VARIANTS[name])
             except NotPossible:
                 continue
-            video = Video(frames=clip.frames, fps=4.0, indices=np.arange(frames), total_frames=frames)
-            inputs = target.prepare(video, "Describe the video.", max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
             text = generate(target, None, inputs, max_new_tokens=160, method="ar").text
             error = event_error(parse_description(text)["events"], true_events(clip.truth))
             rows.append({"seed": seed, "scene": scene, "variant": name, "text": text, "error": error})
-            print(f"clip {i} ({rows[-1]['scene']}) {name}: {error or 'right'}", flush=True)
+            print(f"clip {i} ({scene}) {name}: {error or 'right'}", flush=True)
     if a.out:
         json.dump({"target": a.target or "embedded", "bucket": a.bucket, "rows": rows}, open(a.out, "w"), indent=1)
     table = collections.defaultdict(collections.Counter)
@@ -195,6 +186,7 @@ def main(argv=None) -> None:
         print(f"  {scene} asked: anything happens? yes in {sum(r['anything'] for r in got)} of {len(got)}; "
               f"what happens to the event's object? right {own['right']}, nothing {own['nothing']}, wrong kind "
               f"{own['wrong kind']}; to another object: an event in {sum(others)} of {len(others)}")
+
 
 if __name__ == "__main__":
     main()

@@ -50,14 +50,14 @@ def truth_of(seed: int, bucket: int) -> dict:
 
 
 def held_out_inputs(target, bucket: int, seed: int, prompt: str, blank: bool = False,
-                    declared_fps: float = 4.0):
+                    declared_fps: float = 4.0, edit=None):
     """A held-out clip (224 x 224 frames at 4 fps) and the target's inputs for it and the prompt. `declared_fps`
     is the frame rate the video is given to the target at: the same frames, other temporal mRoPE positions
-    (scripts/frame_rate_probe.py)."""
+    (scripts/frame_rate_probe.py); `edit` renders a variant of the clip (`make_clip`'s, scripts/event_alone.py)."""
     from ..video import Video
 
     frames = frames_for_bucket(bucket)
-    clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, blank=blank)
+    clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, blank=blank, edit=edit)
     video = Video(frames=clip.frames, fps=declared_fps, indices=np.arange(frames), total_frames=frames)
     return clip, target.prepare(video, prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
 
