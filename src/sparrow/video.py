@@ -159,6 +159,8 @@ def write_video(path: str, frames: np.ndarray, fps: float = 8.0, codec: str = "l
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if codec in ("libx264", "libx265"):
             stream.options = {"crf": str(crf)}
+        if codec == "libx265":  # x265's own thread pool: its lookahead once hung a test run (24 frames) for minutes
+            stream.options |= {"x265-params": "pools=none:log-level=error"}
         for f in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[:h, :w]), format="rgb24")
             for packet in stream.encode(frame):
