@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(__file__))  # compare_gate, beside this file
 
 from compare_gate import event_error  # noqa: E402
 
-from sparrow.synthetic.evaluate import held_out_inputs, held_out_seed, truth_of  # noqa: E402
+from sparrow.synthetic.evaluate import (  # noqa: E402
+    held_out_inputs, held_out_prepare, held_out_seed, held_out_video, truth_of)
 from sparrow.synthetic.text import mention, parse_description, true_events  # noqa: E402
 from sparrow.synthetic.world import COLOURS  # noqa: E402
 
@@ -150,8 +151,10 @@ def main(argv=None) -> None:
             continue
         scene = f"{len(truth['objects'])}/1"
         if a.ask:
-            def ask(question, seed=seed):
-                _, inputs = held_out_inputs(target, a.bucket, seed, question)
+            _, video = held_out_video(a.bucket, seed)
+
+            def ask(question, video=video):
+                inputs = held_out_prepare(target, video, question)
                 return generate(target, None, inputs, max_new_tokens=24, method="ar").text
 
             rows.append({"seed": seed, "scene": scene, "variant": "asked", **asked(ask, truth)})

@@ -42,7 +42,7 @@ def asked(target, clips: int, bucket: int = 512, first_seed: int = 700_000_000) 
     yes_when_yes, no_when_no}."""
     import torch
 
-    from sparrow.synthetic.evaluate import held_out_inputs, truth_of
+    from sparrow.synthetic.evaluate import held_out_prepare, held_out_video, truth_of
     from sparrow.synthetic.text import describe, mention, target_wording
     from sparrow.training.losses import extend_inputs
 
@@ -68,10 +68,12 @@ def asked(target, clips: int, bucket: int = 512, first_seed: int = 700_000_000) 
         asks = [(f"What happens to the {mention(o, full=False)}?", any(e["object"] == o["id"] for e in truth["events"]),
                  "object", "It", "Nothing") for o in truth["objects"]]
         asks.append(("Does anything appear, disappear or change colour?", bool(truth["events"]), "clip", "Yes", "No"))
+        _, video = held_out_video(bucket, seed)
+        described = held_out_prepare(target, video, "Describe the video.")
         for question, has_event, kind, yes, no in asks:
-            _, inputs = held_out_inputs(target, bucket, seed, question)
+            inputs = held_out_prepare(target, video, question)
             found[kind + "_first"].append((has_event, *p_yes(inputs, [], first[yes], first[no])))
-            _, inputs = held_out_inputs(target, bucket, seed, "Describe the video.")
+            inputs = described
             turn = tok(f"{description}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n",
                        add_special_tokens=False)["input_ids"]
             found[kind + "_after"].append((has_event, *p_yes(inputs, turn, first[yes], first[no])))

@@ -49,17 +49,30 @@ def truth_of(seed: int, bucket: int) -> dict:
     return make_clip(seed, frames_for_bucket(bucket), 56, 56, fps=4.0).truth
 
 
-def held_out_inputs(target, bucket: int, seed: int, prompt: str, blank: bool = False,
-                    declared_fps: float = 4.0, edit=None):
-    """A held-out clip (224 x 224 frames at 4 fps) and the target's inputs for it and the prompt. `declared_fps`
-    is the frame rate the video is given to the target at: the same frames, other temporal mRoPE positions
-    (scripts/frame_rate_probe.py); `edit` renders a variant of the clip (`make_clip`'s, scripts/event_alone.py)."""
+def held_out_video(bucket: int, seed: int, blank: bool = False, declared_fps: float = 4.0, edit=None):
+    """A held-out clip (224 x 224 frames at 4 fps, `frames_for_bucket(bucket)` of them) and the `Video` that gives
+    it to a target: (clip, video). `declared_fps` is the frame rate the video is given to the target at: the same
+    frames, other temporal mRoPE positions (scripts/frame_rate_probe.py); `edit` renders a variant of the clip
+    (`make_clip`'s, scripts/event_alone.py). Render once, then `target.prepare(video, prompt, ...)` per question."""
     from ..video import Video
 
     frames = frames_for_bucket(bucket)
     clip = make_clip(seed, frames, SIDE, SIDE, fps=4.0, blank=blank, edit=edit)
-    video = Video(frames=clip.frames, fps=declared_fps, indices=np.arange(frames), total_frames=frames)
-    return clip, target.prepare(video, prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+    return clip, Video(frames=clip.frames, fps=declared_fps, indices=np.arange(frames), total_frames=frames)
+
+
+def held_out_prepare(target, video, prompt: str):
+    """The target's inputs for a held-out `video` (`held_out_video`) and a prompt, at the evaluation's pixel size."""
+    return target.prepare(video, prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+
+
+def held_out_inputs(target, bucket: int, seed: int, prompt: str, blank: bool = False,
+                    declared_fps: float = 4.0, edit=None):
+    """A held-out clip and the target's inputs for it and the prompt: (clip, inputs). `held_out_video`'s clip,
+    prepared once; to ask several questions of one clip, call `held_out_video` once and `held_out_prepare` per
+    question."""
+    clip, video = held_out_video(bucket, seed, blank, declared_fps, edit)
+    return clip, held_out_prepare(target, video, prompt)
 
 
 def evaluate(target, bucket: int, clips: int, blank: bool = False, max_new_tokens: int = 160,
