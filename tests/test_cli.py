@@ -78,6 +78,10 @@ BAD = {
     "draft path not a draft": ({"--draft": "/tmp"}, "not a Sparrow draft"),
     "target path not a checkpoint": ({"--target": "/tmp"}, "config.json"),
     "empty tree": ({"--tree-depth": "0"}, "each must be 1 or more"),
+    "negative temperature": ({"--temperature": "-1"}, "temperature must be 0 (greedy) or more"),
+    "top-p zero": ({"--top-p": "0"}, "top-p must be in (0, 1]"),
+    "negative top-k": ({"--top-k": "-2"}, "top-k must be 0 (off) or more"),
+    "empty prompt": ({"--prompt": " "}, "--prompt is empty"),
     "unknown dtype": ({"--dtype": "bf17"}, "dtype 'bf17' is not known"),
 }
 

@@ -99,7 +99,12 @@ def _summary(out) -> str:
 
 def cmd_generate(a) -> int:
     from . import TreeConfig, defaults, generate, load_draft, load_target
+    from .verify import Sampling
 
+    if not a.prompt.strip():
+        raise SparrowError('--prompt is empty; give the question about the video (e.g. --prompt "Describe the video.")')
+    Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before the model loads
+    tree = TreeConfig(top_k=a.tree_top_k, depth=a.tree_depth, tokens=a.tree_tokens)
     target = load_target(a.target, dtype=a.dtype, device=a.device)  # None: the embedded target
     draft = None
     if a.method != "ar":
@@ -111,7 +116,6 @@ def cmd_generate(a) -> int:
         draft = load_draft(a.draft, target, **overrides)
     inputs = target.prepare(video=a.video, prompt=a.prompt, num_frames=a.num_frames, fps=a.fps,
                             max_pixels=a.max_pixels, min_pixels=a.min_pixels)
-    tree = TreeConfig(top_k=a.tree_top_k, depth=a.tree_depth, tokens=a.tree_tokens)
     printed = []
 
     def stream(ids):

@@ -17,16 +17,27 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SparrowError
 from .tree import Tree
 
 
 @dataclass
 class Sampling:
-    """temperature 0 = greedy. top_k 0 / top_p 1.0 = off. Applied in HF's order: temperature, top-k, top-p."""
+    """temperature 0 = greedy. top_k 0 / top_p 1.0 = off. Applied in HF's order: temperature, top-k, top-p.
+
+    Raises: SparrowError (a ValueError) for a negative temperature or top_k, or top_p outside (0, 1]."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:  # also NaN
+            raise SparrowError(f"temperature must be 0 (greedy) or more, got {self.temperature} (--temperature)")
+        if not 0 < self.top_p <= 1:
+            raise SparrowError(f"top-p must be in (0, 1], got {self.top_p} (--top-p; 1 = off)")
+        if self.top_k < 0:
+            raise SparrowError(f"top-k must be 0 (off) or more, got {self.top_k} (--top-k)")
 
     @property
     def greedy(self) -> bool:
