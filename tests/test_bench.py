@@ -103,6 +103,7 @@ def test_lossless_check_fails_loudly(env, tmp_path):
     (["--methods", "ar,hf-assisted"], "hf-assisted needs --assistant"),
     (["--visual-tokens", "lots"], "--visual-tokens 'lots'"),
     (["--tree", "8,5"], "--tree '8,5'"),
+    (["--temperature", "-1"], "temperature must be 0 (greedy) or more"),
 ])
 def test_bench_bad_input_is_one_line(env, tmp_path, capsys, extra, message):
     assert main(bench_args(env, str(tmp_path / "x"), *extra)) == 2

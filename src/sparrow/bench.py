@@ -49,6 +49,7 @@ import torch
 from .errors import SparrowError
 from .generate import GenerateOutput, Stats, _Clock, generate
 from .tree import TreeConfig, tree_from_parents
+from .verify import Sampling
 
 DEFAULT_BUCKETS = (500, 1500, 3000, 8000)
 TREE_CANDIDATES = (4, 8, 16, 30, 48)
@@ -552,6 +553,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="skip samples already in OUT/samples.jsonl")
     a = ap.parse_args(argv)
     buckets = parse_visual_tokens(a.visual_tokens)
+    Sampling(temperature=a.temperature)  # a negative temperature fails here, before the target loads
     tree = "auto"
     if a.tree != "auto":
         try:
