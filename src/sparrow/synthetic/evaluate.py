@@ -53,7 +53,7 @@ def held_out_video(bucket: int, seed: int, blank: bool = False, declared_fps: fl
     """A held-out clip (224 x 224 frames at 4 fps, `frames_for_bucket(bucket)` of them) and the `Video` that gives
     it to a target: (clip, video). `declared_fps` is the frame rate the video is given to the target at: the same
     frames, other temporal mRoPE positions (scripts/frame_rate_probe.py); `edit` renders a variant of the clip
-    (`make_clip`'s, scripts/event_alone.py). Render once, then `target.prepare(video, prompt, ...)` per question."""
+    (`make_clip`'s, scripts/event_alone.py). Render it once, then `held_out_prepare` per question."""
     from ..video import Video
 
     frames = frames_for_bucket(bucket)
