@@ -18,6 +18,7 @@ import argparse
 import collections
 import json
 import math
+import os
 
 from sparrow.synthetic.evaluate import FIELDS, truth_of
 from sparrow.synthetic.text import parse_description, true_events
@@ -33,6 +34,8 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 def rows_of(path: str) -> list[dict]:
     """The rows of an `evaluate-target --out` JSON file. Raises SystemExit (one line) for anything else."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"compare_gate: {path}: no such file (evaluate-target --out OUT writes OUT.json)")
     try:
         rows = json.load(open(path))["rows"]
         if all({"bucket", "seed", "blank", "text", *FIELDS} <= set(r) for r in rows):

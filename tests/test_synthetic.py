@@ -401,7 +401,8 @@ def test_evaluate_rescore_scores_stored_texts_again(tmp_path):
              "attributes": 1.0}]
     out = str(tmp_path / "eval")
     (tmp_path / "eval.json").write_text(__import__("json").dumps({"summary": {}, "rows": rows}))
-    ev.main(["--rescore", "--out", out])
+    ev.main(["--rescore", "--out", out + ".json"])  # --out OUT.json names the same file as --out OUT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval.png"]
     summary = __import__("json").loads((tmp_path / "eval.json").read_text())["summary"]
     assert summary["buckets"]["512"]["attributes"] == 1.0 and summary["blank"]["512"]["attributes"] == 0.0
     assert summary["chance"]["512"]["clips"] == 1 and (tmp_path / "eval.png").stat().st_size > 0
@@ -622,8 +623,11 @@ def test_compare_gate_pairs_clips_and_counts_events_written_right(tmp_path, caps
     assert mod.event_error([blue, red], [red, blue]) == "wrong order"
     assert mod.event_error([("appears", "blue", "square")], [red]) == "wrong object"
     assert mod.event_error([("changes colour", "red", "circle")], [red]) == "wrong kind"
-    with pytest.raises(SystemExit, match="not an evaluate-target result"):
+    with pytest.raises(SystemExit, match="missing.json: no such file"):
         mod.main([str(tmp_path / "missing.json"), "--base", str(base)])
+    (tmp_path / "other.json").write_text('{"summary": {}}')
+    with pytest.raises(SystemExit, match="not an evaluate-target result"):
+        mod.main([str(tmp_path / "other.json"), "--base", str(base)])
 
 
 def test_occlusion_script_splits_one_event_clips_by_covered_event_object(tmp_path, capsys):

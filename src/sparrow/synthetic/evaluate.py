@@ -297,7 +297,9 @@ def main(argv=None):
                          "description fed in (teacher forcing; see `reading`)")
     ap.add_argument("--draft", help="generate through lossless speculative decoding with this Sparrow draft of the "
                                     "target (the same greedy text, faster on long clips)")
-    ap.add_argument("--out", default="benchmarks/results/target_eval")
+    ap.add_argument("--out", default="benchmarks/results/target_eval",
+                    help="where to write OUT.json (summary and every clip's text) and OUT.png (accuracy by bucket); "
+                         "a trailing .json is dropped (default benchmarks/results/target_eval)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the texts already in OUT.json (saved after every clip) when the same target wrote "
                          "them, and generate only the missing ones")
@@ -305,6 +307,7 @@ def main(argv=None):
                     help="no generation: score the texts stored in OUT.json again (after a change of the scorer) "
                          "and rewrite its summary and plot")
     a = ap.parse_args(argv)
+    a.out = a.out[:-len(".json")] if a.out.endswith(".json") else a.out  # --out x.json writes x.json, not x.json.json
     if a.rescore:
         return rescore(a.out)
     if not a.target:
