@@ -104,6 +104,8 @@ def test_lossless_check_fails_loudly(env, tmp_path):
     (["--visual-tokens", "lots"], "--visual-tokens 'lots'"),
     (["--tree", "8,5"], "--tree '8,5'"),
     (["--temperature", "-1"], "temperature must be 0 (greedy) or more"),
+    (["--synthetic", "0"], "--synthetic 0: give 1 or more"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more"),
 ])
 def test_bench_bad_input_is_one_line(env, tmp_path, capsys, extra, message):
     assert main(bench_args(env, str(tmp_path / "x"), *extra)) == 2

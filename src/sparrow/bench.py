@@ -554,6 +554,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     buckets = parse_visual_tokens(a.visual_tokens)
     Sampling(temperature=a.temperature)  # a negative temperature fails here, before the target loads
+    for flag, value in (("--synthetic", a.synthetic), ("--samples", a.samples), ("--max-new-tokens", a.max_new_tokens)):
+        if value is not None and value < 1:
+            raise SparrowError(f"{flag} {value}: give 1 or more")
     tree = "auto"
     if a.tree != "auto":
         try:
