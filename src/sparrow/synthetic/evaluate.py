@@ -270,16 +270,24 @@ def summarise(rows: list[dict]) -> dict:
 def clip_plan(buckets: str, clips: str, long_buckets: str, long_clips: int) -> list[tuple[int, int]]:
     """The (bucket, clips) pairs that `evaluate-target` runs, in order, from its flags as given: `--buckets`,
     `--clips` (one count, or one per bucket), `--long-buckets` and `--long-clips`. Raises ValueError (the message
-    names the flag) on a count that is not a whole number or a list of the wrong length."""
-    sizes = [int(b) for b in buckets.split(",") if b]
-    try:
-        counts = [int(c) for c in clips.split(",") if c]
-    except ValueError:
-        raise ValueError(f"--clips {clips}: give whole numbers, e.g. 200 or 200,200,100,40") from None
+    names the flag) on a bucket or count that is not a positive whole number, or a list of the wrong length."""
+    def positive(flag: str, text: str, example: str) -> list[int]:
+        try:
+            out = [int(x) for x in text.split(",") if x]
+        except ValueError:
+            out = [0]
+        if any(x < 1 for x in out):
+            raise ValueError(f"{flag} {text}: give positive whole numbers, e.g. {example}")
+        return out
+
+    sizes = positive("--buckets", buckets, "512,1536")
+    longs = positive("--long-buckets", long_buckets, "25088")
+    counts = positive("--clips", clips, "200 or 200,200,100,40")
     if len(counts) not in (1, len(sizes)):
         raise ValueError(f"--clips {clips}: give one number or one per bucket ({len(sizes)})")
-    return list(zip(sizes, counts * len(sizes) if len(counts) == 1 else counts)) + \
-        [(int(b), long_clips) for b in long_buckets.split(",") if b]
+    if longs and long_clips < 1:
+        raise ValueError(f"--long-clips {long_clips}: give 1 or more (or --long-buckets '' for none)")
+    return list(zip(sizes, counts * len(sizes) if len(counts) == 1 else counts)) + [(b, long_clips) for b in longs]
 
 
 def main(argv=None):
@@ -312,13 +320,16 @@ def main(argv=None):
         return rescore(a.out)
     if not a.target:
         ap.error("--target DIR is required (or --rescore to score stored texts again)")
-    target = sparrow.load_target(a.target, device="cpu")
-    draft = sparrow.load_draft(a.draft, target) if a.draft else None
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    try:
+    try:  # bad counts fail here, before the target loads
         plan = clip_plan(a.buckets, a.clips, a.long_buckets, a.long_clips)
     except ValueError as e:
         ap.error(str(e))
+    for flag, value in (("--blank-clips", a.blank_clips), ("--reading", a.reading)):
+        if value < 0:
+            ap.error(f"{flag} {value}: give 0 (none) or more")
+    target = sparrow.load_target(a.target, device="cpu")
+    draft = sparrow.load_draft(a.draft, target) if a.draft else None
+    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     digest = weights_digest(target.path) if getattr(target, "path", None) else None
     done = _resumable(a.out + ".json", digest) if a.resume else {}
     rows, summary = [], {"buckets": {}, "blank": {}}
