@@ -48,4 +48,6 @@ def test_analyze_bad_input(tmp_path, capsys):
     assert main(["analyze", "--what", "everything", "--out", str(tmp_path)]) == 2
     assert "unknown analysis" in capsys.readouterr().err
     assert main(["analyze", "--visual-tokens", "0", "--out", str(tmp_path)]) == 2  # before any clip is built
-    assert "give one or more positive counts" in capsys.readouterr().err
+    assert "--visual-tokens '0': give positive whole numbers" in capsys.readouterr().err
+    assert main(["analyze", "--clips", "0", "--out", str(tmp_path)]) == 2
+    assert "--clips 0: give 1 or more" in capsys.readouterr().err

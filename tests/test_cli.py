@@ -112,3 +112,17 @@ def test_console_script_no_traceback(env):
     r = subprocess.run([sys.executable, "-m", "sparrow.cli"] + gen_args(env, **{"--video": env["text"]}),
                        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2 and "Traceback" not in r.stderr and "not a video" in r.stderr
+
+
+def test_count_flag_helpers():
+    """The shared checks behind bench, analyze, evaluate-target and train-target's count flags."""
+    from sparrow.errors import SparrowError, at_least, positive_list
+
+    assert positive_list("--visual-tokens", "500, 1500,8000", "500") == [500, 1500, 8000]
+    assert positive_list("--long-buckets", "", "25088", empty_ok=True) == []
+    for text in ("", "0", "5,-1", "a,5", "1.5"):
+        with pytest.raises(SparrowError, match=f"--x {text!r}: give positive whole numbers separated by commas"):
+            positive_list("--x", text, "9")
+    at_least(0, ("--reading", 0), ("--unset", None))
+    with pytest.raises(SparrowError, match="^--batch 0: give 1 or more$"):
+        at_least(1, ("--steps", 3), ("--batch", 0))

@@ -160,8 +160,9 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
         train_target.main(["--out", str(tmp_path / "other"), "--steps", "1", "--init-probes", str(tmp_path / "no")])
     for bad, message in ((["--init", str(tmp_path)], "--init .*: no config.json there"),
                          (["--tokenizer", str(tmp_path)], "--tokenizer .*: no tokenizer_config.json there"),
-                         (["--steps", "0"], "--steps 0: give a count of 1 or more"),
-                         (["--until", "0"], "--until 0: give a count"), (["--batch", "0"], "--batch 0: give a count"),
+                         (["--steps", "0"], "--steps 0: give 1 or more"),
+                         (["--until", "0"], "--until 0: give 1 or more"),
+                         (["--batch", "0"], "--batch 0: give 1 or more"),
                          (["--heads", "3"], "--heads 3 / --kv-heads 2: --kv-heads must divide --heads"),
                          (["--heads", "8", "--kv-heads", "3"], "--heads 8 / --kv-heads 3"),
                          (["--init", export, "--heads", "8", "--kv-heads", "4"], "--init keeps its model's own heads")):

@@ -755,12 +755,12 @@ def test_frame_rate_probe_keeps_the_tokens_and_moves_only_the_temporal_span(tmp_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--clips", "0"], "--clips 0: give positive whole numbers"),
-    (["--clips", "200,x"], "--clips 200,x: give positive whole numbers"),
+    (["--clips", "0"], "--clips '0': give positive whole numbers"),
+    (["--clips", "200,x"], "--clips '200,x': give positive whole numbers"),
     (["--clips", "5,5"], "--clips 5,5: give one number or one per bucket (4)"),
-    (["--buckets", "512,-3"], "--buckets 512,-3: give positive whole numbers"),
+    (["--buckets", "512,-3"], "--buckets '512,-3': give positive whole numbers"),
     (["--long-clips", "0"], "--long-clips 0: give 1 or more"),
-    (["--blank-clips", "-1"], "--blank-clips -1: give 0 (none) or more"),
+    (["--blank-clips", "-1"], "--blank-clips -1: give 0 or more"),
 ])
 def test_evaluate_target_bad_counts_are_one_line_before_loading(tmp_path, capsys, flags, message):
     """Bad counts fail with one line and exit 2 before the target loads (here: a target that does not exist)."""

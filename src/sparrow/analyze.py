@@ -28,7 +28,7 @@ import sys
 import numpy as np
 import torch
 
-from .errors import SparrowError
+from .errors import SparrowError, at_least
 
 KEEP_FRACTIONS = (1.0, 0.25, 0.10, 0.05, 0.01, 0.0)
 ANALYSES = ("internalization", "visual-gain", "dilution")
@@ -308,8 +308,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SparrowError(f"--what {','.join(unknown)}: unknown analysis; choose from {', '.join(ANALYSES)}")
     buckets = parse_visual_tokens(a.visual_tokens)
-    if a.clips < 1:
-        raise SparrowError("--clips must be >= 1")
+    at_least(1, ("--clips", a.clips))
     target = load_target(a.target, device="cpu")
     draft = None
     if {"visual-gain", "dilution"} & set(what):

@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .errors import SparrowError
+from .errors import SparrowError, at_least, positive_list
 from .generate import GenerateOutput, Stats, _Clock, generate
 from .tree import TreeConfig, tree_from_parents
 from .verify import Sampling
@@ -262,13 +262,7 @@ def verify_costs(target, inputs: dict, sizes, repeats: int = 7) -> dict[int, flo
 def parse_visual_tokens(text: str) -> list[int]:
     """`--visual-tokens` "500,1500,8000" -> [500, 1500, 8000] (bench and analyze). Raises SparrowError unless it
     is one or more positive whole numbers."""
-    try:
-        buckets = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SparrowError(f"--visual-tokens {text!r}: expected numbers like 500,1500,8000") from None
-    if not buckets or min(buckets) < 1:
-        raise SparrowError(f"--visual-tokens {text!r}: give one or more positive counts like 500,1500,8000")
-    return buckets
+    return positive_list("--visual-tokens", text, "500,1500,8000")
 
 
 def tree_for(size: int) -> TreeConfig:
@@ -554,9 +548,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     buckets = parse_visual_tokens(a.visual_tokens)
     Sampling(temperature=a.temperature)  # a negative temperature fails here, before the target loads
-    for flag, value in (("--synthetic", a.synthetic), ("--samples", a.samples), ("--max-new-tokens", a.max_new_tokens)):
-        if value is not None and value < 1:
-            raise SparrowError(f"{flag} {value}: give 1 or more")
+    at_least(1, ("--synthetic", a.synthetic), ("--samples", a.samples), ("--max-new-tokens", a.max_new_tokens))
     tree = "auto"
     if a.tree != "auto":
         try:

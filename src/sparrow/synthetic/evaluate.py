@@ -24,7 +24,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import SparrowError
+from ..errors import SparrowError, at_least, positive_list
 from .text import STATE_OPENINGS, score_description
 from .world import COLOURS, SHAPES, make_clip
 
@@ -271,18 +271,9 @@ def clip_plan(buckets: str, clips: str, long_buckets: str, long_clips: int) -> l
     """The (bucket, clips) pairs that `evaluate-target` runs, in order, from its flags as given: `--buckets`,
     `--clips` (one count, or one per bucket), `--long-buckets` and `--long-clips`. Raises ValueError (the message
     names the flag) on a bucket or count that is not a positive whole number, or a list of the wrong length."""
-    def positive(flag: str, text: str, example: str) -> list[int]:
-        try:
-            out = [int(x) for x in text.split(",") if x]
-        except ValueError:
-            out = [0]
-        if any(x < 1 for x in out):
-            raise ValueError(f"{flag} {text}: give positive whole numbers, e.g. {example}")
-        return out
-
-    sizes = positive("--buckets", buckets, "512,1536")
-    longs = positive("--long-buckets", long_buckets, "25088")
-    counts = positive("--clips", clips, "200 or 200,200,100,40")
+    sizes = positive_list("--buckets", buckets, "512,1536", empty_ok=True)
+    longs = positive_list("--long-buckets", long_buckets, "25088", empty_ok=True)
+    counts = positive_list("--clips", clips, "200 or 200,200,100,40", empty_ok=True)
     if len(counts) not in (1, len(sizes)):
         raise ValueError(f"--clips {clips}: give one number or one per bucket ({len(sizes)})")
     if longs and long_clips < 1:
@@ -322,11 +313,9 @@ def main(argv=None):
         ap.error("--target DIR is required (or --rescore to score stored texts again)")
     try:  # bad counts fail here, before the target loads
         plan = clip_plan(a.buckets, a.clips, a.long_buckets, a.long_clips)
+        at_least(0, ("--blank-clips", a.blank_clips), ("--reading", a.reading))
     except ValueError as e:
         ap.error(str(e))
-    for flag, value in (("--blank-clips", a.blank_clips), ("--reading", a.reading)):
-        if value < 0:
-            ap.error(f"{flag} {value}: give 0 (none) or more")
     target = sparrow.load_target(a.target, device="cpu")
     draft = sparrow.load_draft(a.draft, target) if a.draft else None
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)

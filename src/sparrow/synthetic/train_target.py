@@ -69,7 +69,7 @@ import time
 import numpy as np
 import torch
 
-from ..errors import SparrowError
+from ..errors import SparrowError, at_least
 from ..targets.base import fast_bf16
 from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
 from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
@@ -1291,9 +1291,7 @@ def main(argv=None):
         if path is not None and not os.path.isfile(os.path.join(path, need)):
             raise SparrowError(f"{flag} {path}: no {need} there; give an exported target's directory (a stage's "
                                f"--export)")
-    for flag, n in (("--steps", a.steps), ("--until", a.until), ("--batch", a.batch)):
-        if n is not None and n < 1:
-            raise SparrowError(f"{flag} {n}: give a count of 1 or more")
+    at_least(1, ("--steps", a.steps), ("--until", a.until), ("--batch", a.batch))
     if a.grow_layers is not None and not a.init:
         raise SparrowError("--grow-layers deepens the model of --init; give --init DIR too (or --layers N for a "
                            "new model)")

@@ -28,7 +28,7 @@ import os
 
 import torch
 
-from ..errors import SparrowError
+from ..errors import SparrowError, at_least
 from .losses import Captured
 
 MANIFEST = "manifest.json"
@@ -194,8 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=int, default=32, help="samples per shard file")
     ap.add_argument("--strict-data", action="store_true", help="fail on a bad sample instead of skipping it")
     a = ap.parse_args(argv)
-    if a.shard_size < 1:
-        raise SparrowError("--shard-size must be >= 1")
+    at_least(1, ("--shard-size", a.shard_size))
     cfg: TrainConfig = load_config(a.config, {
         "mode": a.mode, "ivsb": None if a.ivsb is None else a.ivsb == "true", "visual_states": a.visual_states,
         "mid_layer": a.mid_layer, "num_frames": a.num_frames, "max_pixels": a.max_pixels,
