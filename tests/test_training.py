@@ -13,6 +13,7 @@ import sparrow
 from conftest import get_target
 from sparrow.training.data import read_jsonl, write_sample
 from sparrow.training.losses import LossConfig, capture, draft_loss, loss_mask_for
+from sparrow.errors import SparrowError
 from sparrow.training.trainer import TrainConfig, train
 from sparrow.video import write_video
 
@@ -176,3 +177,75 @@ def test_regenerate_appends_and_resumes(dataset, tmp_path):
     expect = sparrow.generate(target, None, target.prepare(sparrow.load_video(s.video, max_frames=8), s.prompt),
                               max_new_tokens=6, method="ar").text
     assert s.answer == expect
+
+
+def test_regenerate_sampling_is_the_same_resumed_or_sharded(dataset, tmp_path):
+    """Each sample's seed is its line's, not its place in what is left to do: a resumed run and two shards write
+    the answers of one uninterrupted run."""
+    from sparrow.training.regenerate import regenerate
+
+    target, path = dataset
+    kw = dict(max_new_tokens=8, num_frames=8, temperature=1.5, seed=3)
+    whole = str(tmp_path / "whole.jsonl")
+    regenerate(target, path, whole, **kw)
+    answers = {r["id"]: r for r in map(json.loads, open(whole))}
+    assert len({r["conversations"][1]["value"] for r in answers.values()}) > 1  # sampled, not one fixed answer
+    resumed = str(tmp_path / "resumed.jsonl")
+    with open(resumed, "w") as f:
+        f.write(open(whole).read().splitlines()[1] + "\n")  # only s1 was done
+    regenerate(target, path, resumed, **kw)
+    for shard in (0, 1):
+        regenerate(target, path, str(tmp_path / "sharded.jsonl"), shard=(shard, 2), **kw)
+    for name in ("resumed", "sharded"):
+        rows = {r["id"]: r for r in map(json.loads, open(tmp_path / f"{name}.jsonl"))}
+        assert rows == answers, name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mode", "nope"], "mode 'nope': choose sparrow or eagle"),
+    (["--visual-states", "bogus"], "visual_states 'bogus': choose mid or top or none"),  # was read as "top"
+    (["--ivsb", "maybe"], "argument --ivsb: 'maybe' is not true or false"),  # was read as false
+    (["--save-every", "0"], "save_every 0: give 1 or more"),  # was a ZeroDivisionError at step 1
+    (["--grad-clip", "0"], "grad_clip 0.0: give a positive number"),  # clipped every update to nothing
+    (["--lr", "nan"], "lr nan: give a positive number"),
+    (["--mtp-stages", "0"], "mtp_stages 0: give 1 or more"),
+    (["--l1-weight", "0", "--ce-weight", "0"], "both 0: nothing to train"),
+])
+def test_train_draft_bad_settings_are_one_line_before_loading(tmp_path, capsys, flags, message):
+    """A bad setting exits 2 with one line before the target loads or anything is written."""
+    from sparrow.cli import main
+
+    out = tmp_path / "draft"
+    try:
+        rc = main(["train-draft", "--target", str(tmp_path / "no_target"), "--data", "x.jsonl", "--out", str(out),
+                   *flags])
+    except SystemExit as e:  # argparse's own checks (a flag's type) exit from inside
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not out.exists(), err
+    with pytest.raises(SparrowError, match="stage_weights .*one weight per MTP stage"):
+        TrainConfig(mtp_stages=2, stage_weights=[1.0])
+
+
+def test_mid_layer_beyond_the_target_is_one_line(dataset, tmp_path):
+    target, path = dataset
+    with pytest.raises(SparrowError, match=f"mid_layer 99: this target has {target.num_layers} layers"):
+        train(target, read_jsonl(path), str(tmp_path / "d"), small_cfg(mid_layer=99), progress=False)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more"),
+    (["--num-frames", "0"], "--num-frames 0: give 1 or more"),
+    (["--temperature", "-1"], "temperature must be 0 (greedy) or more"),
+    (["--shard", "2/2"], "--shard must look like i/n"),
+])
+def test_regenerate_bad_settings_are_one_line_before_loading(tmp_path, capsys, flags, message):
+    from sparrow.cli import main
+
+    out = tmp_path / "regen.jsonl"
+    assert main(["regenerate", "--target", str(tmp_path / "no_target"), "--data", "x.jsonl", "--out", str(out),
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists(), err

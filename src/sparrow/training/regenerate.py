@@ -16,7 +16,8 @@ import sys
 
 from tqdm import tqdm
 
-from ..errors import SparrowError
+from ..errors import SparrowError, at_least
+from ..verify import Sampling
 from .data import read_jsonl, write_sample
 
 
@@ -25,7 +26,8 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
                log=None, shard: tuple[int, int] = (0, 1)) -> int:
     """Write the target's answers for every sample of `data` to `out` (JSONL, same ids, video paths relative to
     `out`). shard (i, n): only samples i, i + n, ... (run n processes, then concatenate their outputs).
-    Returns the number of samples written in this call."""
+    Sampling (temperature > 0) seeds each sample with `seed` + its line number in `data`, so a resumed or sharded
+    run writes the answers that one uninterrupted run would. Returns the number of samples written in this call."""
     from .. import generate
     from ..video import load_video
 
@@ -42,7 +44,7 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
     base = os.path.dirname(os.path.abspath(out))
     written = 0
     with open(out, "a") as f:
-        for i, s in enumerate(tqdm([s for s in samples if s.id not in done], desc="regenerate")):
+        for s in tqdm([s for s in samples if s.id not in done], desc="regenerate"):
             try:
                 video = load_video(s.video, max_frames=num_frames) if s.video else None
             except SparrowError as e:
@@ -52,7 +54,7 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
                 continue
             inputs = target.prepare(video, s.prompt, max_pixels=max_pixels)
             o = generate(target, None, inputs, max_new_tokens=max_new_tokens, method="ar", temperature=temperature,
-                         seed=seed + i)
+                         seed=seed + s.line)
             rel = os.path.relpath(s.video, base) if s.video else None
             write_sample(f, s.id, rel, s.prompt, o.text)
             f.flush()
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
         assert len(shard) == 2 and 0 <= shard[0] < shard[1]
     except (ValueError, AssertionError):
         raise SparrowError(f"--shard must look like i/n with 0 <= i < n, got {a.shard!r}") from None
+    at_least(1, ("--max-new-tokens", a.max_new_tokens), ("--num-frames", a.num_frames), ("--max-pixels", a.max_pixels))
+    Sampling(temperature=a.temperature)  # a negative temperature fails here, before the target loads
     target = load_target(a.target)  # None: the embedded target
     n = regenerate(target, a.data, a.out, a.max_new_tokens, a.temperature, a.num_frames, a.max_pixels, a.seed,
                    a.strict, shard=shard)

@@ -39,35 +39,66 @@ from .data import read_jsonl
 from .losses import LossConfig, capture, draft_loss
 
 
+def _opt(default, help: str):
+    """A TrainConfig field with its `train-draft --help` text."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    """Every switch of the method's ablations plus the optimiser. See `LossConfig` for the loss fields."""
+    """Every switch of the method's ablations plus the optimiser (method.md sections 3-4). See `LossConfig` for the
+    loss fields. Raises SparrowError (one line naming the field) for a value outside its range, so that a bad
+    config fails before the target loads."""
 
-    mode: str = "sparrow"
-    ivsb: bool = True
-    visual_states: str = "mid"
-    mtp_stages: int = 2
+    mode: str = _opt("sparrow", "sparrow (text-only draft KV cache) or eagle (the baseline: every position)")
+    ivsb: bool = _opt(True, "true/false: feed the target's visual states to the draft in training (IVSB)")
+    visual_states: str = _opt("mid", "which visual states IVSB uses: mid (layer --mid-layer), top or none")
+    mtp_stages: int = _opt(2, "multi-token prediction stages K (1 = plain next-token training)")
     stage_weights: list[float] | None = None
-    mid_layer: int | None = None
-    position_mode: str = "compact"
-    l1_weight: float = 1.0
-    ce_weight: float = 0.1
-    steps: int = 1000
-    batch: int = 8
-    lr: float = 1e-3
-    warmup: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 0.5
-    seed: int = 0
-    save_every: int = 100
-    num_frames: int | None = 16  # at most this many frames per video (uniform)
-    max_pixels: int | None = None
-    strict_data: bool = False
-    eval_samples: int = 4
-    eval_every: int = 0  # 0: only after the last step
-    eval_data: str | None = None
-    eval_max_new_tokens: int = 128
+    mid_layer: int | None = _opt(None, "the target layer m of the visual states (default: half the layers)")
+    position_mode: str = _opt("compact", "draft positions: compact (text positions renumbered) or absolute")
+    l1_weight: float = _opt(1.0, "weight of the smooth-L1 loss on the target's top hidden state (EAGLE: 1.0)")
+    ce_weight: float = _opt(0.1, "weight of the cross-entropy against the target's token (EAGLE: 0.1)")
+    steps: int = _opt(1000, "optimiser steps")
+    batch: int = _opt(8, "conversations per optimiser step, over all processes")
+    lr: float = _opt(1e-3, "peak learning rate (AdamW; cosine to a tenth of it)")
+    warmup: int = _opt(50, "linear warm-up steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    grad_clip: float = _opt(0.5, "clip the gradient norm to this")
+    seed: int = _opt(0, "seed of the draft's weights and the data order")
+    save_every: int = _opt(100, "checkpoint every N steps (and on SIGINT/SIGTERM)")
+    num_frames: int | None = _opt(16, "at most this many frames per video, sampled uniformly")
+    max_pixels: int | None = _opt(None, "resize frames to at most this many pixels (default: the target's)")
+    strict_data: bool = _opt(False, "true: fail on a bad sample instead of skipping it")
+    eval_samples: int = _opt(4, "held-out samples for the evaluation (0: none)")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only after the last)")
+    eval_data: str | None = _opt(None, "JSONL of evaluation samples (default: the last --eval-samples of --data)")
+    eval_max_new_tokens: int = _opt(128, "tokens generated per evaluation sample")
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        choices = {"mode": ("sparrow", "eagle"), "visual_states": ("mid", "top", "none"),
+                   "position_mode": ("compact", "absolute")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise SparrowError(f"{name} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
+        least = {"mtp_stages": 1, "steps": 1, "batch": 1, "save_every": 1, "eval_max_new_tokens": 1, "warmup": 0,
+                 "eval_samples": 0, "eval_every": 0, "mid_layer": 1, "num_frames": 1, "max_pixels": 1}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise SparrowError(f"{name} {value}: give {low} or more")
+        for name in ("lr", "grad_clip"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise SparrowError(f"{name} {getattr(self, name)}: give a positive number")
+        for name in ("weight_decay", "l1_weight", "ce_weight"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise SparrowError(f"{name} {getattr(self, name)}: give 0 or a positive number")
+        if self.l1_weight == self.ce_weight == 0:
+            raise SparrowError("l1_weight and ce_weight are both 0: nothing to train; give either a weight above 0")
+        if self.stage_weights is not None and len(self.stage_weights) != self.mtp_stages:
+            raise SparrowError(f"stage_weights {self.stage_weights}: give one weight per MTP stage "
+                               f"({self.mtp_stages})")
 
     def loss(self) -> LossConfig:
         return LossConfig(mode=self.mode, ivsb=self.ivsb, visual_states=self.visual_states,
@@ -231,8 +262,11 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
     from .. import init_draft
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    os.makedirs(out, exist_ok=True)
     mid = cfg.mid_layer or target.default_mid_layer()
+    if not 1 <= mid < target.num_layers:
+        raise SparrowError(f"mid_layer {mid}: this target has {target.num_layers} layers; give 1 to "
+                           f"{target.num_layers - 1} (or leave it unset for {target.default_mid_layer()})")
+    os.makedirs(out, exist_ok=True)
     draft = init_draft(target, seed=cfg.seed, mode=cfg.mode, position_mode=cfg.position_mode, mid_layer=mid)
     draft.float().train()
     params = [p for p in draft.parameters() if p.requires_grad]
@@ -307,6 +341,13 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
     return last
 
 
+def _flag_bool(text: str) -> bool:
+    """A true/false flag value: 1/true/yes/on or 0/false/no/off (argparse reports anything else in one line)."""
+    if text.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text.lower() in ("1", "true", "yes", "on")
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def main(argv=None) -> int:
     from .. import load_target
 
@@ -320,9 +361,9 @@ def main(argv=None) -> int:
     for f in fields(TrainConfig):
         if f.name in ("extra", "stage_weights"):
             continue
-        kind = {"bool": lambda x: x.lower() in ("1", "true", "yes", "on")}.get(str(f.type).split(" ")[0], None)
+        kind = {"bool": _flag_bool}.get(str(f.type).split(" ")[0], None)
         typ = kind or (int if "int" in str(f.type) else float if "float" in str(f.type) else str)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=typ, default=None, help=f.metadata.get("help"))
     a = ap.parse_args(argv)
     overrides = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if f.name not in ("extra", "stage_weights")}
     cfg = load_config(a.config, overrides)
