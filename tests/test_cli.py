@@ -126,3 +126,16 @@ def test_count_flag_helpers():
     at_least(0, ("--reading", 0), ("--unset", None))
     with pytest.raises(SparrowError, match="^--batch 0: give 1 or more$"):
         at_least(1, ("--steps", 3), ("--batch", 0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["init-draft", "--mid-layer", "99"], "mid_layer 99: the target has 12 layers; give 1 to 11"),  # was written
+    (["init-draft", "--mid-layer", "0"], "mid_layer 0: the target has 12 layers"),
+    (["make-tiny", "--hidden", "30"], "hidden 30: give a multiple of 8 from 32 up"),  # was a transformers error
+    (["make-tiny", "--layers", "0"], "layers 0: give 1 or more"),  # was written
+])
+def test_init_draft_and_make_tiny_bad_shapes_are_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists(), err

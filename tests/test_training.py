@@ -230,7 +230,7 @@ def test_train_draft_bad_settings_are_one_line_before_loading(tmp_path, capsys, 
 
 def test_mid_layer_beyond_the_target_is_one_line(dataset, tmp_path):
     target, path = dataset
-    with pytest.raises(SparrowError, match=f"mid_layer 99: this target has {target.num_layers} layers"):
+    with pytest.raises(SparrowError, match=f"mid_layer 99: the target has {target.num_layers} layers"):
         train(target, read_jsonl(path), str(tmp_path / "d"), small_cfg(mid_layer=99), progress=False)
     assert not (tmp_path / "d").exists()
 

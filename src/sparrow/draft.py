@@ -64,6 +64,10 @@ class DraftConfig:
             raise SparrowError(f"position_mode must be 'compact' or 'absolute', got {self.position_mode!r}")
         if self.window is not None and self.window < 1:
             raise SparrowError(f"window must be a positive number of text tokens or None, got {self.window}")
+        n = self.target_num_layers
+        if n and not 1 <= self.mid_layer < n:
+            raise SparrowError(f"mid_layer {self.mid_layer}: the target has {n} layers; give 1 to {n - 1} (or leave "
+                               f"it unset for {n // 2})")
 
     @classmethod
     def from_target(cls, target, **overrides) -> "DraftConfig":

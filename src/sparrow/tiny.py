@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from .errors import SparrowError
 from .targets.llava_onevision import LlavaOneVisionTarget
 from .targets.qwen_vl import QwenVLTarget
 
@@ -67,8 +68,18 @@ def build_tokenizer(texts: list[str], specials: list[str], chat_template: str, v
 def tiny_config(family: str, vocab_size: int, tokenizer, hidden: int = 64, layers: int = 4, heads: int = 4,
                 kv_heads: int = 2, vision_depth: int = 2, max_positions: int = 32768):
     """A small config of `family` ("qwen2_5_vl" | "qwen2_vl" | "llava_onevision") whose special-token ids come
-    from `tokenizer`. head_dim = hidden / heads; mRoPE sections are scaled to head_dim / 2."""
+    from `tokenizer`. head_dim = hidden / heads; mRoPE sections are scaled to head_dim / 2. Raises SparrowError
+    unless layers >= 1 and hidden is a multiple of 2 x heads of at least 8 x heads (a draft for the target needs
+    layers >= 2: it reads a middle layer)."""
     from transformers import AutoConfig
+
+    if layers < 1:
+        raise SparrowError(f"layers {layers}: give 1 or more (2 or more for a target that a draft serves)")
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise SparrowError(f"heads {heads} / kv_heads {kv_heads}: give positive counts, kv_heads dividing heads")
+    if hidden < 8 * heads or hidden % (2 * heads):
+        raise SparrowError(f"hidden {hidden}: give a multiple of {2 * heads} from {8 * heads} up ({heads} heads of an "
+                           f"even size of at least 8)")
 
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden // heads

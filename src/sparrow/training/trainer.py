@@ -263,11 +263,8 @@ def train(target, samples, out: str, cfg: TrainConfig, resume: bool = False, log
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mid = cfg.mid_layer or target.default_mid_layer()
-    if not 1 <= mid < target.num_layers:
-        raise SparrowError(f"mid_layer {mid}: this target has {target.num_layers} layers; give 1 to "
-                           f"{target.num_layers - 1} (or leave it unset for {target.default_mid_layer()})")
-    os.makedirs(out, exist_ok=True)
     draft = init_draft(target, seed=cfg.seed, mode=cfg.mode, position_mode=cfg.position_mode, mid_layer=mid)
+    os.makedirs(out, exist_ok=True)  # after the draft: a mid_layer beyond the target fails before anything is written
     draft.float().train()
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
