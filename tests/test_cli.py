@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from sparrow.cli import main
 from sparrow.tiny import make_tiny_target
@@ -83,7 +84,18 @@ BAD = {
     "negative top-k": ({"--top-k": "-2"}, "top-k must be 0 (off) or more"),
     "empty prompt": ({"--prompt": " "}, "--prompt is empty"),
     "unknown dtype": ({"--dtype": "bf17"}, "dtype 'bf17' is not known"),
+    "unknown device": ({"--device": "tpu"}, "device 'tpu' is not known"),  # was a torch traceback
+    "fps not a number": ({"--num-frames": None, "--fps": "nan"}, "--fps must be a positive number"),  # a traceback
+    "zero frame area": ({"--max-pixels": "0"}, "--max-pixels 0: give a frame area"),  # was the default, silently
+    "minimum above maximum": ({"--min-pixels": str(112 * 112)}, "--min-pixels 12544 is above the largest frame "
+                                                                 "area 3136"),  # was clamped silently
 }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_line(env, capsys):
+    assert main(gen_args(env, **{"--device": "cuda"})) == 2
+    assert "this torch sees no CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -57,8 +57,8 @@ def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: f
             )
         count = num_frames
     elif fps is not None:
-        if fps <= 0:
-            raise SparrowError(f"--fps must be positive, got {fps}")
+        if not 0 < fps < float("inf"):  # (NaN fails the comparison too)
+            raise SparrowError(f"--fps must be a positive number of frames per second, got {fps}")
         count = max(1, min(total, int(round(total / source_fps * fps))))
     else:
         count = total if max_frames is None else max(1, min(total, max_frames))

@@ -325,8 +325,9 @@ def load_target(path: str | None = None, dtype: str | torch.dtype | None = None,
             embedded default target.
         dtype: "float32" | "bfloat16" | "float16" | torch dtype; default: the checkpoint's (CPU: float32).
         device: "cpu", "cuda", ...; default cuda when available else cpu.
-    Raises: SparrowError for a missing path/config, an unsupported family or an unknown dtype name. Prints a
-    warning to stderr when bf16/fp16 is asked for on a CPU without fast kernels for it (`fast_bf16`).
+    Raises: SparrowError for a missing path/config, an unsupported family, an unknown dtype name or device, or a
+    CUDA device where torch sees none. Prints a warning to stderr when bf16/fp16 is asked for on a CPU without
+    fast kernels for it (`fast_bf16`).
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -341,6 +342,12 @@ def load_target(path: str | None = None, dtype: str | torch.dtype | None = None,
     if model_type not in FAMILIES:
         raise SparrowError(f"{path}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise SparrowError(f"device {device!r} is not known; give cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SparrowError(f"device {device!r}: this torch sees no CUDA GPU; give cpu (or leave --device unset)")
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}

@@ -32,9 +32,17 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 
 def _pixel_bounds(settings: dict, max_pixels: int | None, min_pixels: int | None) -> tuple[int, int]:
+    """(min, max) area of a resized frame: the caller's values, else the checkpoint's processor settings, else HF's
+    video defaults. Raises SparrowError for a given value below 1, or a given minimum above the maximum."""
+    for flag, value in (("--max-pixels", max_pixels), ("--min-pixels", min_pixels)):
+        if value is not None and value < 1:
+            raise SparrowError(f"{flag} {value}: give a frame area in pixels, like 200704 (256 x 28 x 28)")
     size = settings.get("size") or {}
     lo = min_pixels or settings.get("min_pixels") or size.get("shortest_edge") or VIDEO_MIN_PIXELS
     hi = max_pixels or settings.get("max_pixels") or size.get("longest_edge") or VIDEO_MAX_PIXELS
+    if min_pixels is not None and min_pixels > hi:
+        raise SparrowError(f"--min-pixels {min_pixels} is above the largest frame area {int(hi)}; lower it or raise "
+                           f"--max-pixels")
     return int(min(lo, hi)), int(hi)
 
 
