@@ -26,6 +26,12 @@ def test_embedded_target_describes_an_example_clip():
         if path:  # shipped drafts are lossless on the embedded target
             spec = sparrow.generate(target, sparrow.load_draft(path, target), inputs, max_new_tokens=60, method=method)
             assert spec.token_ids == out.token_ids
+    # like load_target(None), load_draft(None) is the embedded target's shipped draft (of the mode asked)
+    for mode in ("sparrow", "eagle"):
+        assert sparrow.load_draft(None, target, mode=mode).config.mode == mode
+    assert sparrow.load_draft(None, target).config.mode == "sparrow"
+    with pytest.raises(SparrowError, match="tree must be a TreeConfig"):
+        sparrow.generate(target, sparrow.load_draft(None, target), inputs, max_new_tokens=4, tree=(8, 5, 30))
 
 
 def test_embedded_target_resizes_frames_to_its_training_sizes():

@@ -295,11 +295,20 @@ def init_draft(target, seed: int = 0, **overrides) -> SparrowDraft:
     return draft.attach(target)
 
 
-def load_draft(path: str, target, **overrides) -> SparrowDraft:
-    """Load a saved draft and attach it to `target`. `overrides` change run-time fields (mode, position_mode,
-    window). Raises SparrowError when the path is not a draft or the draft was made for another target."""
+def load_draft(path: str | None, target, **overrides) -> SparrowDraft:
+    """Load a saved draft and attach it to `target`. path None: the embedded target's shipped draft (of
+    `overrides["mode"]`, default sparrow), as `load_target(None)` is the embedded target. `overrides` change
+    run-time fields (mode, position_mode, window). Raises SparrowError when the path is not a draft, the draft was
+    made for another target, or path is None and this install ships no such draft."""
     from safetensors.torch import load_file
 
+    if path is None:
+        from .defaults import draft_path
+
+        path = draft_path(overrides.get("mode", "sparrow"))
+        if path is None:
+            raise SparrowError(f"no shipped {overrides.get('mode', 'sparrow')} draft in this install; give a draft "
+                               f"directory (sparrow init-draft / train-draft)")
     cfg_file = os.path.join(path, DRAFT_CONFIG)
     if not os.path.isfile(cfg_file) or not os.path.isfile(os.path.join(path, DRAFT_WEIGHTS)):
         raise SparrowError(f"{path}: not a Sparrow draft (needs {DRAFT_CONFIG} and {DRAFT_WEIGHTS}); "

@@ -227,7 +227,8 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         visual_keep: (L,) bool over prompt positions, "eagle" only: the visual positions the draft's cache holds
             (default all). For the negative-visual-gain analysis; the output stays lossless.
     Returns: `GenerateOutput` (token_ids, text, stats).
-    Raises: SparrowError for an unknown method, a missing draft, or a prompt that does not fit the context.
+    Raises: SparrowError for an unknown method, a missing draft, a tree that is not a TreeConfig, bad sampling
+    settings, or a prompt that does not fit the context.
     Source: EAGLE-2 loop (dynamic tree, one verification per cycle); Sparrow VATA (method.md section 2a).
     """
     if method not in METHODS:
@@ -236,6 +237,8 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         raise SparrowError(f"method {method!r} needs a draft; pass --draft PATH or use --method ar")
     if max_new_tokens < 1:
         raise SparrowError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if tree is not None and not isinstance(tree, TreeConfig):
+        raise SparrowError(f"tree must be a TreeConfig(top_k, depth, tokens) or None, got {tree!r}")
     tree = tree or TreeConfig()
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
     gen = None
