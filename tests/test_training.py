@@ -249,3 +249,14 @@ def test_regenerate_bad_settings_are_one_line_before_loading(tmp_path, capsys, f
                  *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not out.exists(), err
+
+
+def test_bad_config_files_are_one_line(tmp_path):
+    from sparrow.training.trainer import load_config
+
+    for text, message in (('{"steps": 3,', "not valid JSON"), ("[1, 2]", "give a mapping of TrainConfig fields"),
+                          ('{"stepz": 3}', "unknown training config keys"), ('{"batch": 0}', "batch 0: give 1")):
+        (tmp_path / "c.json").write_text(text)
+        with pytest.raises(SparrowError, match=message):
+            load_config(str(tmp_path / "c.json"), {})
+    assert load_config(str(tmp_path / "c.json"), {"batch": 4}).batch == 4  # a flag overrides the file

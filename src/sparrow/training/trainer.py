@@ -109,7 +109,7 @@ class TrainConfig:
 
 def load_config(path: str | None, overrides: dict) -> TrainConfig:
     """A `TrainConfig` from a JSON (or YAML) file, with `overrides` (the CLI's flags, None = unset) on top.
-    Raises SparrowError for a missing file or an unknown key."""
+    Raises SparrowError for a missing or unreadable file, an unknown key or a value out of range."""
     raw = {}
     if path:
         if not os.path.isfile(path):
@@ -120,9 +120,17 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
                 import yaml
             except ImportError:
                 raise SparrowError("reading a YAML config needs PyYAML (pip install pyyaml), or use JSON") from None
-            raw = yaml.safe_load(text) or {}
+            try:
+                raw = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise SparrowError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         else:
-            raw = json.loads(text)
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise SparrowError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise SparrowError(f"{path}: give a mapping of TrainConfig fields, like {{\"steps\": 1000}}")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw) - known
