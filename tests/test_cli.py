@@ -1,6 +1,7 @@
 """The command line: generate / init-draft end to end, --json output, and one-line errors (exit code 2)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -151,3 +152,28 @@ def test_init_draft_and_make_tiny_bad_shapes_are_one_line(tmp_path, capsys, argv
     assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not out.exists(), err
+
+
+def test_generate_compare_reports_the_speedup_against_plain_decoding(env, capsys):
+    assert main(gen_args(env, **{"--method": "sparrow"}) + ["--compare", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    cmp = res["compare"]
+    assert cmp["identical"] and cmp["ar"]["token_ids"] == res["token_ids"] and cmp["ar"]["method"] == "ar"
+    assert cmp["tau"] == res["tau"] and cmp["dsr"] > 0 and cmp["esr"] > 0
+    assert main(gen_args(env, **{"--method": "sparrow"}) + ["--compare"]) == 0
+    err = capsys.readouterr().err
+    assert "[ar]" in err and "sparrow against plain decoding: tau" in err and "identical to plain decoding" in err
+    assert main(gen_args(env, **{"--method": "ar"}) + ["--compare"]) == 2
+    assert "--compare sets a speculative method" in capsys.readouterr().err
+
+
+def test_speedup_is_per_token():
+    from sparrow.generate import Stats, speedup
+
+    base = Stats(method="ar", new_tokens=11, prefill_s=1.0, decode_s=2.0, tokens_per_s=5.0)
+    spec = Stats(method="sparrow", new_tokens=21, prefill_s=1.0, decode_s=1.0, tokens_per_s=20.0, tau=3.0)
+    x = speedup(spec, base)  # sampled runs of different lengths: 0.5 and 0.05 s a decoded token
+    assert x["dsr"] == pytest.approx(4.0) and x["esr"] == pytest.approx((3 / 11) / (2 / 21))
+    assert x["saved_s"] == pytest.approx(3 / 11 * 21 - 2) and x["tau"] == 3.0
+    one = speedup(Stats(method="sparrow", new_tokens=1, tokens_per_s=0.0), base)  # nothing decoded after the first
+    assert math.isnan(one["dsr"]) and math.isnan(one["esr"])

@@ -629,6 +629,9 @@ def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsy
     acc = re.search(r"attribute accuracy (\d\.\d\d) \(count", out)
     assert acc and 0 <= float(acc.group(1)) <= 1
     assert "visual tokens 512 " in out  # 16 frames at the clip's own 224 px
+    for method in ("sparrow", "eagle"):  # the time saved against plain decoding, per draft
+        assert re.search(method + r" against plain decoding: tau \d\.\d\d, decoding \d+\.\d\dx as fast \(DSR\), end to "
+                         r"end \d+\.\d\dx \(ESR\), -?\d+\.\d\d s saved", out), out
     assert main(["demo", "--clip", "9"]) == 2
     assert "--clip 9: the shipped example clips are 0 to 4" in capsys.readouterr().err
     # the README's first command: the default clip, which the shipped target describes right

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--compare", action="store_true",
+                   help="also decode plainly (method ar) and report the speedup (DSR, ESR) and the seconds saved; "
+                        "greedy, the two outputs must be identical (exit code 1 if not)")
 
     i = sub.add_parser("init-draft", help="write an untrained draft for a target")
     i.add_argument("--target", help="target checkpoint (default: the embedded one)")
@@ -97,13 +100,23 @@ def _summary(out) -> str:
             f"prefill {s.prefill_s:.3f}s | decode {s.decode_s:.3f}s | {s.tokens_per_s:.1f} tok/s")
 
 
+def _speedup_line(spec, base) -> str:
+    from .generate import speedup
+
+    x = speedup(spec.stats, base.stats)
+    return (f"{spec.stats.method} against plain decoding: tau {x['tau']:.2f}, decoding {x['dsr']:.2f}x as fast (DSR), "
+            f"end to end {x['esr']:.2f}x (ESR), {x['saved_s']:.2f} s saved")
+
+
 def cmd_generate(a) -> int:
     from . import TreeConfig, defaults, generate, load_draft, load_target
     from .verify import Sampling
 
     if not a.prompt.strip():
         raise SparrowError('--prompt is empty; give the question about the video (e.g. --prompt "Describe the video.")')
-    Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before the model loads
+    sampling = Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before loading
+    if a.compare and a.method == "ar":
+        raise SparrowError("--compare sets a speculative method against plain decoding; give --method sparrow or eagle")
     tree = TreeConfig(top_k=a.tree_top_k, depth=a.tree_depth, tokens=a.tree_tokens)
     target = load_target(a.target, dtype=a.dtype, device=a.device)  # None: the embedded target
     draft = None
@@ -128,15 +141,29 @@ def cmd_generate(a) -> int:
             stream.shown = len(text)
 
     stream.shown = 0
-    out = generate(target, draft, inputs, max_new_tokens=a.max_new_tokens, method=a.method,
-                   temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, tree=tree, stop=a.stop, seed=a.seed,
-                   on_tokens=None if a.json else stream)
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop=a.stop,
+              seed=a.seed)
+    out = generate(target, draft, inputs, method=a.method, tree=tree, on_tokens=None if a.json else stream, **kw)
+    base = generate(target, None, inputs, method="ar", **kw) if a.compare else None
+    same = base is None or not sampling.greedy or base.token_ids == out.token_ids
     if a.json:
-        print(json.dumps(out.to_dict()))
+        res = out.to_dict()
+        if base:
+            from .generate import speedup
+
+            res["compare"] = {**speedup(out.stats, base.stats), "identical": base.token_ids == out.token_ids,
+                              "ar": base.to_dict()}
+        print(json.dumps(res))
     else:
         sys.stdout.write(out.text[stream.shown:] + "\n")
         print(_summary(out), file=sys.stderr)
-    return 0
+        if base:
+            print(_summary(base), file=sys.stderr)
+            print(_speedup_line(out, base), file=sys.stderr)
+            print("output: " + ("sampled, so the same distribution as plain decoding rather than the same tokens"
+                                if not sampling.greedy else "identical to plain decoding" if same else
+                                "DIFFERS from plain decoding (a bug: please report it)"), file=sys.stderr)
+    return 0 if same else 1
 
 
 def cmd_init_draft(a) -> int:
@@ -193,6 +220,8 @@ def cmd_demo(a) -> int:
             print(f"attribute accuracy {sc['attributes']:.2f} (count {sc['count']:.0f}, colour {sc['colour']:.2f}, "
                   f"shape {sc['shape']:.2f}, motion {sc['motion']:.2f}, event order {sc['events']:.0f})")
         print(_summary(outs[method]))
+    for method in ("sparrow", "eagle"):
+        print(_speedup_line(outs[method], outs["ar"]))
     same = outs["sparrow"].token_ids == outs["ar"].token_ids == outs["eagle"].token_ids
     print(f"lossless: {'identical output' if same else 'OUTPUT DIFFERS'} for sparrow, eagle and ar "
           f"({len(outs['ar'].token_ids)} tokens).")

@@ -69,6 +69,24 @@ class GenerateOutput:
         return {"text": self.text, "token_ids": self.token_ids, **asdict(self.stats)}
 
 
+def speedup(spec: Stats, base: Stats) -> dict:
+    """How much faster `spec` (a speculative run) was than `base` (plain decoding, method "ar") on the same input.
+
+    Per token, so that sampled runs of different lengths compare too (greedy runs emit the same tokens). Returns
+    a dict: dsr, the decoding speedup, base's decode seconds per token after the first over spec's (Spec-Bench DSR;
+    NaN when either emitted a single token); esr, the same end to end, prefill included (ESR; NaN for an untimed
+    spec run); saved_s, the seconds spec saved against base's end-to-end rate over spec's tokens (negative when spec
+    was slower); tau, spec's accepted length. `sparrow bench` sums times over many samples instead.
+    """
+    def per_token(s: Stats) -> float:
+        return (s.prefill_s + s.decode_s) / max(1, s.new_tokens)
+
+    dsr = spec.tokens_per_s / base.tokens_per_s if spec.tokens_per_s and base.tokens_per_s else float("nan")
+    esr = per_token(base) / per_token(spec) if per_token(spec) else float("nan")
+    return {"tau": spec.tau, "dsr": dsr, "esr": esr,
+            "saved_s": per_token(base) * spec.new_tokens - (spec.prefill_s + spec.decode_s)}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
