@@ -188,9 +188,10 @@ def cmd_make_tiny(a) -> int:
 
 def cmd_demo(a) -> int:
     """Answer "Describe the video." about an example clip with --method sparrow, eagle and ar on the embedded
-    target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree. Prints
-    the clip's reference description (rendered from its ground truth into clipN.json) and the answer's attribute accuracy
-    (`sparrow.synthetic.text.score_description`), so that what the target gets wrong is in plain sight."""
+    target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree and report
+    each draft's speedup over plain decoding. Prints the clip's reference description (rendered from its ground truth
+    into clipN.json) and the answer's attribute accuracy (`sparrow.synthetic.text.score_description`), so that what
+    the target gets wrong is in plain sight."""
     import glob
     import json
 
