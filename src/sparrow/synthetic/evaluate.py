@@ -286,11 +286,12 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", help="the target to evaluate (required unless --rescore)")
-    ap.add_argument("--buckets", default="512,1536,3072,8192")
+    ap.add_argument("--buckets", default="512,1536,3072,8192", help="visual-token lengths of the held-out clips")
     ap.add_argument("--clips", default="200", help="clips per bucket: one number, or one per bucket (200,200,100,50)")
-    ap.add_argument("--long-buckets", default="25088")
-    ap.add_argument("--long-clips", type=int, default=20)
-    ap.add_argument("--blank-clips", type=int, default=50)
+    ap.add_argument("--long-buckets", default="25088", help="longer buckets, run on --long-clips clips ('' for none)")
+    ap.add_argument("--long-clips", type=int, default=20, help="clips per long bucket")
+    ap.add_argument("--blank-clips", type=int, default=50,
+                    help="clips described with their frames blanked (accuracy should fall to chance; 0 for none)")
     ap.add_argument("--reading", type=int, default=0, metavar="N",
                     help="also measure, on N clips per bucket, what the model reads from the frames with the true "
                          "description fed in (teacher forcing; see `reading`)")

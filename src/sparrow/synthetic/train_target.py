@@ -1126,16 +1126,16 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="run directory (checkpoints, tokenizer, log)")
-    ap.add_argument("--steps", type=int, default=12000)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=12000, help="steps of the learning-rate schedule (see --until)")
+    ap.add_argument("--batch", type=int, default=8, help="clips per step")
+    ap.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights and of the clips drawn")
     ap.add_argument("--minutes", type=float, default=None, help="stop (and checkpoint) after this wall time")
     ap.add_argument("--until", type=int, default=None,
                     help="stop (and checkpoint) at this step, the learning-rate schedule still planned for --steps "
                          "(a resumable stage of a longer recipe, reproducible where --minutes is not)")
-    ap.add_argument("--save-every", type=int, default=250)
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps (and on SIGINT/SIGTERM)")
+    ap.add_argument("--resume", action="store_true", help="go on from --out's checkpoint")
     ap.add_argument("--export", help="write the trained model here (save_pretrained, bf16)")
     ap.add_argument("--export-shard-mb", type=int, default=None, metavar="MB",
                     help="split the exported weights into files of at most MB megabytes (default: one file)")
@@ -1255,8 +1255,9 @@ def main(argv=None):
                          "default, when the language loss is the only loss (--aux-weight 0, no other probe), a batch "
                          "runs as `length_groups`, each padded to its own longest clip: the same gradient up to "
                          "rounding, a step of the longer mix in about half the time")
-    ap.add_argument("--warmup", type=int, default=300)
-    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=300, help="linear warm-up steps of the learning rate")
+    ap.add_argument("--log-every", type=int, default=50,
+                    help="log the smoothed losses every N steps (RUN_DIR/ckpt/log.json, saved with each checkpoint)")
     ap.add_argument("--init", help="start from these weights (an exported target, e.g. to continue training the "
                                    "shipped one with a fresh optimiser) instead of a random initialisation")
     ap.add_argument("--mrope-section", default=None, metavar="T,H,W",
