@@ -90,3 +90,35 @@ def test_max_frames_caps_without_failing(tmp_path):
     write_video(path, ramp(), fps=8)
     assert len(load_video(path, max_frames=6).indices) == 6
     assert len(load_video(path, max_frames=100).indices) == 24
+
+
+def test_only_the_sampled_frames_are_kept_and_a_damaged_tail_resamples(tmp_path, monkeypatch):
+    """A long video must not fill memory: decoding converts and keeps only the sampled frames. Where the packet
+    count is wrong (a truncated file), the frames are those of sampling the frames that decoded."""
+    import sparrow.video as vid
+
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, ramp(), fps=8)
+    seen = []
+    real = vid._decode
+
+    def counting(p, keep):
+        kept, n, fps = real(p, keep)
+        seen.append(len(kept))
+        return kept, n, fps
+
+    monkeypatch.setattr(vid, "_decode", counting)
+    v = load_video(path, num_frames=6)
+    assert seen == [6] and levels(v.frames).tolist() == v.indices.tolist() == [2, 6, 10, 14, 18, 22]
+    avi = str(tmp_path / "clip.avi")
+    write_video(avi, ramp(), fps=8, codec="mpeg4")
+    data = open(avi, "rb").read()
+    cut = str(tmp_path / "cut.avi")
+    open(cut, "wb").write(data[: int(len(data) * 0.9)])  # its packets count one frame more than decodes
+    everything, n, _ = real(cut, lambda i: True)
+    assert vid._count_packets(cut)[0] > n > 6
+    seen.clear()
+    v = load_video(cut, num_frames=6)
+    assert len(seen) == 2  # the indices from the packet count missed, so the frames that decoded are sampled again
+    assert v.total_frames == n and v.indices.tolist() == sample_indices(n, 8.0, 6, None).tolist()
+    assert np.array_equal(v.frames, np.stack([everything[i] for i in v.indices.tolist()]))

@@ -66,25 +66,24 @@ def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: f
     return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64).clip(0, total - 1)
 
 
-def _load_frame_dir(path: str) -> tuple[list[np.ndarray], float]:
-    from PIL import Image
-
+def _frame_names(path: str) -> list[str]:
     names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_SUFFIXES))
     if not names:
         raise SparrowError(f"{path}: directory holds no image files ({', '.join(IMAGE_SUFFIXES)}); give a video file")
-    frames = []
-    for n in names:
-        try:
-            with Image.open(os.path.join(path, n)) as im:
-                frames.append(np.asarray(im.convert("RGB")))
-        except OSError as e:
-            raise SparrowError(f"{os.path.join(path, n)}: not a readable image ({e})") from None
-    if len({f.shape for f in frames}) != 1:
-        raise SparrowError(f"{path}: frames have different sizes; resize them to one size first")
-    return frames, DEFAULT_DIR_FPS
+    return names
 
 
-def _decode_all(path: str) -> tuple[list, float]:
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except OSError as e:
+        raise SparrowError(f"{path}: not a readable image ({e})") from None
+
+
+def _open(path: str):
     import av
 
     try:
@@ -93,35 +92,62 @@ def _decode_all(path: str) -> tuple[list, float]:
         raise SparrowError(f"{path}: not a video file FFmpeg can read (or corrupt); give an mp4/mkv/webm/avi") from None
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
         raise SparrowError(f"{path}: cannot open video ({type(e).__name__}: {e})") from None
-    with container:
-        if not container.streams.video:
-            raise SparrowError(f"{path}: file has no video stream")
+    if not container.streams.video:
+        container.close()
+        raise SparrowError(f"{path}: file has no video stream")
+    return container
+
+
+def _frame_rate(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate
+    return float(rate) if rate and float(rate) > 0 else DEFAULT_DIR_FPS
+
+
+def _count_packets(path: str) -> tuple[int, float]:
+    """(frames as the file's packets count them, frame rate): demuxed, not decoded, so fast; a guess that decoding
+    checks."""
+    import av
+
+    n = 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        try:
+            for packet in container.demux(stream):
+                n += bool(packet.size)
+        except av.error.FFmpegError:
+            pass  # a damaged tail: the frames counted so far
+        return n, _frame_rate(stream)
+
+
+def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
+    """Decode every frame in order, converting to RGB (H, W, 3) uint8 only those whose index `keep(i)` accepts.
+    Returns ({index: frame}, frames decoded, frame rate). A tail that fails to decode ends the video there, as
+    players do. Raises SparrowError when no frame decodes."""
+    import av
+
+    kept, n = {}, 0
+    with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate
-        fps = float(rate) if rate else 0.0
-        frames = []
         try:
             for frame in container.decode(stream):
-                frames.append(frame)  # kept in its decoded (YUV) form; only sampled frames become RGB arrays
+                if keep(n):
+                    kept[n] = frame.to_ndarray(format="rgb24")
+                n += 1
         except av.error.FFmpegError as e:
-            if not frames:
+            if not n:
                 raise SparrowError(f"{path}: video is corrupt or truncated ({e})") from None
-            # a truncated tail: keep the frames that decoded, as players do
-    if not frames:
+        fps = _frame_rate(stream)
+    if not n:
         raise SparrowError(f"{path}: video has zero decodable frames (corrupt, truncated or empty)")
-    if fps <= 0:
-        fps = DEFAULT_DIR_FPS
-    return frames, fps
-
-
-def _rgb(frame) -> np.ndarray:
-    return frame if isinstance(frame, np.ndarray) else frame.to_ndarray(format="rgb24")
+    return kept, n, fps
 
 
 def load_video(path: str, num_frames: int | None = None, fps: float | None = None,
                max_frames: int | None = None) -> Video:
-    """Decode a video (file or directory of frames) and sample frames uniformly.
+    """Decode a video (file or directory of frames) and sample frames uniformly. Only the sampled frames are kept
+    (a file is decoded in order, each frame converted to RGB only if sampled), so memory does not grow with the
+    video's length.
 
     Args:
         path: video file or directory of images.
@@ -134,11 +160,30 @@ def load_video(path: str, num_frames: int | None = None, fps: float | None = Non
     """
     if not os.path.exists(path):
         raise SparrowError(f"{path}: no such file or directory")
-    frames, source_fps = _load_frame_dir(path) if os.path.isdir(path) else _decode_all(path)
-    idx = sample_indices(len(frames), source_fps, num_frames, fps, max_frames)
-    sampled = np.stack([_rgb(frames[i]) for i in idx])
-    duration = len(frames) / source_fps
-    return Video(frames=sampled, fps=len(idx) / duration, indices=idx, total_frames=len(frames))
+    if os.path.isdir(path):
+        names = _frame_names(path)
+        total, source_fps = len(names), DEFAULT_DIR_FPS
+        idx = sample_indices(total, source_fps, num_frames, fps, max_frames)
+        frames = [_read_image(os.path.join(path, names[i])) for i in idx.tolist()]
+        if len({f.shape for f in frames}) != 1:
+            raise SparrowError(f"{path}: frames have different sizes; resize them to one size first")
+    else:
+        # Only the sampled frames are kept, so a long video does not fill memory. The indices come from the packet
+        # count; where decoding finds another number of frames (a damaged tail, a codec that packs frames), they are
+        # taken again from the frames that decoded, as if every frame had been kept.
+        guess, guess_fps = _count_packets(path)
+        try:
+            first = set(sample_indices(guess, guess_fps, num_frames, fps, max_frames).tolist()) if guess else None
+        except SparrowError:
+            first = None  # e.g. more frames asked than packets counted: keep every frame, decide after decoding
+        kept, total, source_fps = _decode(path, lambda i: first is None or i in first)
+        idx = sample_indices(total, source_fps, num_frames, fps, max_frames)
+        wanted = set(idx.tolist())
+        if not wanted <= kept.keys():
+            kept, _, _ = _decode(path, wanted.__contains__)
+        frames = [kept[i] for i in idx.tolist()]
+    duration = total / source_fps
+    return Video(frames=np.stack(frames), fps=len(idx) / duration, indices=idx, total_frames=total)
 
 
 def write_video(path: str, frames: np.ndarray, fps: float = 8.0, codec: str = "libx264", crf: int = 23) -> None:
