@@ -212,6 +212,8 @@ def cmd_demo(a) -> int:
     inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16)
     print(f"video: {video}")
     print(f"truth: {truth['reference_description']}")
+    for method in ("sparrow", "eagle", "ar"):  # untimed warm-up, as bench does: a first run's one-off costs
+        generate(target, drafts.get(method), inputs, max_new_tokens=4, method=method)
     outs = {}
     for method in ("sparrow", "eagle", "ar"):
         outs[method] = generate(target, drafts.get(method), inputs, max_new_tokens=a.max_new_tokens, method=method)
