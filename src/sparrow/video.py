@@ -111,12 +111,13 @@ def _count_packets(path: str) -> tuple[int, float]:
     n = 0
     with _open(path) as container:
         stream = container.streams.video[0]
+        fps = _frame_rate(stream)  # as the header gives it, before any packet is read
         try:
             for packet in container.demux(stream):
                 n += bool(packet.size)
         except av.error.FFmpegError:
             pass  # a damaged tail: the frames counted so far
-        return n, _frame_rate(stream)
+    return n, fps
 
 
 def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
@@ -129,6 +130,7 @@ def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        fps = _frame_rate(stream)  # as the header gives it, before decoding
         try:
             for frame in container.decode(stream):
                 if keep(n):
@@ -137,7 +139,6 @@ def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
         except av.error.FFmpegError as e:
             if not n:
                 raise SparrowError(f"{path}: video is corrupt or truncated ({e})") from None
-        fps = _frame_rate(stream)
     if not n:
         raise SparrowError(f"{path}: video has zero decodable frames (corrupt, truncated or empty)")
     return kept, n, fps
