@@ -46,9 +46,9 @@ def _opt(default, help: str):
 
 @dataclass
 class TrainConfig:
-    """Every switch of the method's ablations plus the optimiser (method.md sections 3-4). See `LossConfig` for the
-    loss fields. Raises SparrowError (one line naming the field) for a value outside its range, so that a bad
-    config fails before the target loads."""
+    """Every switch of the method's ablations (method.md section 2b-2c: IVSB, MTP) plus the optimiser. See
+    `LossConfig` for the loss fields. Raises SparrowError (one line naming the field) for a value outside its range,
+    so that a bad config fails before the target loads."""
 
     mode: str = _opt("sparrow", "sparrow (text-only draft KV cache) or eagle (the baseline: every position)")
     ivsb: bool = _opt(True, "true/false: feed the target's visual states to the draft in training (IVSB)")
