@@ -29,6 +29,10 @@ DRAFT_CONFIG = "config.json"
 DRAFT_WEIGHTS = "model.safetensors"
 
 
+MODES = ("sparrow", "eagle")  # text-only draft cache (VATA) | every position (the EAGLE baseline)
+POSITION_MODES = ("compact", "absolute")
+
+
 @dataclass
 class DraftConfig:
     """Shape of the draft (copied from the target's text config) and how it runs.
@@ -58,9 +62,9 @@ class DraftConfig:
     training: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.mode not in ("sparrow", "eagle"):
+        if self.mode not in MODES:
             raise SparrowError(f"draft mode must be 'sparrow' or 'eagle', got {self.mode!r}")
-        if self.position_mode not in ("compact", "absolute"):
+        if self.position_mode not in POSITION_MODES:
             raise SparrowError(f"position_mode must be 'compact' or 'absolute', got {self.position_mode!r}")
         if self.window is not None and self.window < 1:
             raise SparrowError(f"window must be a positive number of text tokens or None, got {self.window}")

@@ -84,6 +84,9 @@ def capture_ids(target, inputs: dict, ids: list[int], mid_layer: int | None) -> 
                     loss_mask=loss_mask_for(L0, L0 + n, answer.device))
 
 
+VISUAL_STATES = ("mid", "top", "none")  # which target states IVSB feeds the draft in training
+
+
 @dataclass
 class LossConfig:
     """mode: "sparrow" | "eagle"; ivsb: add the visual states (sparrow mode); visual_states: "mid" | "top" |

@@ -28,8 +28,9 @@ import os
 
 import torch
 
+from ..draft import MODES
 from ..errors import SparrowError, at_least
-from .losses import Captured
+from .losses import VISUAL_STATES, Captured
 
 MANIFEST = "manifest.json"
 SETTINGS = ("mode", "ivsb", "visual_states", "mid_layer", "num_frames", "max_pixels")
@@ -185,9 +186,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="JSONL (LLaVA-Video style), answers from `sparrow regenerate`")
     ap.add_argument("--out", required=True, help="capture directory")
     ap.add_argument("--config", help="the draft's training config (JSON/YAML): mode, ivsb, visual_states, ...")
-    ap.add_argument("--mode", choices=["sparrow", "eagle"], help="the draft's mode (default: the config's)")
+    ap.add_argument("--mode", choices=MODES, help="the draft's mode (default: the config's)")
     ap.add_argument("--ivsb", choices=["true", "false"], help="capture layer-m visual states (sparrow mode)")
-    ap.add_argument("--visual-states", choices=["mid", "top", "none"], help="which visual states IVSB uses")
+    ap.add_argument("--visual-states", choices=VISUAL_STATES, help="which visual states IVSB uses")
     ap.add_argument("--mid-layer", type=int, help="the target layer m of the visual states (default: half)")
     ap.add_argument("--num-frames", type=int, help="at most this many frames per video")
     ap.add_argument("--max-pixels", type=int, help="resize frames to at most this many pixels")

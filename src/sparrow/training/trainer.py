@@ -34,9 +34,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.distributed as dist
 
+from ..draft import MODES, POSITION_MODES
 from ..errors import SparrowError
 from .data import read_jsonl
-from .losses import LossConfig, capture, draft_loss
+from .losses import VISUAL_STATES, LossConfig, capture, draft_loss
 
 
 def _opt(default, help: str):
@@ -77,8 +78,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        choices = {"mode": ("sparrow", "eagle"), "visual_states": ("mid", "top", "none"),
-                   "position_mode": ("compact", "absolute")}
+        choices = {"mode": MODES, "visual_states": VISUAL_STATES, "position_mode": POSITION_MODES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise SparrowError(f"{name} {getattr(self, name)!r}: choose {' or '.join(allowed)}")
