@@ -169,7 +169,9 @@ def test_train_target_runs_resumes_and_exports(tmp_path, monkeypatch):
                          (["--steps", "0"], "--steps 0: give 1 or more"),
                          (["--until", "0"], "--until 0: give 1 or more"),
                          (["--batch", "0"], "--batch 0: give 1 or more"),
-                         (["--heads", "3"], "--heads 3 / --kv-heads 2: --kv-heads must divide --heads"),
+                         (["--heads", "3"], "--heads 3 / --kv-heads 2: give positive counts, --kv-heads dividing"),
+                         (["--heads", "64", "--kv-heads", "4"],  # head_dim 4 would leave mRoPE's time no pair
+                          "the hidden size [0-9]+: give a multiple of 128 from 512 up"),
                          (["--heads", "8", "--kv-heads", "3"], "--heads 8 / --kv-heads 3"),
                          (["--init", export, "--heads", "8", "--kv-heads", "4"], "--init keeps its model's own heads")):
         with pytest.raises(SparrowError, match=message):  # bad input: one line, before anything is written

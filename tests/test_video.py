@@ -122,3 +122,54 @@ def test_only_the_sampled_frames_are_kept_and_a_damaged_tail_resamples(tmp_path,
     assert len(seen) == 2  # the indices from the packet count missed, so the frames that decoded are sampled again
     assert v.total_frames == n and v.indices.tolist() == sample_indices(n, 8.0, 6, None).tolist()
     assert np.array_equal(v.frames, np.stack([everything[i] for i in v.indices.tolist()]))
+
+
+def test_check_sees_the_frames_to_sample_before_any_is_decoded(tmp_path, monkeypatch):
+    """`check` gets (frames to sample, height, width) before decoding, so a video too long for a context is refused
+    without decoding it (a file from its packets and header, a frame directory from its first image)."""
+    from PIL import Image
+
+    import sparrow.video as vid
+
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, ramp(), fps=8)  # 24 frames of 48 x 64, 3 s
+    d = tmp_path / "frames"
+    d.mkdir()
+    for i, f in enumerate(ramp(5)):
+        Image.fromarray(f).save(d / f"{i:03d}.png")
+    calls = []
+    assert len(load_video(path, fps=4, check=lambda *a: calls.append(a)).indices) == 12
+    assert len(load_video(str(d), num_frames=3, check=lambda *a: calls.append(a)).indices) == 3
+    assert calls == [(12, 48, 64), (3, 48, 64)]
+
+    def refuse(*a):
+        raise SparrowError("too long")
+
+    monkeypatch.setattr(vid, "_decode", lambda *a: pytest.fail("decoded a video that its check refused"))
+    monkeypatch.setattr(vid, "_read_image", lambda p, real=vid._read_image: calls.append(p) or real(p))
+    for p in (path, str(d)):
+        with pytest.raises(SparrowError, match="too long"):
+            load_video(p, num_frames=3, check=refuse)
+    assert len(calls) == 3  # the directory's first image only
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_a_video_that_cannot_fit_the_context_is_refused_before_decoding(tmp_path, ckpt_dir, family, monkeypatch):
+    """`Target.visual_tokens` counts what `prepare` puts in the prompt; `prepare` refuses, before decoding, a video
+    whose visual tokens alone overflow the context."""
+    from conftest import get_target
+
+    import sparrow.video as vid
+
+    target = get_target(ckpt_dir, family, max_positions=400)
+    path = str(tmp_path / "clip.mp4")
+    write_video(path, np.zeros((120, 96, 128, 3), np.uint8), fps=8)  # 15 s
+    for frames, (h, w), px in ((4, (96, 128), None), (5, (96, 128), 56 * 56), (2, (48, 64), 28 * 28)):
+        n = target.visual_tokens(frames, h, w, max_pixels=px)
+        video = np.zeros((frames, h, w, 3), np.uint8)
+        ids = target.prepare(video, "x", max_pixels=px)["input_ids"][0]
+        assert int(target.visual_mask(ids).sum()) == n
+    monkeypatch.setattr(vid, "_decode", lambda *a: pytest.fail("decoded a video that cannot fit"))
+    with pytest.raises(SparrowError, match=r"the video would be \d+ visual tokens \(120 frames of 128x96\) but the "
+                                           r"target's context is 400; sample fewer frames"):
+        target.prepare(path, "x", fps=8.0)

@@ -65,6 +65,19 @@ def build_tokenizer(texts: list[str], specials: list[str], chat_template: str, v
     return fast
 
 
+def check_attention_shape(hidden: int, heads: int, kv_heads: int, flags: tuple[str, str, str] = (
+        "heads", "kv_heads", "hidden")) -> None:
+    """Check that `heads` query heads and `kv_heads` key/value heads (GQA) split `hidden` into an even head_dim of at
+    least 8 (mRoPE gives time, height and width their own rotary pairs of it). `flags` names the three in the
+    message. Raises SparrowError otherwise."""
+    h, kv, hid = flags
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise SparrowError(f"{h} {heads} / {kv} {kv_heads}: give positive counts, {kv} dividing {h}")
+    if hidden < 8 * heads or hidden % (2 * heads):
+        raise SparrowError(f"{hid} {hidden}: give a multiple of {2 * heads} from {8 * heads} up ({heads} heads of an "
+                           f"even size of at least 8)")
+
+
 def tiny_config(family: str, vocab_size: int, tokenizer, hidden: int = 64, layers: int = 4, heads: int = 4,
                 kv_heads: int = 2, vision_depth: int = 2, max_positions: int = 32768):
     """A small config of `family` ("qwen2_5_vl" | "qwen2_vl" | "llava_onevision") whose special-token ids come
@@ -75,11 +88,7 @@ def tiny_config(family: str, vocab_size: int, tokenizer, hidden: int = 64, layer
 
     if layers < 1:
         raise SparrowError(f"layers {layers}: give 1 or more (2 or more for a target that a draft serves)")
-    if heads < 1 or kv_heads < 1 or heads % kv_heads:
-        raise SparrowError(f"heads {heads} / kv_heads {kv_heads}: give positive counts, kv_heads dividing heads")
-    if hidden < 8 * heads or hidden % (2 * heads):
-        raise SparrowError(f"hidden {hidden}: give a multiple of {2 * heads} from {8 * heads} up ({heads} heads of an "
-                           f"even size of at least 8)")
+    check_attention_shape(hidden, heads, kv_heads)
 
     ids = tokenizer.convert_tokens_to_ids
     head_dim = hidden // heads

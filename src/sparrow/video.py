@@ -103,21 +103,22 @@ def _frame_rate(stream) -> float:
     return float(rate) if rate and float(rate) > 0 else DEFAULT_DIR_FPS
 
 
-def _count_packets(path: str) -> tuple[int, float]:
-    """(frames as the file's packets count them, frame rate): demuxed, not decoded, so fast; a guess that decoding
-    checks."""
+def _count_packets(path: str) -> tuple[int, float, tuple[int, int]]:
+    """(frames as the file's packets count them, frame rate, (height, width) as the header gives it): demuxed, not
+    decoded, so fast; a guess that decoding checks."""
     import av
 
     n = 0
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = _frame_rate(stream)  # as the header gives it, before any packet is read
+        size = (stream.codec_context.height, stream.codec_context.width)
         try:
             for packet in container.demux(stream):
                 n += bool(packet.size)
         except av.error.FFmpegError:
             pass  # a damaged tail: the frames counted so far
-    return n, fps
+    return n, fps, size
 
 
 def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
@@ -145,7 +146,7 @@ def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
 
 
 def load_video(path: str, num_frames: int | None = None, fps: float | None = None,
-               max_frames: int | None = None) -> Video:
+               max_frames: int | None = None, check=None) -> Video:
     """Decode a video (file or directory of frames) and sample frames uniformly. Only the sampled frames are kept
     (a file is decoded in order, each frame converted to RGB only if sampled), so memory does not grow with the
     video's length.
@@ -155,6 +156,9 @@ def load_video(path: str, num_frames: int | None = None, fps: float | None = Non
         num_frames: sample exactly this many frames (uniform over the whole video).
         fps: or sample at this rate (frames per second); with neither, every frame is kept...
         max_frames: ...or at most this many, uniformly (training data of mixed lengths).
+        check: optional; called as check(frames, height, width) with the number of frames to sample and their size
+            once those are known and before the frames are decoded (a target refuses there a video too long for
+            its context, see `Target.video_check`): raise from it to stop.
     Returns: a `Video` with frames (T, H, W, 3) uint8.
     Raises: SparrowError for a missing path, a file that is not a video, a corrupt/truncated file with no
         decodable frame, zero frames, or more frames requested than the video has.
@@ -165,18 +169,23 @@ def load_video(path: str, num_frames: int | None = None, fps: float | None = Non
         names = _frame_names(path)
         total, source_fps = len(names), DEFAULT_DIR_FPS
         idx = sample_indices(total, source_fps, num_frames, fps, max_frames)
-        frames = [_read_image(os.path.join(path, names[i])) for i in idx.tolist()]
+        frames = [_read_image(os.path.join(path, names[idx[0]]))]
+        if check is not None:
+            check(len(idx), *frames[0].shape[:2])
+        frames += [_read_image(os.path.join(path, names[i])) for i in idx[1:].tolist()]
         if len({f.shape for f in frames}) != 1:
             raise SparrowError(f"{path}: frames have different sizes; resize them to one size first")
     else:
         # Only the sampled frames are kept, so a long video does not fill memory. The indices come from the packet
         # count; where decoding finds another number of frames (a damaged tail, a codec that packs frames), they are
         # taken again from the frames that decoded, as if every frame had been kept.
-        guess, guess_fps = _count_packets(path)
+        guess, guess_fps, size = _count_packets(path)
         try:
             first = set(sample_indices(guess, guess_fps, num_frames, fps, max_frames).tolist()) if guess else None
         except SparrowError:
             first = None  # e.g. more frames asked than packets counted: keep every frame, decide after decoding
+        if check is not None and first and min(size) > 0:
+            check(len(first), *size)
         kept, total, source_fps = _decode(path, lambda i: first is None or i in first)
         idx = sample_indices(total, source_fps, num_frames, fps, max_frames)
         wanted = set(idx.tolist())

@@ -72,7 +72,7 @@ import torch
 from ..errors import SparrowError, at_least
 from ..targets.base import fast_bf16
 from ..targets.qwen_vl import CLIP_MEAN, CLIP_STD
-from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer
+from ..tiny import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, build_tokenizer, check_attention_shape
 from ..training.trainer import stop_on_signals
 from ..video import Video
 from .text import DESCRIBE_PROMPTS, WORDING_FILE, describe, first_token_id, one_token_ids, questions
@@ -1296,9 +1296,7 @@ def main(argv=None):
     if a.grow_layers is not None and not a.init:
         raise SparrowError("--grow-layers deepens the model of --init; give --init DIR too (or --layers N for a "
                            "new model)")
-    if a.heads < 1 or a.kv_heads < 1 or a.heads % a.kv_heads or TEXT["hidden"] % (2 * a.heads):
-        raise SparrowError(f"--heads {a.heads} / --kv-heads {a.kv_heads}: --kv-heads must divide --heads, and "
-                           f"--heads divide the hidden size {TEXT['hidden']} into an even head_dim")
+    check_attention_shape(TEXT["hidden"], a.heads, a.kv_heads, ("--heads", "--kv-heads", "the hidden size"))
     if a.init and (a.heads, a.kv_heads) != (TEXT["heads"], TEXT["kv_heads"]):
         raise SparrowError("--heads and --kv-heads shape a new model; --init keeps its model's own heads (drop them)")
     if a.restate and a.events_first:

@@ -160,6 +160,24 @@ class Target:
         `QwenVLTarget.prepare` for the arguments). Raises SparrowError for bad videos and settings."""
         raise NotImplementedError
 
+    def visual_tokens(self, frames: int, height: int, width: int, max_pixels: int | None = None,
+                      min_pixels: int | None = None) -> int:
+        """How many visual tokens `frames` frames of height x width pixels become in the prompt (after the
+        family's resizing and merging, with `prepare`'s max_pixels / min_pixels). Each family implements it."""
+        raise NotImplementedError
+
+    def video_check(self, max_pixels: int | None = None, min_pixels: int | None = None):
+        """A `check` for `load_video`: raises SparrowError when the frames to be sampled would, as visual tokens
+        alone, overflow the target's context, so that a long video is refused before it is decoded."""
+        def check(frames: int, height: int, width: int) -> None:
+            n = self.visual_tokens(frames, height, width, max_pixels, min_pixels)
+            if n > self.max_positions:
+                raise SparrowError(
+                    f"the video would be {n} visual tokens ({frames} frames of {width}x{height}) but the target's "
+                    f"context is {self.max_positions}; sample fewer frames (--num-frames, a lower --fps) or lower "
+                    f"--max-pixels")
+        return check
+
     def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:
         """Target positions of the prompt, (3, L) int64, and rope_delta (new token position = index + delta)."""
         raise NotImplementedError

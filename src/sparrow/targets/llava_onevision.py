@@ -48,6 +48,12 @@ class LlavaOneVisionTarget(Target):
         x = (frames.astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))[None]
 
+    def visual_tokens(self, frames: int, height: int, width: int, max_pixels: int | None = None,
+                      min_pixels: int | None = None) -> int:
+        """frames x ceil(grid / 2)^2 (each frame's tokens pooled 2x2) + 1 (the newline token); the frame size does
+        not matter (every frame is resized to the vision tower's size)."""
+        return frames * math.ceil(self.grid / 2) ** 2 + 1
+
     def prepare(self, video: str | Video | np.ndarray | None = None, prompt: str = "",
                 num_frames: int | None = None, fps: float | None = None, max_pixels: int | None = None,
                 min_pixels: int | None = None, system: str | None = None) -> dict:
@@ -58,9 +64,9 @@ class LlavaOneVisionTarget(Target):
         out = {}
         if video is not None:
             if isinstance(video, str):
-                video = load_video(video, num_frames=num_frames, fps=fps)
+                video = load_video(video, num_frames=num_frames, fps=fps, check=self.video_check())
             pixels = self.preprocess_frames(video if isinstance(video, np.ndarray) else video.frames)
-            count = pixels.shape[1] * math.ceil(self.grid / 2) ** 2 + 1
+            count = self.visual_tokens(pixels.shape[1], self.size, self.size)
             text = self.expand_placeholder(text, self.config.video_token_index, count)
             out["pixel_values_videos"] = pixels.to(self.dtype)
         out = {**self.tokenize(text), **out}

@@ -86,6 +86,15 @@ class QwenVLTarget(Target):
         x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 3 * tp * p * p)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([[gt, gh, gw]])
 
+    def visual_tokens(self, frames: int, height: int, width: int, max_pixels: int | None = None,
+                      min_pixels: int | None = None) -> int:
+        """ceil(frames / temporal patch) x (resized height / (patch x merge)) x (resized width / ...), as
+        `preprocess_frames` makes them."""
+        lo, hi = _pixel_bounds(self.settings, max_pixels, min_pixels)
+        factor = self.patch * self.merge
+        rh, rw = smart_resize(height, width, factor, lo, hi)
+        return -(-frames // self.temporal_patch) * (rh // factor) * (rw // factor)
+
     def prepare(self, video: str | Video | np.ndarray | None = None, prompt: str = "",
                 num_frames: int | None = None, fps: float | None = None, max_pixels: int | None = None,
                 min_pixels: int | None = None, system: str | None = None) -> dict:
@@ -105,7 +114,8 @@ class QwenVLTarget(Target):
         out = {}
         if video is not None:
             if isinstance(video, str):
-                video = load_video(video, num_frames=num_frames, fps=fps)
+                video = load_video(video, num_frames=num_frames, fps=fps,
+                                   check=self.video_check(max_pixels, min_pixels))
             if isinstance(video, np.ndarray):
                 video = Video(frames=video, fps=2.0, indices=np.arange(len(video)), total_frames=len(video))
             pixels, grid = self.preprocess_frames(video.frames, max_pixels, min_pixels)
