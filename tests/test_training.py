@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -201,6 +202,30 @@ def test_regenerate_sampling_is_the_same_resumed_or_sharded(dataset, tmp_path):
         assert rows == answers, name
 
 
+def test_regenerate_with_a_draft_writes_the_plain_answers(dataset, tmp_path, capsys, monkeypatch):
+    """`--method sparrow --draft D` regenerates by lossless speculative decoding: greedy, the answers of plain
+    decoding, and a closing line with tau and the decoding speed."""
+    from sparrow.cli import main
+    from sparrow.training.regenerate import regenerate
+
+    target, path = dataset
+    plain = str(tmp_path / "plain.jsonl")
+    totals = {}
+    regenerate(target, path, plain, max_new_tokens=6, num_frames=8, totals=totals)
+    assert totals["accepted"] == totals["forwards"] == totals["new_tokens"] - 4 > 0  # ar: a token a forward
+    draft = str(tmp_path / "draft")
+    sparrow.init_draft(target, seed=1).save(draft)
+    spec = str(tmp_path / "spec.jsonl")
+    used, real = [], sparrow.generate
+    monkeypatch.setattr(sparrow, "generate", lambda t, d, *a, **k: used.append((d, k["method"])) or real(t, d, *a, **k))
+    assert main(["regenerate", "--target", target.path, "--data", path, "--out", spec, "--method", "sparrow",
+                 "--draft", draft, "--max-new-tokens", "6", "--num-frames", "8"]) == 0
+    assert len(used) == 4 and all(d is not None and m == "sparrow" for d, m in used)
+    assert open(spec).read() == open(plain).read()
+    assert re.search(r"wrote 4 answers to .*spec.jsonl \(\d+ tokens, tau \d\.\d\d, [\d.]+ tokens/s decoding\)",
+                     capsys.readouterr().out)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--mode", "nope"], "mode 'nope': choose sparrow or eagle"),
     (["--visual-states", "bogus"], "visual_states 'bogus': choose mid or top or none"),  # was read as "top"
@@ -240,6 +265,8 @@ def test_mid_layer_beyond_the_target_is_one_line(dataset, tmp_path):
     (["--num-frames", "0"], "--num-frames 0: give 1 or more"),
     (["--temperature", "-1"], "temperature must be 0 (greedy) or more"),
     (["--shard", "2/2"], "--shard must look like i/n"),
+    (["--draft", "d"], "--draft is for speculative decoding; add --method sparrow"),
+    (["--method", "sparrow"], "--method sparrow with --target needs --draft PATH"),
 ])
 def test_regenerate_bad_settings_are_one_line_before_loading(tmp_path, capsys, flags, message):
     from sparrow.cli import main

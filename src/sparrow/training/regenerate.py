@@ -2,6 +2,11 @@
 recipe for draft training: the draft learns the target's distribution, not the dataset's).
 
     sparrow regenerate --target PATH --data train.jsonl --out regen.jsonl [--temperature 0] [--max-new-tokens 256]
+        [--method sparrow --draft DRAFT]
+
+With a draft (`--method sparrow|eagle`) the answers come from lossless speculative decoding: greedy, the same
+answers as plain decoding (`--method ar`, the default) sooner; sampling, answers from the same distribution (not the
+same samples). The same command describes a folder's worth of videos: one JSONL line per video and prompt.
 
 Resumable: samples whose id is already in --out are skipped; each answer is appended (and flushed) as soon as
 it is generated, so an interrupted run loses at most the sample in progress.
@@ -23,11 +28,14 @@ from .data import read_jsonl, write_sample
 
 def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperature: float = 0.0,
                num_frames: int | None = 16, max_pixels: int | None = None, seed: int = 0, strict: bool = False,
-               log=None, shard: tuple[int, int] = (0, 1)) -> int:
+               log=None, shard: tuple[int, int] = (0, 1), draft=None, method: str = "ar",
+               totals: dict | None = None) -> int:
     """Write the target's answers for every sample of `data` to `out` (JSONL, same ids, video paths relative to
     `out`). shard (i, n): only samples i, i + n, ... (run n processes, then concatenate their outputs).
     Sampling (temperature > 0) seeds each sample with `seed` + its line number in `data`, so a resumed or sharded
-    run writes the answers that one uninterrupted run would. Returns the number of samples written in this call."""
+    run writes the answers that one uninterrupted run would. method "sparrow" | "eagle" decodes with `draft`
+    (`sparrow.generate`, lossless). `totals`, if given, gains new_tokens, accepted and forwards (tokens emitted by,
+    and the number of, target forwards after the prefills) and decode_s (seconds) over the samples written. Returns the number of samples written in this call."""
     from .. import generate
     from ..video import load_video
 
@@ -53,8 +61,12 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
                 print(f"sparrow: skipping sample {s.id} (line {s.line}): {e}", file=log or sys.stderr)
                 continue
             inputs = target.prepare(video, s.prompt, max_pixels=max_pixels)
-            o = generate(target, None, inputs, max_new_tokens=max_new_tokens, method="ar", temperature=temperature,
+            o = generate(target, draft, inputs, max_new_tokens=max_new_tokens, method=method, temperature=temperature,
                          seed=seed + s.line)
+            if totals is not None:
+                for k, v in (("new_tokens", o.stats.new_tokens), ("accepted", sum(o.stats.accept_lengths)),
+                             ("forwards", len(o.stats.accept_lengths)), ("decode_s", o.stats.decode_s)):
+                    totals[k] = totals.get(k, 0) + v
             rel = os.path.relpath(s.video, base) if s.video else None
             write_sample(f, s.id, rel, s.prompt, o.text)
             f.flush()
@@ -63,7 +75,7 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
 
 
 def main(argv=None) -> int:
-    from .. import load_target
+    from .. import defaults, load_draft, load_target
 
     ap = argparse.ArgumentParser(prog="sparrow regenerate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", help="target checkpoint (default: the embedded one)")
@@ -76,6 +88,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (each sample adds its line number)")
     ap.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")
     ap.add_argument("--shard", default="0/1", help="i/n: this process handles samples i, i+n, ... (default 0/1)")
+    ap.add_argument("--method", choices=["ar", "sparrow", "eagle"], default="ar",
+                    help="ar = plain decoding (default); sparrow / eagle = lossless speculative decoding with --draft")
+    ap.add_argument("--draft", help="draft directory for --method sparrow|eagle (default: the embedded target's "
+                                    "shipped draft of that method)")
     a = ap.parse_args(argv)
     try:
         shard = tuple(int(x) for x in a.shard.split("/"))
@@ -84,8 +100,18 @@ def main(argv=None) -> int:
         raise SparrowError(f"--shard must look like i/n with 0 <= i < n, got {a.shard!r}") from None
     at_least(1, ("--max-new-tokens", a.max_new_tokens), ("--num-frames", a.num_frames), ("--max-pixels", a.max_pixels))
     Sampling(temperature=a.temperature)  # a negative temperature fails here, before the target loads
+    if a.draft and a.method == "ar":
+        raise SparrowError("--draft is for speculative decoding; add --method sparrow (or eagle)")
+    if a.method != "ar" and not a.draft and a.target:
+        raise SparrowError(f"--method {a.method} with --target needs --draft PATH, a draft made for that target")
     target = load_target(a.target)  # None: the embedded target
+    draft = None if a.method == "ar" else load_draft(a.draft, target, mode=a.method)
+    totals = {}
     n = regenerate(target, a.data, a.out, a.max_new_tokens, a.temperature, a.num_frames, a.max_pixels, a.seed,
-                   a.strict, shard=shard)
-    print(f"wrote {n} answers to {a.out}")
+                   a.strict, shard=shard, draft=draft, method=a.method, totals=totals)
+    done = f"wrote {n} answers to {a.out}"
+    if totals.get("forwards"):  # tau and tokens/s as generate reports them, over every answer written
+        done += (f" ({totals['new_tokens']} tokens, tau {totals['accepted'] / totals['forwards']:.2f}, "
+                 f"{totals['accepted'] / max(totals['decode_s'], 1e-9):.1f} tokens/s decoding)")
+    print(done)
     return 0
