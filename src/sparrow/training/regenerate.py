@@ -75,7 +75,7 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
 
 
 def main(argv=None) -> int:
-    from .. import defaults, load_draft, load_target
+    from .. import load_draft, load_target
 
     ap = argparse.ArgumentParser(prog="sparrow regenerate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", help="target checkpoint (default: the embedded one)")
