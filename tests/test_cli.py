@@ -167,6 +167,39 @@ def test_generate_compare_reports_the_speedup_against_plain_decoding(env, capsys
     assert "--compare sets a speculative method" in capsys.readouterr().err
 
 
+def test_check_hf_compares_with_transformers_generate_without_the_checkpoints_repetition_penalty(env, tmp_path,
+                                                                                                 capsys, monkeypatch):
+    """A checkpoint whose generation_config sets a repetition penalty (as Qwen2.5-VL-7B-Instruct's does): loading it
+    says the penalty is not applied, and --check-hf decodes with transformers' generate without it (with it,
+    transformers' own greedy output is another one) and finds Sparrow's output identical."""
+    import shutil
+
+    import sparrow
+    from sparrow.targets.base import Target
+
+    path = str(tmp_path / "penalised")
+    shutil.copytree(env["target"], path)
+    cfg = json.load(open(os.path.join(path, "generation_config.json")))
+    json.dump({**cfg, "repetition_penalty": 1.5, "no_repeat_ngram_size": 1},
+              open(os.path.join(path, "generation_config.json"), "w"))
+    args = gen_args(env, **{"--target": path, "--method": "sparrow"}) + ["--check-hf"]
+    assert main(args + ["--json"]) == 0
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert res["hf_identical"] is True
+    assert "generation_config sets repetition_penalty 1.5, no_repeat_ngram_size 1, which Sparrow's decoding does " \
+           "not apply" in cap.err
+    target = sparrow.load_target(path)
+    inputs = target.prepare(env["video"], "Describe the video.", num_frames=8, max_pixels=56 * 56)
+    penalised = target.model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert penalised.tolist() != res["token_ids"] == target.hf_greedy(inputs, 12)
+    assert target.model.generation_config.repetition_penalty == 1.5  # put back after the reference run
+    assert main(args) == 0 and "transformers' generate: identical (12 tokens)" in capsys.readouterr().err
+    monkeypatch.setattr(Target, "hf_greedy", lambda self, inputs, n, stop=None: res["token_ids"][:5] + [0] * 7)
+    assert main(args) == 1 and "transformers' generate: DIFFERS from token 5 on" in capsys.readouterr().err
+    assert main(args + ["--temperature", "1"]) == 2 and "--check-hf compares greedy outputs" in capsys.readouterr().err
+
+
 def test_speedup_is_per_token():
     from sparrow.generate import Stats, speedup
 

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare", action="store_true",
                    help="also decode plainly (method ar) and report the speedup (DSR, ESR) and the seconds saved; "
                         "greedy, the two outputs must be identical (exit code 1 if not)")
+    g.add_argument("--check-hf", action="store_true",
+                   help="greedy only: also decode with transformers' own model.generate and check that the tokens "
+                        "are identical (exit code 1 if not)")
 
     i = sub.add_parser("init-draft", help="write an untrained draft for a target")
     i.add_argument("--target", help="target checkpoint (default: the embedded one)")
@@ -115,6 +118,9 @@ def cmd_generate(a) -> int:
     if not a.prompt.strip():
         raise SparrowError('--prompt is empty; give the question about the video (e.g. --prompt "Describe the video.")')
     sampling = Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before loading
+    if a.check_hf and not sampling.greedy:
+        raise SparrowError("--check-hf compares greedy outputs token for token; drop --temperature (sampled outputs "
+                           "follow the same distribution, not the same tokens)")
     if a.compare and a.method == "ar":
         raise SparrowError("--compare sets a speculative method against plain decoding; give --method sparrow or eagle")
     tree = TreeConfig(top_k=a.tree_top_k, depth=a.tree_depth, tokens=a.tree_tokens)
@@ -146,6 +152,8 @@ def cmd_generate(a) -> int:
     out = generate(target, draft, inputs, method=a.method, tree=tree, on_tokens=None if a.json else stream, **kw)
     base = generate(target, None, inputs, method="ar", **kw) if a.compare else None
     same = base is None or not sampling.greedy or base.token_ids == out.token_ids
+    ref = target.hf_greedy(inputs, a.max_new_tokens, a.stop) if a.check_hf else None
+    same_hf = ref is None or ref == out.token_ids
     if a.json:
         res = out.to_dict()
         if base:
@@ -153,6 +161,8 @@ def cmd_generate(a) -> int:
 
             res["compare"] = {**speedup(out.stats, base.stats), "identical": base.token_ids == out.token_ids,
                               "ar": base.to_dict()}
+        if ref is not None:
+            res["hf_identical"] = same_hf
         print(json.dumps(res))
     else:
         sys.stdout.write(out.text[stream.shown:] + "\n")
@@ -163,7 +173,11 @@ def cmd_generate(a) -> int:
             print("output: " + ("sampled, so the same distribution as plain decoding rather than the same tokens"
                                 if not sampling.greedy else "identical to plain decoding" if same else
                                 "DIFFERS from plain decoding (a bug: please report it)"), file=sys.stderr)
-    return 0 if same else 1
+        if ref is not None:
+            at = next((i for i, (x, y) in enumerate(zip(ref, out.token_ids)) if x != y), min(len(ref), len(out.token_ids)))
+            print(f"transformers' generate: identical ({len(ref)} tokens)" if same_hf else
+                  f"transformers' generate: DIFFERS from token {at} on (a bug: please report it)", file=sys.stderr)
+    return 0 if same and same_hf else 1
 
 
 def cmd_init_draft(a) -> int:
@@ -188,10 +202,11 @@ def cmd_make_tiny(a) -> int:
 
 def cmd_demo(a) -> int:
     """Answer "Describe the video." about an example clip with --method sparrow, eagle and ar on the embedded
-    target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree and report
-    each draft's speedup over plain decoding. Prints the clip's reference description (rendered from its ground truth
-    into clipN.json) and the answer's attribute accuracy (`sparrow.synthetic.text.score_description`), so that what
-    the target gets wrong is in plain sight."""
+    target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree with each
+    other and with transformers' own greedy decoding (`Target.hf_greedy`), and report each draft's speedup over
+    plain decoding. Prints the clip's reference description (rendered from its ground truth into clipN.json) and the
+    answer's attribute accuracy (`sparrow.synthetic.text.score_description`), so that what the target gets wrong is
+    in plain sight."""
     import glob
     import json
 
@@ -225,9 +240,10 @@ def cmd_demo(a) -> int:
         print(_summary(outs[method]))
     for method in ("sparrow", "eagle"):
         print(_speedup_line(outs[method], outs["ar"]))
-    same = outs["sparrow"].token_ids == outs["ar"].token_ids == outs["eagle"].token_ids
-    print(f"lossless: {'identical output' if same else 'OUTPUT DIFFERS'} for sparrow, eagle and ar "
-          f"({len(outs['ar'].token_ids)} tokens).")
+    ref = target.hf_greedy(inputs, a.max_new_tokens)  # transformers' own greedy decoding, the reference of all three
+    same = outs["sparrow"].token_ids == outs["ar"].token_ids == outs["eagle"].token_ids == ref
+    print(f"lossless: {'identical output' if same else 'OUTPUT DIFFERS'} for sparrow, eagle, ar and transformers' "
+          f"generate ({len(ref)} tokens).")
     return 0 if same else 1
 
 

@@ -22,6 +22,14 @@ from ..cache import ATTN_IMPLEMENTATION, KVCache
 from ..errors import SparrowError
 
 
+# Settings of a checkpoint's generation_config that transformers' `generate` applies as logits processors even when
+# greedy, with their neutral values; Sparrow's decoding applies none of them (`Target.unapplied_settings`).
+UNAPPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+             "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "min_length": 0, "min_new_tokens": 0,
+             "suppress_tokens": [], "begin_suppress_tokens": [], "sequence_bias": {}, "forced_bos_token_id": None,
+             "forced_eos_token_id": None, "exponential_decay_length_penalty": None}
+
+
 @dataclass
 class Prefill:
     """What the target's prompt pass returns (batch 1, prompt length L, hidden size H, vocabulary V).
@@ -126,6 +134,35 @@ class Target:
             if eos is not None:
                 return [eos] if isinstance(eos, int) else list(eos)
         return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+
+    def unapplied_settings(self) -> dict:
+        """The settings of the checkpoint's generation_config that transformers' `generate` applies even with
+        do_sample=False and that Sparrow's decoding does not (a repetition penalty, banned n-grams or words, a minimum
+        length...: each would have to be applied along every path of the draft tree). Their name -> value; {} when
+        there are none."""
+        gc = getattr(self.model, "generation_config", None)
+        if gc is None:
+            return {}
+        return {k: getattr(gc, k) for k, neutral in UNAPPLIED.items()
+                if getattr(gc, k, None) is not None and getattr(gc, k) != neutral}
+
+    def hf_greedy(self, inputs: dict, max_new_tokens: int, stop: list[str] | None = None) -> list[int]:
+        """transformers' own greedy decoding of `inputs` (`model.generate`, do_sample=False), with the checkpoint's
+        eos ids and none of its `unapplied_settings`: the reference that Sparrow's greedy output equals token for
+        token. Returns the new token ids (eos included when it ends the answer)."""
+        from transformers import GenerationConfig
+
+        own = self.model.generation_config
+        pad = own.pad_token_id if own.pad_token_id is not None else (self.eos_token_ids or [None])[0]
+        # generate fills whatever a call leaves unset from model.generation_config: give it a clean one meanwhile
+        self.model.generation_config = GenerationConfig(do_sample=False, eos_token_id=self.eos_token_ids,
+                                                        pad_token_id=pad, bos_token_id=own.bos_token_id)
+        try:
+            extra = dict(stop_strings=stop, tokenizer=self.tokenizer) if stop else {}
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+        finally:
+            self.model.generation_config = own
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     @property
     def language_model(self):
@@ -345,7 +382,8 @@ def load_target(path: str | None = None, dtype: str | torch.dtype | None = None,
         device: "cpu", "cuda", ...; default cuda when available else cpu.
     Raises: SparrowError for a missing path/config, an unsupported family, an unknown dtype name or device, or a
     CUDA device where torch sees none. Prints a warning to stderr when bf16/fp16 is asked for on a CPU without
-    fast kernels for it (`fast_bf16`).
+    fast kernels for it (`fast_bf16`), and a note when the checkpoint's generation_config sets what Sparrow's
+    decoding does not apply (`Target.unapplied_settings`, e.g. a repetition penalty).
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -380,7 +418,13 @@ def load_target(path: str | None = None, dtype: str | torch.dtype | None = None,
               f"slower than in float32; drop --dtype to use float32", file=sys.stderr)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return FAMILIES[model_type](model.to(device), tokenizer, path)
+    target = FAMILIES[model_type](model.to(device), tokenizer, path)
+    unapplied = target.unapplied_settings()
+    if unapplied:
+        said = ", ".join(f"{k} {v}" for k, v in unapplied.items())
+        print(f"sparrow: note: {path}'s generation_config sets {said}, which Sparrow's decoding does not apply: the "
+              f"output is the target's decoding without it (as model.generate gives with it unset)", file=sys.stderr)
+    return target
 
 
 def wrap_model(model, tokenizer, path: str | None = None) -> Target:
