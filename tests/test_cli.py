@@ -171,7 +171,8 @@ def test_check_hf_compares_with_transformers_generate_without_the_checkpoints_re
                                                                                                  capsys, monkeypatch):
     """A checkpoint whose generation_config sets a repetition penalty (as Qwen2.5-VL-7B-Instruct's does): loading it
     says the penalty is not applied, and --check-hf decodes with transformers' generate without it (with it,
-    transformers' own greedy output is another one) and finds Sparrow's output identical."""
+    transformers' own greedy output is another one) and finds Sparrow's output identical; so does bench's
+    hf-assisted baseline."""
     import shutil
 
     import sparrow
@@ -194,6 +195,10 @@ def test_check_hf_compares_with_transformers_generate_without_the_checkpoints_re
     penalised = target.model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     assert penalised.tolist() != res["token_ids"] == target.hf_greedy(inputs, 12)
     assert target.model.generation_config.repetition_penalty == 1.5  # put back after the reference run
+    from sparrow.bench import hf_assisted  # bench's transformers baseline decodes without the penalty too
+
+    assistant = sparrow.load_target(env["other"]).model
+    assert hf_assisted(target, assistant, inputs, 12, 0.0, 0).token_ids == res["token_ids"]
     assert main(args) == 0 and "transformers' generate: identical (12 tokens)" in capsys.readouterr().err
     monkeypatch.setattr(Target, "hf_greedy", lambda self, inputs, n, stop=None: res["token_ids"][:5] + [0] * 7)
     assert main(args) == 1 and "transformers' generate: DIFFERS from token 5 on" in capsys.readouterr().err

@@ -81,7 +81,9 @@ class Method:
 
 def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperature: float, seed: int) -> GenerateOutput:
     """transformers' assisted generation (`generate(assistant_model=...)`), timed like our loop: prefill_s is a
-    separate 1-token generate of the target, decode_s the rest; tau = tokens after the first per target forward."""
+    separate 1-token generate of the target, decode_s the rest; tau = tokens after the first per target forward.
+    Runs with the target's `plain_generation_config`, so that it decodes as our loop does (no repetition penalty
+    or top-k of the checkpoint's own)."""
     model, clock = target.model, _Clock(target.device)
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
@@ -89,7 +91,7 @@ def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperatur
     if temperature > 0:
         kw["temperature"] = temperature
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), target.plain_generation_config():
             t0 = clock.now()
             model.generate(**inputs, **{**kw, "max_new_tokens": 1, "do_sample": False})
             t1 = clock.now()

@@ -10,6 +10,7 @@ A `Target` wraps a HF `...ForConditionalGeneration` model through its public for
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -146,22 +147,29 @@ class Target:
         return {k: getattr(gc, k) for k, neutral in UNAPPLIED.items()
                 if getattr(gc, k, None) is not None and getattr(gc, k) != neutral}
 
-    def hf_greedy(self, inputs: dict, max_new_tokens: int, stop: list[str] | None = None) -> list[int]:
-        """transformers' own greedy decoding of `inputs` (`model.generate`, do_sample=False), with the checkpoint's
-        eos ids and none of its `unapplied_settings`: the reference that Sparrow's greedy output equals token for
-        token. Returns the new token ids (eos included when it ends the answer)."""
+    @contextlib.contextmanager
+    def plain_generation_config(self):
+        """Within it, `model.generation_config` holds only the checkpoint's eos, pad and bos ids: transformers'
+        `generate` fills whatever a call leaves unset from it, so a call then applies what it is given and nothing
+        of the checkpoint's own settings (its `unapplied_settings`, or a top_k / top_p meant for its sampling)."""
         from transformers import GenerationConfig
 
         own = self.model.generation_config
         pad = own.pad_token_id if own.pad_token_id is not None else (self.eos_token_ids or [None])[0]
-        # generate fills whatever a call leaves unset from model.generation_config: give it a clean one meanwhile
-        self.model.generation_config = GenerationConfig(do_sample=False, eos_token_id=self.eos_token_ids,
-                                                        pad_token_id=pad, bos_token_id=own.bos_token_id)
+        self.model.generation_config = GenerationConfig(eos_token_id=self.eos_token_ids, pad_token_id=pad,
+                                                        bos_token_id=own.bos_token_id)
         try:
-            extra = dict(stop_strings=stop, tokenizer=self.tokenizer) if stop else {}
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+            yield
         finally:
             self.model.generation_config = own
+
+    def hf_greedy(self, inputs: dict, max_new_tokens: int, stop: list[str] | None = None) -> list[int]:
+        """transformers' own greedy decoding of `inputs` (`model.generate`, do_sample=False), with the checkpoint's
+        eos ids and none of its `unapplied_settings` (`plain_generation_config`): the reference that Sparrow's greedy
+        output equals token for token. Returns the new token ids (eos included when it ends the answer)."""
+        extra = dict(stop_strings=stop, tokenizer=self.tokenizer) if stop else {}
+        with self.plain_generation_config():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     @property
