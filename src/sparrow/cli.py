@@ -174,7 +174,8 @@ def cmd_generate(a) -> int:
                                 if not sampling.greedy else "identical to plain decoding" if same else
                                 "DIFFERS from plain decoding (a bug: please report it)"), file=sys.stderr)
         if ref is not None:
-            at = next((i for i, (x, y) in enumerate(zip(ref, out.token_ids)) if x != y), min(len(ref), len(out.token_ids)))
+            at = next((i for i, (x, y) in enumerate(zip(ref, out.token_ids)) if x != y),
+                      min(len(ref), len(out.token_ids)))  # the first token that differs
             print(f"transformers' generate: identical ({len(ref)} tokens)" if same_hf else
                   f"transformers' generate: DIFFERS from token {at} on (a bug: please report it)", file=sys.stderr)
     return 0 if same and same_hf else 1

@@ -35,7 +35,8 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
     Sampling (temperature > 0) seeds each sample with `seed` + its line number in `data`, so a resumed or sharded
     run writes the answers that one uninterrupted run would. method "sparrow" | "eagle" decodes with `draft`
     (`sparrow.generate`, lossless). `totals`, if given, gains new_tokens, accepted and forwards (tokens emitted by,
-    and the number of, target forwards after the prefills) and decode_s (seconds) over the samples written. Returns the number of samples written in this call."""
+    and the number of, target forwards after the prefills) and decode_s (seconds) over the samples written.
+    Returns the number of samples written in this call."""
     from .. import generate
     from ..video import load_video
 
