@@ -63,9 +63,10 @@ class DraftConfig:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise SparrowError(f"draft mode must be 'sparrow' or 'eagle', got {self.mode!r}")
+            raise SparrowError(f"draft mode must be {' or '.join(map(repr, MODES))}, got {self.mode!r}")
         if self.position_mode not in POSITION_MODES:
-            raise SparrowError(f"position_mode must be 'compact' or 'absolute', got {self.position_mode!r}")
+            raise SparrowError(f"position_mode must be {' or '.join(map(repr, POSITION_MODES))}, got "
+                               f"{self.position_mode!r}")
         if self.window is not None and self.window < 1:
             raise SparrowError(f"window must be a positive number of text tokens or None, got {self.window}")
         n = self.target_num_layers

@@ -66,14 +66,17 @@ class QwenVLTarget(Target):
         self.std = np.array(s.get("image_std", CLIP_STD), dtype=np.float32)
         self.settings = s
 
+    def _resized(self, height: int, width: int, max_pixels: int | None, min_pixels: int | None) -> tuple[int, int]:
+        """A frame's (height, width) after Qwen-VL's resize within the pixel bounds (`_pixel_bounds`)."""
+        lo, hi = _pixel_bounds(self.settings, max_pixels, min_pixels)
+        return smart_resize(height, width, self.patch * self.merge, lo, hi)
+
     def preprocess_frames(self, frames: np.ndarray, max_pixels: int | None = None,
                           min_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """frames (T, H, W, 3) uint8 -> pixel_values_videos (t*h*w, 3*tp*p*p) float32, video_grid_thw (1, 3)."""
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise SparrowError(f"video has zero frames (frames array of shape {frames.shape}); give a non-empty clip")
-        lo, hi = _pixel_bounds(self.settings, max_pixels, min_pixels)
-        factor = self.patch * self.merge
-        rh, rw = smart_resize(frames.shape[1], frames.shape[2], factor, lo, hi)
+        rh, rw = self._resized(frames.shape[1], frames.shape[2], max_pixels, min_pixels)
         if (rh, rw) != frames.shape[1:3]:
             frames = np.stack([np.asarray(Image.fromarray(f).resize((rw, rh), Image.BICUBIC)) for f in frames])
         x = (frames.astype(np.float32) / 255.0 - self.mean) / self.std  # (T, H, W, C)
@@ -90,9 +93,8 @@ class QwenVLTarget(Target):
                       min_pixels: int | None = None) -> int:
         """ceil(frames / temporal patch) x (resized height / (patch x merge)) x (resized width / ...), as
         `preprocess_frames` makes them."""
-        lo, hi = _pixel_bounds(self.settings, max_pixels, min_pixels)
+        rh, rw = self._resized(height, width, max_pixels, min_pixels)
         factor = self.patch * self.merge
-        rh, rw = smart_resize(height, width, factor, lo, hi)
         return -(-frames // self.temporal_patch) * (rh // factor) * (rw // factor)
 
     def prepare(self, video: str | Video | np.ndarray | None = None, prompt: str = "",
