@@ -70,16 +70,27 @@ def test_eos_inside_an_accepted_run(ckpt_dir, family):
 
 
 def test_stop_strings_match_hf(ckpt_dir):
+    """Stop strings end generation where HF's `generate(stop_strings=...)` does: at the token that completes one,
+    also when the stop string begins in the prompt or runs past the end of the completing token, and not for one
+    that lies in the prompt alone."""
     target = get_target(ckpt_dir, "qwen2_5_vl", 0)
     inputs = prepare(target, clip(4))
+    tok, prompt = target.tokenizer, inputs["input_ids"][0].tolist()
     ref = hf_greedy(target, inputs, 40)
     draft = fit_draft(target, inputs, ref)
-    stop = target.tokenizer.decode(ref[9:11])
-    expect = target.model.generate(**inputs, max_new_tokens=40, do_sample=False, stop_strings=[stop],
-                                   tokenizer=target.tokenizer)[0, inputs["input_ids"].shape[1]:].tolist()
-    assert len(expect) < 40
-    out = sparrow.generate(target, draft, inputs, max_new_tokens=40, stop=[stop])
-    assert out.token_ids == expect and out.stats.stop_reason == "stop_string"
+    k = next(i for i in range(4, 30) if len(tok.decode(ref[i:i + 1])) > 1)  # a token of two characters or more
+    stops = {"inside the answer": tok.decode(ref[9:11]),
+             "from the prompt into the answer": tok.decode(prompt[-1:] + ref[:1]),
+             "past the completing token's start": tok.decode(ref[k - 1:k + 1])[:-1],
+             "in the prompt alone": "assistant"}
+    for name, stop in stops.items():
+        expect = target.model.generate(**inputs, max_new_tokens=40, do_sample=False, stop_strings=[stop],
+                                       tokenizer=tok)[0, len(prompt):].tolist()
+        assert (len(expect) < 40) == (name != "in the prompt alone"), name
+        for method in ("sparrow", "ar"):
+            out = sparrow.generate(target, draft, inputs, max_new_tokens=40, stop=[stop], method=method)
+            assert out.token_ids == expect, f"{method}, stop string {name} ({stop!r})"
+            assert out.stats.stop_reason == ("max_new_tokens" if len(expect) == 40 else "stop_string")
 
 
 def test_long_video_many_visual_tokens(ckpt_dir):

@@ -189,13 +189,17 @@ class DraftRunner:
 
 class _Emitter:
     """Collects new tokens and applies the stopping rules exactly as the target's own `generate` does:
-    EOS (kept), max_new_tokens, and stop strings (kept, stops at the token that completes one)."""
+    EOS (kept), max_new_tokens, and stop strings (kept; like HF's StopStringCriteria, a stop string counts when the
+    newest token completes it, and it may begin in the prompt: `prompt_ids` are the prompt's token ids)."""
 
     def __init__(self, target: Target, max_new_tokens: int, stop: list[str] | None,
-                 on_tokens: Callable[[list[int]], None] | None):
+                 on_tokens: Callable[[list[int]], None] | None, prompt_ids: list[int] = ()):
         self.eos = set(target.eos_token_ids)
         self.max_new = max_new_tokens
         self.stop = [s for s in (stop or []) if s]
+        # every token is at least one character, so a stop string spans at most len(s) tokens
+        self.window = max(map(len, self.stop), default=0) + 1
+        self.context = list(prompt_ids[-self.window:])
         self.tok = target.tokenizer
         self.on_tokens = on_tokens
         self.ids: list[int] = []
@@ -220,8 +224,10 @@ class _Emitter:
         return len(taken)
 
     def _stopped(self) -> bool:
-        tail = self.tok.decode(self.ids[-32:])
-        return any(s in tail for s in self.stop)
+        """True when a stop string ends inside the newest token's text (it may start in earlier tokens)."""
+        ids = (self.context + self.ids)[-self.window:]
+        head, text = self.tok.decode(ids[:-1]), self.tok.decode(ids)
+        return any(text.find(s, max(0, len(head) - len(s) + 1)) >= 0 for s in self.stop)
 
 
 def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_tokens: int = 128,
@@ -268,7 +274,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
     target.check_length(L, max_new_tokens)
     clock = _Clock(target.device)
     stats = Stats(method=method, prompt_tokens=L, visual_tokens=int(target.visual_mask(input_ids[0]).sum()))
-    emitter = _Emitter(target, max_new_tokens, stop, on_tokens)
+    emitter = _Emitter(target, max_new_tokens, stop, on_tokens, input_ids[0].tolist())
 
     t0 = clock.now()
     cache = target.new_cache(L + max_new_tokens + tree.tokens + 2)
