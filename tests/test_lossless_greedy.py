@@ -1,7 +1,6 @@
 """Greedy speculative decoding must equal the target's own HF `generate(do_sample=False)` token for token."""
 
 import pytest
-import torch
 
 import sparrow
 from conftest import FAMILIES, clip, fit_draft, get_target, hf_greedy, prepare
