@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_video_args(g)
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 = off (default)")
+    g.add_argument("--top-k", type=int, default=0,
+                   help="0 = off (default; transformers' generate defaults to 50 when not told top_k)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--method", choices=["sparrow", "eagle", "ar"], default="sparrow")

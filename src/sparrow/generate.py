@@ -243,7 +243,8 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         inputs: the dict from `target.prepare(...)` (batch 1): exactly what HF `model.generate(**inputs)` takes.
         max_new_tokens: upper bound on new tokens.
         method: "sparrow" (text-only draft cache, VATA) | "eagle" (draft cache with every visual position) | "ar".
-        temperature / top_p / top_k: sampling (temperature 0 = greedy), applied as HF does.
+        temperature / top_p / top_k: sampling (temperature 0 = greedy), applied as HF does; top_p 1.0 and top_k 0
+            are off (HF's `generate` uses top_k 50, or the checkpoint's generation_config, unless told top_k=0).
         tree: draft tree shape (EAGLE-2 dynamic tree), default top-k 8, depth 5, 30 tokens.
         stop: stop strings (generation ends at the token that completes one, which is kept).
         seed: seed of the sampling generator.
