@@ -167,12 +167,12 @@ def test_generate_compare_reports_the_speedup_against_plain_decoding(env, capsys
     assert "--compare sets a speculative method" in capsys.readouterr().err
 
 
-def test_check_hf_compares_with_transformers_generate_without_the_checkpoints_repetition_penalty(env, tmp_path,
-                                                                                                 capsys, monkeypatch):
-    """A checkpoint whose generation_config sets a repetition penalty (as Qwen2.5-VL-7B-Instruct's does): loading it
-    says the penalty is not applied, and --check-hf decodes with transformers' generate without it (with it,
-    transformers' own greedy output is another one) and finds Sparrow's output identical; so does bench's
-    hf-assisted baseline."""
+def test_check_hf_with_the_checkpoints_generation_config(env, tmp_path, capsys, monkeypatch):
+    """A checkpoint whose generation_config sets a repetition penalty (as Qwen2.5-VL-7B-Instruct's does, 1.05) and a
+    setting Sparrow does not apply (no_repeat_ngram_size): Sparrow applies the penalty by default, as `generate` does,
+    and loading says that the other one is left out; --check-hf decodes with transformers' generate with the penalty
+    and without the other setting and finds Sparrow's output identical; so does bench's hf-assisted baseline.
+    --repetition-penalty 1.0 switches the penalty off on both sides."""
     import shutil
 
     import sparrow
@@ -188,21 +188,30 @@ def test_check_hf_compares_with_transformers_generate_without_the_checkpoints_re
     cap = capsys.readouterr()
     res = json.loads(cap.out)
     assert res["hf_identical"] is True
-    assert "generation_config sets repetition_penalty 1.5, no_repeat_ngram_size 1, which Sparrow's decoding does " \
-           "not apply" in cap.err
+    assert "generation_config sets no_repeat_ngram_size 1, which Sparrow's decoding does not apply" in cap.err
     target = sparrow.load_target(path)
     inputs = target.prepare(env["video"], "Describe the video.", num_frames=8, max_pixels=56 * 56)
-    penalised = target.model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
-    assert penalised.tolist() != res["token_ids"] == target.hf_greedy(inputs, 12)
-    assert target.model.generation_config.repetition_penalty == 1.5  # put back after the reference run
-    from sparrow.bench import hf_assisted  # bench's transformers baseline decodes without the penalty too
+    L = inputs["input_ids"].shape[1]
+
+    def hf(**kw):
+        return target.model.generate(**inputs, max_new_tokens=12, do_sample=False, **kw)[0, L:].tolist()
+
+    assert res["token_ids"] == hf(no_repeat_ngram_size=0) == target.hf_greedy(inputs, 12)
+    assert res["token_ids"] != hf(no_repeat_ngram_size=0, repetition_penalty=1.0)  # the penalty was applied
+    assert target.model.generation_config.no_repeat_ngram_size == 1  # put back after the reference run
+    from sparrow.bench import hf_assisted  # bench's transformers baseline decodes with the penalty alone too
 
     assistant = sparrow.load_target(env["other"]).model
     assert hf_assisted(target, assistant, inputs, 12, 0.0, 0).token_ids == res["token_ids"]
+    assert main(args + ["--json", "--repetition-penalty", "1"]) == 0
+    off = json.loads(capsys.readouterr().out)
+    assert off["hf_identical"] is True and off["token_ids"] == hf(no_repeat_ngram_size=0, repetition_penalty=1.0)
     assert main(args) == 0 and "transformers' generate: identical (12 tokens)" in capsys.readouterr().err
-    monkeypatch.setattr(Target, "hf_greedy", lambda self, inputs, n, stop=None: res["token_ids"][:5] + [0] * 7)
+    monkeypatch.setattr(Target, "hf_greedy", lambda self, inputs, n, stop=None, rp=None: res["token_ids"][:5] + [0] * 7)
     assert main(args) == 1 and "transformers' generate: DIFFERS from token 5 on" in capsys.readouterr().err
     assert main(args + ["--temperature", "1"]) == 2 and "--check-hf compares greedy outputs" in capsys.readouterr().err
+    assert main(args + ["--repetition-penalty", "-1"]) == 2
+    assert "--repetition-penalty must be > 0" in capsys.readouterr().err
 
 
 def test_speedup_is_per_token():

@@ -92,6 +92,41 @@ def test_stop_strings_match_hf(ckpt_dir):
             assert out.stats.stop_reason == ("max_new_tokens" if len(expect) == 40 else "stop_string")
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_repetition_penalty_matches_hf(ckpt_dir, family):
+    """With a repetition penalty, greedy output equals HF `generate(repetition_penalty=...)`: each tree node is
+    penalised along its own path (prompt, committed tokens, its ancestors). The checkpoint's generation_config value is
+    the default, as in `generate`."""
+    target = get_target(ckpt_dir, family, 1)
+    inputs = prepare(target, clip(4, seed=1))
+    L, gc = inputs["input_ids"].shape[1], target.model.generation_config
+    plain = hf_greedy(target, inputs, 40)
+    for rp in (1.3, 0.7):
+        ref = target.model.generate(**inputs, max_new_tokens=40, do_sample=False, repetition_penalty=rp)[0, L:].tolist()
+        assert ref != plain
+        draft = fit_draft(target, inputs, ref)  # accepted deep, so the paths' own tokens matter
+        taus = []
+        for method, tree in (("sparrow", TREES["wide"]), ("sparrow", TREES["chain"]), ("eagle", TREES["small"]),
+                             ("ar", None)):
+            out = sparrow.generate(target, draft, inputs, max_new_tokens=40, method=method, tree=tree,
+                                   repetition_penalty=rp)
+            assert out.token_ids == ref, f"{method}, repetition penalty {rp}"
+            taus.append(out.stats.tau)
+        assert max(taus) > 2.5
+        assert target.hf_greedy(inputs, 40, repetition_penalty=rp) == ref
+    old = gc.repetition_penalty
+    try:
+        gc.repetition_penalty = 1.3
+        expect = target.model.generate(**inputs, max_new_tokens=40, do_sample=False)[0, L:].tolist()
+        assert expect != plain and target.hf_greedy(inputs, 40) == expect
+        assert sparrow.generate(target, draft, inputs, max_new_tokens=40).token_ids == expect
+        assert sparrow.generate(target, draft, inputs, max_new_tokens=40, repetition_penalty=1.0).token_ids == plain
+    finally:
+        gc.repetition_penalty = old
+    with pytest.raises(sparrow.SparrowError, match="repetition penalty must be > 0"):
+        sparrow.generate(target, draft, inputs, max_new_tokens=4, repetition_penalty=0.0)
+
+
 def test_long_video_many_visual_tokens(ckpt_dir):
     """A longer clip (64 frames at 112x112: 512 visual tokens) through both draft modes."""
     target = get_target(ckpt_dir, "qwen2_5_vl", 0)

@@ -23,25 +23,35 @@ def exact_pair_distribution(target, inputs, s: Sampling) -> np.ndarray:
     return exact_joint(target, inputs, s)[0]
 
 
-def exact_joint(target, inputs, s: Sampling, top_pairs: int = 0):
+def penalised(logits: torch.Tensor, ids: list[int], penalty: float) -> torch.Tensor:
+    """HF's repetition penalty, written out: the logits of the tokens in `ids` divided by it (multiplied if < 0)."""
+    x = logits.float().clone()
+    idx = torch.tensor(sorted(set(ids)))
+    x[idx] = torch.where(x[idx] < 0, x[idx] * penalty, x[idx] / penalty)
+    return x
+
+
+def exact_joint(target, inputs, s: Sampling, top_pairs: int = 0, penalty: float = 1.0):
     """(V, V) joint probability of the first two new tokens and, for the `top_pairs` likeliest pairs, (P, V) joint
-    probability of (pair, third token)."""
+    probability of (pair, third token); with a repetition penalty on the prompt's and the new tokens."""
     cache = target.new_cache(inputs["input_ids"].shape[1] + 2)
     pre = target.prefill(inputs, cache)
-    p1 = warp_probs(pre.logits, s)
+    prompt = inputs["input_ids"][0].tolist()
+    p1 = warp_probs(penalised(pre.logits, prompt, penalty), s)
     V = p1.shape[0]
     joint = torch.zeros(V, V)
     n = cache.length
     for x1 in p1.nonzero(as_tuple=True)[0].tolist():
         cache.truncate(n)
         logits, _ = target.forward(torch.tensor([x1]), None, None, cache)
-        joint[x1] = p1[x1] * warp_probs(logits[-1], s)
+        joint[x1] = p1[x1] * warp_probs(penalised(logits[-1], prompt + [x1], penalty), s)
     pairs = joint.flatten().topk(top_pairs).indices if top_pairs else torch.zeros(0, dtype=torch.long)
     triple = torch.zeros(len(pairs), V)
     for i, flat in enumerate(pairs.tolist()):
         cache.truncate(n)
         logits, _ = target.forward(torch.tensor([flat // V, flat % V]), None, None, cache)
-        triple[i] = joint.flatten()[flat] * warp_probs(logits[-1], s)
+        seen = prompt + [flat // V, flat % V]
+        triple[i] = joint.flatten()[flat] * warp_probs(penalised(logits[-1], seen, penalty), s)
     return joint.double().numpy(), [(f // V, f % V) for f in pairs.tolist()], triple.double().numpy()
 
 
@@ -66,18 +76,20 @@ def setup(ckpt_dir):
     return target, inputs, draft
 
 
-@pytest.mark.parametrize("method,temperature,top_p,top_k", [
-    ("sparrow", 1.0, 1.0, 0), ("sparrow", 1.0, 0.8, 0), ("eagle", 0.7, 0.9, 20)])
-def test_speculative_sampling_matches_target(setup, method, temperature, top_p, top_k):
+@pytest.mark.parametrize("method,temperature,top_p,top_k,penalty", [
+    ("sparrow", 1.0, 1.0, 0, 1.0), ("sparrow", 1.0, 0.8, 0, 1.0), ("eagle", 0.7, 0.9, 20, 1.0),
+    ("sparrow", 1.0, 1.0, 0, 2.0)])
+def test_speculative_sampling_matches_target(setup, method, temperature, top_p, top_k, penalty):
     target, inputs, draft = setup
     s = Sampling(temperature=temperature, top_p=top_p, top_k=top_k)
-    pair_probs, pairs, triple_probs = exact_joint(target, inputs, s, top_pairs=8)
+    pair_probs, pairs, triple_probs = exact_joint(target, inputs, s, top_pairs=8, penalty=penalty)
     V = pair_probs.shape[0]
     pair_counts, triple_counts = np.zeros((V, V)), np.zeros((len(pairs), V))
     deep = 0
     for i in range(N):
         out = sparrow.generate(target, draft, inputs, max_new_tokens=3, method=method, temperature=temperature,
-                               top_p=top_p, top_k=top_k, seed=i, tree=sparrow.TreeConfig(top_k=4, depth=3, tokens=10))
+                               top_p=top_p, top_k=top_k, seed=i, repetition_penalty=penalty,
+                               tree=sparrow.TreeConfig(top_k=4, depth=3, tokens=10))
         a, b, c = out.token_ids
         pair_counts[a, b] += 1
         if (a, b) in pairs:
@@ -88,6 +100,8 @@ def test_speculative_sampling_matches_target(setup, method, temperature, top_p, 
     assert p > ALPHA, f"first two tokens deviate from the target distribution (chi-square p = {p:.2e})"
     p = chi2_pvalue(triple_counts, triple_probs / triple_probs.sum())
     assert p > ALPHA, f"third token deviates from the target distribution (chi-square p = {p:.2e})"
+    if penalty != 1.0:  # and the samples do tell the penalised distribution from the plain one
+        assert chi2_pvalue(pair_counts, exact_joint(target, inputs, s)[0]) < ALPHA
 
 
 def test_the_check_detects_a_biased_sampler(setup):
@@ -113,3 +127,29 @@ def test_warp_matches_hf_processors():
         if p < 1:
             x = TopPLogitsWarper(p)(None, x)
         assert torch.allclose(warp_probs(logits, Sampling(t, p, k)), x.softmax(-1), atol=1e-6)
+
+
+def test_repetition_penalty_over_a_tree_matches_hf_on_every_path():
+    """Each tree node's row is penalised as HF's RepetitionPenaltyLogitsProcessor penalises it on the sequence
+    prompt + committed tokens + the node's own root-to-node path (siblings' tokens do not count)."""
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from sparrow.tree import tree_from_parents
+    from sparrow.verify import RepetitionPenalty
+
+    torch.manual_seed(0)
+    V, prompt, committed = 40, torch.tensor([3, 7, 7, 11]), [20]
+    tree = tree_from_parents(torch.tensor([20, 5, 6, 3, 5, 30, 6]), torch.tensor([-1, 0, 0, 1, 1, 2, 5]))
+    logits = torch.randn(len(tree), V) * 3
+    for r in (1.3, 0.6):
+        pen = RepetitionPenalty(r, prompt, V)
+        pen.add(committed)
+        got = pen(logits, tree)
+        for i in range(len(tree)):
+            path = [int(tree.tokens[j]) for j in range(len(tree)) if tree.mask[i, j] and j > 0]
+            ids = torch.tensor([prompt.tolist() + committed + path])
+            want = RepetitionPenaltyLogitsProcessor(r)(ids, logits[i:i + 1].clone())[0]
+            assert torch.equal(got[i], want), f"node {i}, penalty {r}"
+        assert not torch.equal(got[4], pen(logits)[4])  # node 4 (token 5 under 5) differs from the committed-only row
+    with pytest.raises(sparrow.SparrowError, match="must be > 0"):
+        RepetitionPenalty(0.0, prompt, V)

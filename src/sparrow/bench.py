@@ -82,14 +82,15 @@ class Method:
 def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperature: float, seed: int) -> GenerateOutput:
     """transformers' assisted generation (`generate(assistant_model=...)`), timed like our loop: prefill_s is a
     separate 1-token generate of the target, decode_s the rest; tau = tokens after the first per target forward.
-    Runs with the target's `plain_generation_config`, so that it decodes as our loop does (no repetition penalty
-    or top-k of the checkpoint's own)."""
+    Runs with the target's `plain_generation_config` plus its repetition penalty, so that it decodes as our loop
+    does: no other setting of the checkpoint's, and sampling with temperature alone (generate's own top_k 50 off)."""
     model, clock = target.model, _Clock(target.device)
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
-    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=target.tokenizer.pad_token_id)
+    kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=target.tokenizer.pad_token_id,
+              repetition_penalty=target.repetition_penalty)
     if temperature > 0:
-        kw["temperature"] = temperature
+        kw.update(temperature=temperature, top_k=0, top_p=1.0)
     try:
         with torch.inference_mode(), target.plain_generation_config():
             t0 = clock.now()

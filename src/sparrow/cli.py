@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 = off (default)")
     g.add_argument("--top-k", type=int, default=0,
                    help="0 = off (default; transformers' generate defaults to 50 when not told top_k)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers' repetition penalty, 1.0 = off (default: the checkpoint's generation_config, "
+                        "as model.generate applies it)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--method", choices=["sparrow", "eagle", "ar"], default="sparrow")
@@ -119,6 +122,8 @@ def cmd_generate(a) -> int:
     if not a.prompt.strip():
         raise SparrowError('--prompt is empty; give the question about the video (e.g. --prompt "Describe the video.")')
     sampling = Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before loading
+    if a.repetition_penalty is not None and not a.repetition_penalty > 0:
+        raise SparrowError(f"--repetition-penalty must be > 0 (1.0 = off), got {a.repetition_penalty}")
     if a.check_hf and not sampling.greedy:
         raise SparrowError("--check-hf compares greedy outputs token for token; drop --temperature (sampled outputs "
                            "follow the same distribution, not the same tokens)")
@@ -149,11 +154,11 @@ def cmd_generate(a) -> int:
 
     stream.shown = 0
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop=a.stop,
-              seed=a.seed)
+              seed=a.seed, repetition_penalty=a.repetition_penalty)
     out = generate(target, draft, inputs, method=a.method, tree=tree, on_tokens=None if a.json else stream, **kw)
     base = generate(target, None, inputs, method="ar", **kw) if a.compare else None
     same = base is None or not sampling.greedy or base.token_ids == out.token_ids
-    ref = target.hf_greedy(inputs, a.max_new_tokens, a.stop) if a.check_hf else None
+    ref = target.hf_greedy(inputs, a.max_new_tokens, a.stop, a.repetition_penalty) if a.check_hf else None
     same_hf = ref is None or ref == out.token_ids
     if a.json:
         res = out.to_dict()

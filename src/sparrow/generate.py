@@ -25,7 +25,7 @@ from .draft import DraftCache, SparrowDraft
 from .errors import SparrowError
 from .targets.base import Prefill, Target
 from .tree import Tree, TreeConfig, build_tree
-from .verify import Sampling, accept_greedy, accept_sampling, sample, warp_probs
+from .verify import RepetitionPenalty, Sampling, accept_greedy, accept_sampling, sample, warp_probs
 
 METHODS = ("sparrow", "eagle", "ar")
 
@@ -234,7 +234,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
              method: str = "sparrow", temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              tree: TreeConfig | None = None, stop: list[str] | None = None, seed: int | None = None,
              on_tokens: Callable[[list[int]], None] | None = None,
-             visual_keep: torch.Tensor | None = None) -> GenerateOutput:
+             visual_keep: torch.Tensor | None = None, repetition_penalty: float | None = None) -> GenerateOutput:
     """Generate with lossless speculative decoding (or plain decoding with method="ar").
 
     Args:
@@ -251,9 +251,11 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         on_tokens: called with each batch of newly emitted token ids (streaming).
         visual_keep: (L,) bool over prompt positions, "eagle" only: the visual positions the draft's cache holds
             (default all). For the negative-visual-gain analysis; the output stays lossless.
+        repetition_penalty: HF's repetition penalty (1.0 = off); None = the checkpoint's generation_config value,
+            as `model.generate` takes it (Qwen2.5-VL Instruct: 1.05). Applied to every tree node along its own path.
     Returns: `GenerateOutput` (token_ids, text, stats).
     Raises: SparrowError for an unknown method, a missing draft, a tree that is not a TreeConfig, bad sampling
-    settings, or a prompt that does not fit the context.
+    settings or repetition penalty, or a prompt that does not fit the context.
     Source: EAGLE-2 loop (dynamic tree, one verification per cycle); Sparrow VATA (method.md section 2a).
     """
     if method not in METHODS:
@@ -272,6 +274,20 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
     input_ids = inputs["input_ids"]
     L = input_ids.shape[1]
+    rp = target.repetition_penalty if repetition_penalty is None else repetition_penalty
+    penalty = RepetitionPenalty(rp, input_ids[0], target.lm_head.weight.shape[0]) if rp != 1.0 else None
+
+    def choose(logits: torch.Tensor) -> int:  # (V,) -> the target's next token after the committed sequence
+        if penalty is not None:
+            logits = penalty(logits[None])[0]
+        return int(logits.argmax()) if sampling.greedy else sample(warp_probs(logits, sampling), gen)
+
+    def emit(tokens: list[int]) -> int:
+        n = emitter.emit(tokens)
+        if penalty is not None:
+            penalty.add(tokens[:n])
+        return n
+
     target.check_length(L, max_new_tokens)
     clock = _Clock(target.device)
     stats = Stats(method=method, prompt_tokens=L, visual_tokens=int(target.visual_mask(input_ids[0]).sum()))
@@ -280,10 +296,10 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
     t0 = clock.now()
     cache = target.new_cache(L + max_new_tokens + tree.tokens + 2)
     pre = target.prefill(inputs, cache, capture_embeds=(method == "eagle"))
-    first = int(pre.logits.argmax()) if sampling.greedy else sample(warp_probs(pre.logits, sampling), gen)
+    first = choose(pre.logits)
     t1 = clock.now()
     stats.prefill_s = t1 - t0
-    emitter.emit([first])
+    emit([first])
     root = first
 
     with torch.inference_mode():
@@ -291,9 +307,9 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
             while not emitter.reason:
                 tv = clock.now()
                 logits, _ = target.forward(torch.tensor([root], device=target.device), None, None, cache)
-                root = int(logits[-1].argmax()) if sampling.greedy else sample(warp_probs(logits[-1], sampling), gen)
+                root = choose(logits[-1])
                 stats.verify_s += clock.now() - tv
-                stats.accept_lengths.append(emitter.emit([root]))
+                stats.accept_lengths.append(emit([root]))
         else:
             runner = DraftRunner(draft, target, pre, method, max_new_tokens, tree, visual_keep)
             root_logp = runner.prefill(input_ids[0], pre, first)
@@ -305,6 +321,8 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
                 tv = clock.now()
                 n = cache.length
                 logits, hidden = target.forward(t.tokens, t.depths, t.mask, cache)
+                if penalty is not None:
+                    logits = penalty(logits, t)
                 if sampling.greedy:
                     accepted, bonus = accept_greedy(t, logits)
                 else:
@@ -312,7 +330,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
                 cache.accept(n, accepted)
                 tc = clock.now()
                 new = t.tokens[accepted[1:]].tolist() + [bonus]
-                stats.accept_lengths.append(emitter.emit(new))
+                stats.accept_lengths.append(emit(new))
                 stats.tree_tokens = len(t)
                 if not emitter.reason:
                     root = bonus

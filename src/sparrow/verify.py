@@ -44,6 +44,40 @@ class Sampling:
         return self.temperature <= 0
 
 
+class RepetitionPenalty:
+    """transformers' repetition penalty (RepetitionPenaltyLogitsProcessor; CTRL, Keskar et al. 2019) for the target's
+    logits over a draft tree: a token already in the sequence, prompt included, has its logit divided by `penalty`
+    where >= 0 and multiplied where negative. In a tree, node i's sequence is the committed one plus the tokens of i
+    and its ancestors (tree.mask), so each row is penalised as the target's own decoding would penalise it there.
+    Applied to float32 logits before temperature / top-k / top-p, as `generate` does.
+
+    penalty: > 0 (1.0 = off). prompt_ids: (L,) int64. vocab: V, the logits' width.
+    Raises: SparrowError for a penalty that is not > 0.
+    """
+
+    def __init__(self, penalty: float, prompt_ids: torch.Tensor, vocab: int):
+        if not penalty > 0:  # also NaN
+            raise SparrowError(f"repetition penalty must be > 0 (1.0 = off), got {penalty} (--repetition-penalty)")
+        self.penalty = float(penalty)
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=prompt_ids.device)  # (V,) tokens in the sequence
+        self.seen[prompt_ids] = True
+
+    def add(self, tokens: list[int]) -> None:
+        """The tokens just committed to the sequence."""
+        self.seen[torch.tensor(tokens, device=self.seen.device)] = True
+
+    def __call__(self, logits: torch.Tensor, tree: Tree | None = None) -> torch.Tensor:
+        """logits (n, V) -> penalised float32 (n, V). Without a tree every row follows the committed sequence;
+        with one (n nodes), row i also counts the tokens on its own root-to-i path."""
+        x = logits.float()
+        seen = self.seen.expand_as(x)
+        if tree is not None:
+            rows, cols = tree.mask.nonzero(as_tuple=True)  # cols: i itself and each ancestor of i
+            seen = seen.clone()
+            seen[rows, tree.tokens[cols]] = True
+        return torch.where(seen, torch.where(x < 0, x * self.penalty, x / self.penalty), x)
+
+
 def warp_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """logits (..., V) -> probabilities (..., V) float32 after temperature, top-k and top-p, with the same
     semantics as transformers' TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (ties at the

@@ -24,8 +24,9 @@ from ..errors import SparrowError
 
 
 # Settings of a checkpoint's generation_config that transformers' `generate` applies as logits processors even when
-# greedy, with their neutral values; Sparrow's decoding applies none of them (`Target.unapplied_settings`).
-UNAPPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+# greedy, with their neutral values; Sparrow's decoding applies none of them (`Target.unapplied_settings`). It does
+# apply `repetition_penalty` (`Target.repetition_penalty`, `verify.RepetitionPenalty`).
+UNAPPLIED = {"encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
              "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "min_length": 0, "min_new_tokens": 0,
              "suppress_tokens": [], "begin_suppress_tokens": [], "sequence_bias": {}, "forced_bos_token_id": None,
              "forced_eos_token_id": None, "exponential_decay_length_penalty": None}
@@ -136,11 +137,18 @@ class Target:
                 return [eos] if isinstance(eos, int) else list(eos)
         return [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
 
+    @property
+    def repetition_penalty(self) -> float:
+        """The checkpoint's generation_config repetition_penalty (1.0 when unset): what `model.generate` applies
+        and what `sparrow.generate` applies unless told otherwise."""
+        rp = getattr(getattr(self.model, "generation_config", None), "repetition_penalty", None)
+        return 1.0 if rp is None else float(rp)
+
     def unapplied_settings(self) -> dict:
         """The settings of the checkpoint's generation_config that transformers' `generate` applies even with
-        do_sample=False and that Sparrow's decoding does not (a repetition penalty, banned n-grams or words, a minimum
-        length...: each would have to be applied along every path of the draft tree). Their name -> value; {} when
-        there are none."""
+        do_sample=False and that Sparrow's decoding does not (banned n-grams or words, a minimum length...: each
+        would have to be applied along every path of the draft tree, as the repetition penalty is). Their name ->
+        value; {} when there are none."""
         gc = getattr(self.model, "generation_config", None)
         if gc is None:
             return {}
@@ -163,13 +171,17 @@ class Target:
         finally:
             self.model.generation_config = own
 
-    def hf_greedy(self, inputs: dict, max_new_tokens: int, stop: list[str] | None = None) -> list[int]:
+    def hf_greedy(self, inputs: dict, max_new_tokens: int, stop: list[str] | None = None,
+                  repetition_penalty: float | None = None) -> list[int]:
         """transformers' own greedy decoding of `inputs` (`model.generate`, do_sample=False), with the checkpoint's
-        eos ids and none of its `unapplied_settings` (`plain_generation_config`): the reference that Sparrow's greedy
-        output equals token for token. Returns the new token ids (eos included when it ends the answer)."""
+        eos ids and repetition penalty (or `repetition_penalty`) and none of its `unapplied_settings`
+        (`plain_generation_config`): the reference that Sparrow's greedy output, given the same stop strings and
+        penalty, equals token for token. Returns the new token ids (eos included when it ends the answer)."""
         extra = dict(stop_strings=stop, tokenizer=self.tokenizer) if stop else {}
+        rp = self.repetition_penalty if repetition_penalty is None else repetition_penalty
         with self.plain_generation_config():
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      repetition_penalty=float(rp), **extra)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
 
     @property
@@ -391,7 +403,7 @@ def load_target(path: str | None = None, dtype: str | torch.dtype | None = None,
     Raises: SparrowError for a missing path/config, an unsupported family, an unknown dtype name or device, or a
     CUDA device where torch sees none. Prints a warning to stderr when bf16/fp16 is asked for on a CPU without
     fast kernels for it (`fast_bf16`), and a note when the checkpoint's generation_config sets what Sparrow's
-    decoding does not apply (`Target.unapplied_settings`, e.g. a repetition penalty).
+    decoding does not apply (`Target.unapplied_settings`, e.g. no_repeat_ngram_size).
     """
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
