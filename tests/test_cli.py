@@ -203,6 +203,14 @@ def test_check_hf_with_the_checkpoints_generation_config(env, tmp_path, capsys, 
 
     assistant = sparrow.load_target(env["other"]).model
     assert hf_assisted(target, assistant, inputs, 12, 0.0, 0).token_ids == res["token_ids"]
+    built = []  # sampled, it warps as Sparrow's sampling does: temperature alone, no top-k 50 of generate's own
+    real = type(target.model)._get_logits_processor
+    monkeypatch.setattr(type(target.model), "_get_logits_processor",
+                        lambda self, *x, **k: built.append(real(self, *x, **k)) or built[-1])
+    hf_assisted(target, assistant, inputs, 4, 0.7, 0)
+    kinds = {type(p).__name__ for p in built[-1]}
+    assert {"TemperatureLogitsWarper", "RepetitionPenaltyLogitsProcessor"} <= kinds and "TopKLogitsWarper" not in kinds
+    monkeypatch.undo()
     assert main(args + ["--json", "--repetition-penalty", "1"]) == 0
     off = json.loads(capsys.readouterr().out)
     assert off["hf_identical"] is True and off["token_ids"] == hf(no_repeat_ngram_size=0, repetition_penalty=1.0)
