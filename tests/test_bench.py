@@ -46,6 +46,7 @@ def test_bench_writes_every_output(env):
         assert r["lossless"] is (None if r["method"] == "ar" else True), r
     res = json.load(open(os.path.join(out, "summary.json")))
     assert res["meta"]["dtype"] == "float32" and res["meta"]["frames"] == {"64": 2, "128": 4}
+    assert res["meta"]["repetition_penalty"] == 1.0  # the checkpoint's, which every method applies
     for b in ("64", "128"):
         assert list(res["summary"][b]) == names
         for name, s in res["summary"][b].items():

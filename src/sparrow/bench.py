@@ -502,7 +502,8 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
     meta = {**(meta or {}), "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device), "seed": seed,
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "buckets": list(buckets),
+            "max_new_tokens": max_new_tokens, "temperature": temperature,
+            "repetition_penalty": target.repetition_penalty, "buckets": list(buckets),
             "frames": {str(b): n for b, n in plan}, "methods": names,
             "tree": "auto" if tree == "auto" else asdict(tree)}
     try:
