@@ -197,8 +197,9 @@ class _Emitter:
         self.eos = set(target.eos_token_ids)
         self.max_new = max_new_tokens
         self.stop = [s for s in (stop or []) if s]
-        # every token is at least one character, so a stop string spans at most len(s) tokens
-        self.window = max(map(len, self.stop), default=0) + 1
+        # a stop string spans at most len(s) tokens of one character or more; the margin covers tokens that decode
+        # to nothing (a lone SentencePiece space at the start of a window)
+        self.window = 2 * max(map(len, self.stop), default=0) + 8
         self.context = list(prompt_ids[-self.window:])
         self.tok = target.tokenizer
         self.on_tokens = on_tokens
