@@ -5,6 +5,7 @@ One cycle, with n entries in the target cache and the pending root token r at ta
     draft catch-up   the draft reads the accepted pairs (token_t, h_{t-1}) -> its state at r -> root logits
     draft tree       EAGLE-2 expansion over depth - 1 more draft steps          tree: 1 + N nodes
     verify           one target forward over the tree (4D ancestor mask)       logits (1+N, V), h (1+N, H)
+                     (+ the repetition penalty, each node's row along its own path, when one is set)
     accept           greedy / rejection sampling -> path r, a_1..a_k + bonus token b
     cache            target: keep [r, a_1..a_k]; draft: drop the tree entries; b is the next root
 
