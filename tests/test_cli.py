@@ -187,7 +187,7 @@ def test_check_hf_with_the_checkpoints_generation_config(env, tmp_path, capsys, 
     assert main(args + ["--json"]) == 0
     cap = capsys.readouterr()
     res = json.loads(cap.out)
-    assert res["hf_identical"] is True
+    assert res["hf_identical"] is True and res["repetition_penalty"] == 1.5
     assert "generation_config sets no_repeat_ngram_size 1, which Sparrow's decoding does not apply" in cap.err
     target = sparrow.load_target(path)
     inputs = target.prepare(env["video"], "Describe the video.", num_frames=8, max_pixels=56 * 56)
@@ -213,8 +213,11 @@ def test_check_hf_with_the_checkpoints_generation_config(env, tmp_path, capsys, 
     monkeypatch.undo()
     assert main(args + ["--json", "--repetition-penalty", "1"]) == 0
     off = json.loads(capsys.readouterr().out)
-    assert off["hf_identical"] is True and off["token_ids"] == hf(no_repeat_ngram_size=0, repetition_penalty=1.0)
-    assert main(args) == 0 and "transformers' generate: identical (12 tokens)" in capsys.readouterr().err
+    assert off["hf_identical"] is True and off["repetition_penalty"] == 1.0
+    assert off["token_ids"] == hf(no_repeat_ngram_size=0, repetition_penalty=1.0)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "transformers' generate: identical (12 tokens)" in err and "| repetition penalty 1.5" in err
     monkeypatch.setattr(Target, "hf_greedy", lambda self, inputs, n, stop=None, rp=None: res["token_ids"][:5] + [0] * 7)
     assert main(args) == 1 and "transformers' generate: DIFFERS from token 5 on" in capsys.readouterr().err
     assert main(args + ["--temperature", "1"]) == 2 and "--check-hf compares greedy outputs" in capsys.readouterr().err

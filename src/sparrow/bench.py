@@ -104,7 +104,8 @@ def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperatur
         hook.remove()
     ids = out[0, inputs["input_ids"].shape[1]:].tolist()
     s = Stats(method="hf-assisted", new_tokens=len(ids), prompt_tokens=inputs["input_ids"].shape[1],
-              visual_tokens=int(target.visual_mask(inputs["input_ids"][0]).sum()))
+              visual_tokens=int(target.visual_mask(inputs["input_ids"][0]).sum()),
+              repetition_penalty=target.repetition_penalty)
     s.prefill_s, s.decode_s = t1 - t0, max(1e-9, (t2 - t1) - (t1 - t0))
     cycles = max(1, len(calls) - 1)
     s.tau = max(1.0, (len(ids) - 1) / cycles)

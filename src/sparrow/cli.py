@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _summary(out) -> str:
     s = out.stats
     return (f"[{s.method}] visual tokens {s.visual_tokens} | new tokens {s.new_tokens} | tau {s.tau:.2f} | "
-            f"prefill {s.prefill_s:.3f}s | decode {s.decode_s:.3f}s | {s.tokens_per_s:.1f} tok/s")
+            f"prefill {s.prefill_s:.3f}s | decode {s.decode_s:.3f}s | {s.tokens_per_s:.1f} tok/s"
+            + (f" | repetition penalty {s.repetition_penalty:g}" if s.repetition_penalty != 1.0 else ""))
 
 
 def _speedup_line(spec, base) -> str:

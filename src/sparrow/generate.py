@@ -39,7 +39,7 @@ class Stats:
     accept_lengths: tokens emitted by each target forward after the prefill.
     prefill_s: target prefill (vision encoder + LLM) up to the first token. decode_s: everything after
     (draft prompt pass, draft, verify, accept). draft_s / verify_s: the draft's and the target's share of decode_s.
-    tokens_per_s: new tokens after the first / decode_s.
+    tokens_per_s: new tokens after the first / decode_s. repetition_penalty: the one applied (1.0 = none).
     """
 
     method: str
@@ -56,6 +56,7 @@ class Stats:
     tree_tokens: int = 0
     tokens_per_s: float = 0.0
     stop_reason: str = ""
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -292,7 +293,8 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
 
     target.check_length(L, max_new_tokens)
     clock = _Clock(target.device)
-    stats = Stats(method=method, prompt_tokens=L, visual_tokens=int(target.visual_mask(input_ids[0]).sum()))
+    stats = Stats(method=method, prompt_tokens=L, visual_tokens=int(target.visual_mask(input_ids[0]).sum()),
+                  repetition_penalty=float(rp))
     emitter = _Emitter(target, max_new_tokens, stop, on_tokens, input_ids[0].tolist())
 
     t0 = clock.now()
