@@ -70,7 +70,7 @@ def test_eos_inside_an_accepted_run(ckpt_dir, family):
 
 def test_stop_strings_match_hf(ckpt_dir):
     """Stop strings end generation where HF's `generate(stop_strings=...)` does: at the token that completes one,
-    also when the stop string begins in the prompt or runs past the end of the completing token, and not for one
+    also when the stop string begins in the prompt or ends inside the completing token, and not for one
     that lies in the prompt alone."""
     target = get_target(ckpt_dir, "qwen2_5_vl", 0)
     inputs = prepare(target, clip(4))
@@ -80,7 +80,7 @@ def test_stop_strings_match_hf(ckpt_dir):
     k = next(i for i in range(4, 30) if len(tok.decode(ref[i:i + 1])) > 1)  # a token of two characters or more
     stops = {"inside the answer": tok.decode(ref[9:11]),
              "from the prompt into the answer": tok.decode(prompt[-1:] + ref[:1]),
-             "past the completing token's start": tok.decode(ref[k - 1:k + 1])[:-1],
+             "ending inside the completing token": tok.decode(ref[k - 1:k + 1])[:-1],
              "in the prompt alone": "assistant"}
     for name, stop in stops.items():
         expect = target.model.generate(**inputs, max_new_tokens=40, do_sample=False, stop_strings=[stop],
