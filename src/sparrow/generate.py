@@ -192,17 +192,17 @@ class DraftRunner:
 class _Emitter:
     """Collects new tokens and applies the stopping rules exactly as the target's own `generate` does:
     EOS (kept), max_new_tokens, and stop strings (kept; like HF's StopStringCriteria, a stop string counts when the
-    newest token completes it, and it may begin in the prompt: `prompt_ids` are the prompt's token ids)."""
+    newest token completes it, and it may begin in the prompt: `prompt_ids` (L,) are the prompt's token ids)."""
 
     def __init__(self, target: Target, max_new_tokens: int, stop: list[str] | None,
-                 on_tokens: Callable[[list[int]], None] | None, prompt_ids: list[int] = ()):
+                 on_tokens: Callable[[list[int]], None] | None, prompt_ids: torch.Tensor | None = None):
         self.eos = set(target.eos_token_ids)
         self.max_new = max_new_tokens
         self.stop = [s for s in (stop or []) if s]
         # a stop string spans at most len(s) tokens of one character or more; the margin covers tokens that decode
         # to nothing (a lone SentencePiece space at the start of a window)
         self.window = 2 * max(map(len, self.stop), default=0) + 8
-        self.context = list(prompt_ids[-self.window:])
+        self.context = prompt_ids[-self.window:].tolist() if self.stop and prompt_ids is not None else []
         self.tok = target.tokenizer
         self.on_tokens = on_tokens
         self.ids: list[int] = []
@@ -295,7 +295,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
     clock = _Clock(target.device)
     stats = Stats(method=method, prompt_tokens=L, visual_tokens=int(target.visual_mask(input_ids[0]).sum()),
                   repetition_penalty=float(rp))
-    emitter = _Emitter(target, max_new_tokens, stop, on_tokens, input_ids[0].tolist())
+    emitter = _Emitter(target, max_new_tokens, stop, on_tokens, input_ids[0])
 
     t0 = clock.now()
     cache = target.new_cache(L + max_new_tokens + tree.tokens + 2)
