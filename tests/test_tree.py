@@ -108,6 +108,66 @@ def test_greedy_accept_longest_path_and_bonus():
     assert accepted.tolist() == [0] and bonus == 9
 
 
+def tree_of(logp, cfg: TreeConfig, root: int = 99):
+    """build_tree with the table draft `logp` (children's log-probabilities depend on the token path)."""
+    paths_of_front = []
+
+    def expand(tokens, parent_slot):
+        nonlocal paths_of_front
+        if parent_slot is None:
+            paths = [(t,) for t in tokens.tolist()]
+        else:
+            paths = [paths_of_front[p] + (t,) for p, t in zip(parent_slot.tolist(), tokens.tolist())]
+        paths_of_front = paths
+        return torch.stack([logp(p) for p in paths])
+
+    return build_tree(root, logp(()), expand, cfg)
+
+
+def test_greedy_accept_matches_a_walk_down_the_tree():
+    """accept_greedy (one pass over the ancestor mask) against walking from the root: at each node, the child whose
+    token the target picks, until there is none; then the target's pick there is the bonus token."""
+    g = torch.Generator().manual_seed(0)
+    lengths = set()
+    for trial in range(150):
+        cfg = TreeConfig(top_k=3, depth=int(torch.randint(1, 6, (1,), generator=g)),
+                         tokens=int(torch.randint(1, 40, (1,), generator=g)))
+        tree = tree_of(table_logp(trial), cfg)
+        n = len(tree)
+        logits = torch.randn(n, V, generator=g)
+        for i in range(1, n):  # the target agrees with the draft often, so that long chains are accepted
+            if torch.rand(1, generator=g) < 0.6:
+                logits[int(tree.parents[i]), int(tree.tokens[i])] += 5
+        node, walk = 0, [0]
+        while True:
+            pick = int(logits[node].argmax())
+            kids = [j for j in range(n) if int(tree.parents[j]) == node and int(tree.tokens[j]) == pick]
+            if not kids:
+                break
+            node = kids[0]
+            walk.append(node)
+        accepted, bonus = accept_greedy(tree, logits)
+        assert accepted.tolist() == walk and bonus == pick, trial
+        lengths.add(len(walk))
+    assert lengths >= {1, 2, 3, 4}  # the trials reach deep chains, not only the root
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bounded_pointer_jumping_equals_the_open_loop(seed):
+    """tree_from_parents with max_depth (no reads from the device) builds the same depths and mask as without."""
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, n)])
+    tokens = torch.randint(0, V, (n,), generator=g)
+    open_loop = tree_from_parents(tokens, parents)
+    deepest = int(open_loop.depths.max())
+    for bound in (deepest, deepest + 3):
+        bounded = tree_from_parents(tokens, parents, max_depth=bound)
+        assert bounded.depths.equal(open_loop.depths) and bounded.mask.equal(open_loop.mask)
+    short = tree_from_parents(tokens, parents, max_depth=deepest - 1)  # a bound too low misses ancestors
+    assert not short.mask.equal(open_loop.mask)
+
+
 def test_chain_tree():
     t = chain_tree(torch.tensor([4, 5, 6]))
     assert t.depths.tolist() == [0, 1, 2] and t.mask.equal(torch.ones(3, 3, dtype=torch.bool).tril())

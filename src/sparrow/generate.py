@@ -310,7 +310,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         if method == "ar":
             while not emitter.reason:
                 tv = clock.now()
-                logits, _ = target.forward(torch.tensor([root], device=target.device), None, None, cache)
+                logits, _ = target.forward(torch.full((1,), root, device=target.device), None, None, cache)
                 root = choose(logits[-1])
                 stats.verify_s += clock.now() - tv
                 stats.accept_lengths.append(emit([root]))
@@ -338,7 +338,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
                 stats.tree_tokens = len(t)
                 if not emitter.reason:
                     root = bonus
-                    acc_tokens = torch.cat((t.tokens[accepted[1:]], torch.tensor([bonus], device=target.device)))
+                    acc_tokens = torch.cat((t.tokens[accepted[1:]], torch.full((1,), bonus, device=target.device)))
                     root_logp = runner.catch_up(acc_tokens, hidden[accepted], n + 1)
                 te = clock.now()
                 stats.verify_s += tc - tv

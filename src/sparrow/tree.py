@@ -12,6 +12,7 @@ and siblings in descending draft probability.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,46 +43,57 @@ class Tree:
     """A draft tree of n = 1 + N nodes (root first).
 
     tokens: (n,) int64 token ids; parents: (n,) int64 parent index (-1 for the root); depths: (n,) int64;
-    mask: (n, n) bool, mask[i, j] = j is i or an ancestor of i; paths: (leaves, max_depth + 1) int64 node
-    indices root-to-leaf, -1 after the leaf.
+    mask: (n, n) bool, mask[i, j] = j is i or an ancestor of i. `paths` (computed on first use): (leaves,
+    max_depth + 1) int64 node indices root-to-leaf, -1 after the leaf.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depths: torch.Tensor
     mask: torch.Tensor
-    paths: torch.Tensor
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @functools.cached_property
+    def paths(self) -> torch.Tensor:
+        # data-dependent shapes (the number of leaves, the deepest leaf): each waits for the device, so generation,
+        # whose acceptance works on the mask, never asks for them
+        n, dev = self.tokens.shape[0], self.tokens.device
+        is_parent = torch.zeros(n, dtype=torch.bool, device=dev)
+        is_parent[self.parents[self.parents >= 0]] = True
+        leaves = torch.arange(n, device=dev)[~is_parent]
+        paths = torch.full((leaves.shape[0], int(self.depths.max()) + 1), -1, dtype=torch.long, device=dev)
+        rows, cols = self.mask[leaves].nonzero(as_tuple=True)
+        paths[rows, self.depths[cols]] = cols
+        return paths
 
-def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor) -> Tree:
-    """Build depths, the ancestor mask and root-to-leaf paths from tokens (n,) and parents (n,) (parents[0] = -1,
-    parents[i] < i). Pointer jumping: max-depth vectorised steps."""
+
+def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor, max_depth: int | None = None) -> Tree:
+    """Build depths and the ancestor mask from tokens (n,) and parents (n,) (parents[0] = -1, parents[i] < i).
+    Pointer jumping: one vectorised step per level. With `max_depth` (a bound on the deepest node's depth, which
+    must hold: a deeper node would miss ancestors in its mask) it takes exactly that many steps and never waits for
+    the device; without, it stops when every chain has reached the root (one device read per level)."""
     n, dev = tokens.shape[0], tokens.device
     ar = torch.arange(n, device=dev)
     mask = torch.eye(n, dtype=torch.bool, device=dev)
     depths = torch.zeros(n, dtype=torch.long, device=dev)
     anc = parents.clone()
-    while bool((anc >= 0).any()):
+    steps = 0
+    while (steps < max_depth) if max_depth is not None else bool((anc >= 0).any()):
         live = anc >= 0
-        mask[ar[live], anc[live]] = True
+        at = anc.clamp(min=0)
+        mask[ar, at] |= live  # mask[i, anc[i]] = True where live (row i's other columns untouched)
         depths += live.long()
-        anc = torch.where(live, parents[anc.clamp(min=0)], anc)
-    is_parent = torch.zeros(n, dtype=torch.bool, device=dev)
-    is_parent[parents[parents >= 0]] = True
-    leaves = ar[~is_parent]
-    paths = torch.full((leaves.shape[0], int(depths.max()) + 1), -1, dtype=torch.long, device=dev)
-    rows, cols = mask[leaves].nonzero(as_tuple=True)
-    paths[rows, depths[cols]] = cols
-    return Tree(tokens=tokens, parents=parents, depths=depths, mask=mask, paths=paths)
+        anc = torch.where(live, parents[at], anc)
+        steps += 1
+    return Tree(tokens=tokens, parents=parents, depths=depths, mask=mask)
 
 
 def chain_tree(tokens: torch.Tensor) -> Tree:
     """A chain root -> t1 -> t2 ... (tokens (n,))."""
     n = tokens.shape[0]
-    return tree_from_parents(tokens, torch.arange(-1, n - 1, device=tokens.device))
+    return tree_from_parents(tokens, torch.arange(-1, n - 1, device=tokens.device), max_depth=n - 1)
 
 
 Expand = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -118,9 +130,14 @@ def build_tree(root_token: int, root_logp: torch.Tensor, expand: Expand, cfg: Tr
     keep = torch.sort(scores, descending=True, stable=True).indices[:n].sort().values  # parents before children
     lookup = torch.full((scores.shape[0] + 1,), -1, dtype=torch.long, device=dev)
     lookup[keep + 1] = torch.arange(1, n + 1, device=dev)
-    lookup[0] = 0  # candidate parent -1 (the root) -> node 0
+    lookup[:1] = 0  # candidate parent -1 (the root) -> node 0
     node_parent = lookup[parents[keep] + 1]
-    if bool((node_parent < 0).any()):
+    # A lost ancestor (-1) means non-monotone scores (NaN in the draft's logits). On the CPU that is checked for
+    # free; on a GPU the check would wait for the device every cycle, so the orphan hangs from the root instead:
+    # the target verifies whatever tree it is given, so the output stays lossless either way.
+    if dev.type == "cpu" and bool((node_parent < 0).any()):
         raise RuntimeError("draft tree lost an ancestor (non-monotone scores: NaN in the draft's logits?)")
-    tokens = torch.cat((torch.tensor([root_token], device=dev), toks[keep]))
-    return tree_from_parents(tokens, torch.cat((torch.tensor([-1], device=dev), node_parent)))
+    node_parent = node_parent.clamp(min=0)
+    tokens = torch.cat((torch.full((1,), root_token, dtype=toks.dtype, device=dev), toks[keep]))
+    parents = torch.cat((torch.full((1,), -1, dtype=torch.long, device=dev), node_parent))
+    return tree_from_parents(tokens, parents, max_depth=cfg.depth)

@@ -102,16 +102,21 @@ def sample(probs: torch.Tensor, gen: torch.Generator | None) -> int:
 
 def accept_greedy(tree: Tree, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
     """tree with n nodes, target logits (n, V) -> (accepted node indices (a,) starting with the root, bonus token).
-    Vectorised over all root-to-leaf paths."""
+
+    A node is accepted when its token and each of its ancestors' is the target's greedy choice after its parent.
+    Siblings carry different tokens, so the accepted nodes form one chain from the root, and the deepest of them
+    ends it. Vectorised over all nodes, with one read from the device (the chain's length and the bonus token)."""
+    n = tree.tokens.shape[0]
     pred = logits.argmax(dim=-1)  # (n,)
-    paths = tree.paths  # (leaves, D+1)
-    valid = paths[:, 1:] >= 0
-    child = paths[:, 1:].clamp(min=0)
-    match = valid & (tree.tokens[child] == pred[paths[:, :-1].clamp(min=0)])
-    lengths = match.long().cumprod(dim=1).sum(dim=1)
-    best = int(lengths.argmax())
-    accepted = paths[best, : int(lengths[best]) + 1]
-    return accepted, int(pred[accepted[-1]])
+    ok = (tree.tokens == pred[tree.parents.clamp(min=0)]) | (tree.parents < 0)  # the root is always accepted
+    good = ~(tree.mask & ~ok).any(dim=1)  # every node on the path root..i is accepted
+    best = torch.where(good, tree.depths, -1).argmax()  # the deepest accepted node
+    # its path in root-to-leaf order: ancestors j of best go to slot depths[j], the other nodes to a spare slot n
+    slot = torch.where(tree.mask[best], tree.depths, n)
+    chain = torch.zeros(n + 1, dtype=torch.long, device=tree.tokens.device).scatter_(0, slot, torch.arange(
+        n, device=tree.tokens.device))
+    depth, bonus = torch.stack((tree.depths[best], pred[best])).tolist()
+    return chain[: depth + 1], bonus
 
 
 def accept_sampling(tree: Tree, logits: torch.Tensor, s: Sampling,
