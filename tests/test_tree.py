@@ -1,7 +1,5 @@
 """EAGLE-2 tree construction against a brute-force, per-node reference."""
 
-import itertools
-
 import pytest
 import torch
 

@@ -35,7 +35,7 @@ ANALYSES = ("internalization", "visual-gain", "dilution")
 
 
 def _clip_inputs(target, visual_tokens: int, i: int):
-    from .bench import SIDE, build_inputs, frames_for, synthetic_samples
+    from .bench import build_inputs, frames_for, synthetic_samples
 
     frames = frames_for(target, visual_tokens)
     sample = synthetic_samples(i + 1, frames, seed=11)[i]
