@@ -42,7 +42,7 @@ timeout 55 $PY -m sparrow.cli train-target --out "$T/t2dc" --init src/sparrow/as
   | tr '\r' '\n' | grep -E "it/s|s/it|train-target:|Error|error" | tail -4 | tee -a "$OUT/train.log"
 
 step "bench on CUDA"
-timeout 130 $PY -m sparrow.cli bench --device cuda --visual-tokens 512,3072,25088 --synthetic 2 \
+timeout 130 $PY -m sparrow.cli bench --device cuda --visual-tokens 512,3072,25088 --synthetic 2 --warmup 1 \
   --methods ar,sparrow,eagle --out "$T/bench"
 tar -czf "$OUT/bench.tgz" -C "$T" bench
 step "done"

@@ -107,6 +107,7 @@ def test_lossless_check_fails_loudly(env, tmp_path):
     (["--temperature", "-1"], "temperature must be 0 (greedy) or more"),
     (["--synthetic", "0"], "--synthetic 0: give 1 or more"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more"),
+    (["--warmup", "-1"], "--warmup -1: give 0 or more"),
 ])
 def test_bench_bad_input_is_one_line(env, tmp_path, capsys, extra, message):
     assert main(bench_args(env, str(tmp_path / "x"), *extra)) == 2
@@ -134,3 +135,27 @@ def test_tree_calibration_leaves_out_each_tree_sizes_first_run(monkeypatch):
     assert set(calib) == {"sparrow"}
     for N in (4, 8):
         assert calib["sparrow"][N]["tau"] == 4 and calib["sparrow"][N]["draft_s"] == pytest.approx(0.005)
+
+
+class CountedMethod(Method):
+    """A method that counts its runs."""
+
+    runs = 0
+
+    def run(self, *args, **kwargs):
+        CountedMethod.runs += 1
+        return super().run(*args, **kwargs)
+
+
+def test_warmup_runs_each_method_untimed_first(env, tmp_path):
+    target = sparrow.load_target(env["target"], device="cpu")
+    methods = parse_methods("ar,sp", {"sp": env["draft"]}, target, None)
+    counted = CountedMethod("counted", "spec", draft=methods[1].draft, mode="sparrow")
+    for warmup, runs in ((0, 2), (2, 6)):  # 2 buckets x 1 clip: one timed run each, plus `warmup` untimed
+        CountedMethod.runs = 0
+        out = str(tmp_path / f"w{warmup}")
+        res = run_bench(target, methods + [counted], [64, 128], lambda n: synthetic_samples(1, n, 0), out,
+                        max_new_tokens=6, tree=sparrow.TreeConfig(4, 2, 4), progress=False, warmup=warmup)
+        assert CountedMethod.runs == runs and res["meta"]["warmup"] == warmup
+        rows = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+        assert len(rows) == 6 and all(r["lossless"] for r in rows if r["method"] != "ar")

@@ -429,13 +429,15 @@ def write_plots(summary: dict, out: str) -> list[str]:
 
 def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max_new_tokens: int = 256,
               temperature: float = 0.0, tree: TreeConfig | str = "auto", seed: int = 0, resume: bool = False,
-              meta: dict | None = None, progress: bool = True) -> dict:
+              meta: dict | None = None, progress: bool = True, warmup: int = 0) -> dict:
     """Run every method on every bucket's samples; write samples.jsonl, summary.json, table.md and the plots.
 
     Args:
         target: a loaded `Target`; methods: from `parse_methods` (must include "ar").
         buckets: visual-token counts; samples_for(frames) -> list[Sample] for a bucket's frame count.
         tree: "auto" or a fixed `TreeConfig`.
+        warmup: untimed runs of each method on each input before its timed run (0: none). On an H200 the first
+            runs on a new input took 2-10x the steady state's time a token (README, "On a GPU").
     Returns: the summary dict. Raises SparrowError (after writing everything) when a greedy speculative output
     differs from ar's.
     """
@@ -483,6 +485,8 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
                 for m in order:
                     t = m.tree or (tree_for(trees[str(b)][m.name]["tokens"]) if calib is not None and m.kind == "spec"
                                    else (tree if isinstance(tree, TreeConfig) else TreeConfig()))
+                    for _ in range(warmup):
+                        m.run(target, inputs, max_new_tokens, temperature, seed + i, t)
                     if target.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(target.device)
                     outs[m.name] = (m, m.run(target, inputs, max_new_tokens, temperature, seed + i, t), t,
@@ -506,7 +510,7 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
             "max_new_tokens": max_new_tokens, "temperature": temperature,
             "repetition_penalty": target.repetition_penalty, "buckets": list(buckets),
             "frames": {str(b): n for b, n in plan}, "methods": names,
-            "tree": "auto" if tree == "auto" else asdict(tree)}
+            "tree": "auto" if tree == "auto" else asdict(tree), "warmup": warmup}
     try:
         import transformers
 
@@ -550,10 +554,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device")
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--resume", action="store_true", help="skip samples already in OUT/samples.jsonl")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="untimed runs of each method on each input before its timed run (default 0; on a GPU, "
+                         "where first runs on an input are slow, 1 measures the steady state)")
     a = ap.parse_args(argv)
     buckets = parse_visual_tokens(a.visual_tokens)
     Sampling(temperature=a.temperature)  # a negative temperature fails here, before the target loads
     at_least(1, ("--synthetic", a.synthetic), ("--samples", a.samples), ("--max-new-tokens", a.max_new_tokens))
+    at_least(0, ("--warmup", a.warmup))
     tree = "auto"
     if a.tree != "auto":
         try:
@@ -574,7 +582,7 @@ def main(argv=None) -> int:
         samples_for = lambda frames: synthetic_samples(n, frames, a.seed)  # noqa: E731
     result = run_bench(target, methods, buckets, samples_for, a.out, a.max_new_tokens, a.temperature, tree, a.seed,
                        a.resume, meta={"target": target.path, "drafts": drafts, "assistant": assistant,
-                                       "data": a.data or f"synthetic x{a.synthetic or 3}"})
+                                       "data": a.data or f"synthetic x{a.synthetic or 3}"}, warmup=a.warmup)
     print(open(os.path.join(a.out, "table.md")).read())
     if result["tree_choice"]:
         print("tree tokens per bucket: " + "; ".join(
