@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one short device session (about 8 minutes on one H200), each under its own time limit, written
+# The GPU checks of one short device session (about 9 minutes on one H200), each under its own time limit, written
 # to $OUT (default runs/gpu) in 7 files:
 #   gpu_timing.json/.md  a Qwen2.5-VL-7B-shaped target and its draft, random weights, bf16 (benchmarks/gpu_timing.py)
 #   lossless.json        the embedded target's greedy output on CUDA against transformers' generate, float32 and
@@ -42,7 +42,7 @@ timeout 55 $PY -m sparrow.cli train-target --out "$T/t2dc" --init src/sparrow/as
   | tr '\r' '\n' | grep -E "it/s|s/it|train-target:|Error|error" | tail -4 | tee -a "$OUT/train.log"
 
 step "bench on CUDA"
-timeout 130 $PY -m sparrow.cli bench --device cuda --visual-tokens 512,3072,25088 --synthetic 2 --warmup 1 \
+timeout 180 $PY -m sparrow.cli bench --device cuda --visual-tokens 512,3072,25088 --synthetic 2 --warmup 1 \
   --methods ar,sparrow,eagle --out "$T/bench"
 tar -czf "$OUT/bench.tgz" -C "$T" bench
 step "done"
