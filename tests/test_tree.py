@@ -39,11 +39,8 @@ def brute_force(logp, cfg: TreeConfig):
     return {c[1] for c in kept}
 
 
-@pytest.mark.parametrize("cfg", [TreeConfig(1, 5, 5), TreeConfig(3, 3, 8), TreeConfig(4, 4, 20), TreeConfig(8, 3, 30),
-                                 TreeConfig(5, 6, 200)])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_tree_matches_brute_force(cfg, seed):
-    logp = table_logp(seed)
+def tree_of(logp, cfg: TreeConfig, root: int = 99):
+    """build_tree with the table draft `logp` (children's log-probabilities depend on the token path)."""
     paths_of_front = []
 
     def expand(tokens, parent_slot):
@@ -55,7 +52,15 @@ def test_tree_matches_brute_force(cfg, seed):
         paths_of_front = paths
         return torch.stack([logp(p) for p in paths])
 
-    tree = build_tree(99, logp(()), expand, cfg)
+    return build_tree(root, logp(()), expand, cfg)
+
+
+@pytest.mark.parametrize("cfg", [TreeConfig(1, 5, 5), TreeConfig(3, 3, 8), TreeConfig(4, 4, 20), TreeConfig(8, 3, 30),
+                                 TreeConfig(5, 6, 200)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_matches_brute_force(cfg, seed):
+    logp = table_logp(seed)
+    tree = tree_of(logp, cfg)
     n = len(tree)
     # token path of every node from parents
     node_path = [()]
@@ -104,22 +109,6 @@ def test_greedy_accept_longest_path_and_bonus():
     logits[0] = 0; logits[0, 9] = 1  # nothing matches: root only, bonus 9
     accepted, bonus = accept_greedy(tree, logits)
     assert accepted.tolist() == [0] and bonus == 9
-
-
-def tree_of(logp, cfg: TreeConfig, root: int = 99):
-    """build_tree with the table draft `logp` (children's log-probabilities depend on the token path)."""
-    paths_of_front = []
-
-    def expand(tokens, parent_slot):
-        nonlocal paths_of_front
-        if parent_slot is None:
-            paths = [(t,) for t in tokens.tolist()]
-        else:
-            paths = [paths_of_front[p] + (t,) for p, t in zip(parent_slot.tolist(), tokens.tolist())]
-        paths_of_front = paths
-        return torch.stack([logp(p) for p in paths])
-
-    return build_tree(root, logp(()), expand, cfg)
 
 
 def test_greedy_accept_matches_a_walk_down_the_tree():
