@@ -111,10 +111,8 @@ def accept_greedy(tree: Tree, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
     ok = (tree.tokens == pred[tree.parents.clamp(min=0)]) | (tree.parents < 0)  # the root is always accepted
     good = ~(tree.mask & ~ok).any(dim=1)  # every node on the path root..i is accepted
     best = torch.where(good, tree.depths, -1).argmax()  # the deepest accepted node
-    # its path in root-to-leaf order: ancestors j of best go to slot depths[j], the other nodes to a spare slot n
-    slot = torch.where(tree.mask[best], tree.depths, n)
-    chain = torch.zeros(n + 1, dtype=torch.long, device=tree.tokens.device).scatter_(0, slot, torch.arange(
-        n, device=tree.tokens.device))
+    # its path in root-to-leaf order: best and its ancestors sorted by depth (0, 1, ...), every other node after them
+    chain = torch.sort(torch.where(tree.mask[best], tree.depths, n), stable=True).indices
     depth, bonus = torch.stack((tree.depths[best], pred[best])).tolist()
     return chain[: depth + 1], bonus
 
