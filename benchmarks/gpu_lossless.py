@@ -68,7 +68,8 @@ def main():
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         del target, drafts
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     summary = {}
     for r in rows:
         k = f"{r['dtype']} {r['method']}"

@@ -27,10 +27,13 @@ from sparrow.bench import SIDE, frames_for, synthetic_samples
 
 
 def ms(fn, device) -> float:
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    """Milliseconds of one fn() call, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return 1e3 * (time.perf_counter() - t0)
 
 
