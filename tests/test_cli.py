@@ -222,7 +222,8 @@ def test_check_hf_with_the_checkpoints_generation_config(env, tmp_path, capsys, 
     assert main(args) == 1 and "transformers' generate: DIFFERS from token 5 on" in capsys.readouterr().err
     assert main(args + ["--temperature", "1"]) == 2 and "--check-hf compares greedy outputs" in capsys.readouterr().err
     assert main(args + ["--repetition-penalty", "-1"]) == 2
-    assert "--repetition-penalty must be > 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "repetition penalty must be > 0" in err and "(--repetition-penalty)" in err
 
 
 def test_speedup_is_per_token():

@@ -118,13 +118,13 @@ def _speedup_line(spec, base) -> str:
 
 def cmd_generate(a) -> int:
     from . import TreeConfig, defaults, generate, load_draft, load_target
-    from .verify import Sampling
+    from .verify import Sampling, check_repetition_penalty
 
     if not a.prompt.strip():
         raise SparrowError('--prompt is empty; give the question about the video (e.g. --prompt "Describe the video.")')
     sampling = Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before loading
-    if a.repetition_penalty is not None and not a.repetition_penalty > 0:
-        raise SparrowError(f"--repetition-penalty must be > 0 (1.0 = off), got {a.repetition_penalty}")
+    if a.repetition_penalty is not None:
+        check_repetition_penalty(a.repetition_penalty)  # before loading
     if a.check_hf and not sampling.greedy:
         raise SparrowError("--check-hf compares greedy outputs token for token; drop --temperature (sampled outputs "
                            "follow the same distribution, not the same tokens)")

@@ -44,6 +44,12 @@ class Sampling:
         return self.temperature <= 0
 
 
+def check_repetition_penalty(penalty: float) -> None:
+    """Raises SparrowError unless penalty > 0 (1.0 = off; NaN fails too)."""
+    if not penalty > 0:
+        raise SparrowError(f"repetition penalty must be > 0 (1.0 = off), got {penalty} (--repetition-penalty)")
+
+
 class RepetitionPenalty:
     """transformers' repetition penalty (RepetitionPenaltyLogitsProcessor; CTRL, Keskar et al. 2019) for the target's
     logits over a draft tree: a token already in the sequence, prompt included, has its logit divided by `penalty`
@@ -56,8 +62,7 @@ class RepetitionPenalty:
     """
 
     def __init__(self, penalty: float, prompt_ids: torch.Tensor, vocab: int):
-        if not penalty > 0:  # also NaN
-            raise SparrowError(f"repetition penalty must be > 0 (1.0 = off), got {penalty} (--repetition-penalty)")
+        check_repetition_penalty(penalty)
         self.penalty = float(penalty)
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=prompt_ids.device)  # (V,) tokens in the sequence
         self.seen[prompt_ids] = True
