@@ -25,16 +25,7 @@ import torch
 from sparrow import defaults, generate, load_draft, load_target
 from sparrow.bench import SIDE, frames_for, synthetic_samples
 
-
-def ms(fn, device) -> float:
-    """Milliseconds of one fn() call, the device's queue drained before and after."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 1e3 * (time.perf_counter() - t0)
+from gpu_timing import once_ms  # benchmarks/, the script's own folder
 
 
 def main():
@@ -69,7 +60,7 @@ def main():
         tok = torch.zeros(1, dtype=torch.long, device=dev)
         times = []
         for _ in range(55):
-            times.append(ms(lambda: target.forward(tok, None, None, cache), dev))
+            times.append(once_ms(lambda: target.forward(tok, None, None, cache), dev))
             cache.truncate(n)
     times = sorted(times[5:])
     res["decode_step_ms"] = {"median": round(statistics.median(times), 3), "min": round(times[0], 3),
@@ -79,7 +70,7 @@ def main():
     drafts = {m: load_draft(defaults.draft_path(m), target) for m in ("sparrow", "eagle")}
     runs = []
     for r in range(a.repeats):
-        t = ms(lambda: target.hf_greedy(inputs, a.max_new_tokens, None), dev)
+        t = once_ms(lambda: target.hf_greedy(inputs, a.max_new_tokens, None), dev)
         runs.append({"repeat": r, "method": "hf_generate", "total_ms": round(t, 1)})
         print(json.dumps(runs[-1]), flush=True)
         for m in ("ar", "sparrow", "eagle"):
