@@ -8,7 +8,9 @@ Prints and writes (OUT.json):
 - transformers' `generate` and our `generate` (ar, sparrow, eagle) on one clip, each `repeats` times in turn: decode
   ms per new token, and for the drafts ms per cycle of drafting and verification, so that one-off costs of a first
   run show apart from the steady state;
-- the synchronisations in one sparrow generation (torch's sync debug mode counts them), per cycle.
+- the synchronisations in one sparrow generation (torch's sync debug mode counts them), per cycle;
+- OUT_profile.txt: torch's profiler tables (operators by their own CPU time) of a sparrow generation on a new clip,
+  its first run and its second, to tell where a first run's extra time goes.
 """
 
 from __future__ import annotations
@@ -101,6 +103,21 @@ def main():
         print(json.dumps({"syncs": res["syncs"]}), flush=True)
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     json.dump(res, open(a.out + ".json", "w"), indent=1)
+
+    # a first run on a new clip against a second run on it, under torch's profiler: where a first run's time goes
+    fresh = synthetic_samples(1, frames_for(target, a.visual_tokens), seed=10)[0]
+    fresh_inputs = target.prepare(fresh.frames, fresh.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if dev.type == "cuda" else [])
+    tables = []
+    for label in ("first run on a new clip", "second run on it"):
+        with torch.profiler.profile(activities=activities) as prof:
+            t = once_ms(lambda: generate(target, drafts["sparrow"], fresh_inputs, method="sparrow",
+                                         max_new_tokens=a.max_new_tokens), dev)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        tables.append(f"== sparrow, {label}: {t:.1f} ms (profiled)\n{table}")
+        print(f"{label}: {t:.1f} ms (profiled)", flush=True)
+    open(a.out + "_profile.txt", "w").write("\n\n".join(tables))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of one short device session (about 9 minutes on one H200), each under its own time limit, written
-# to $OUT (default runs/gpu) in 7 files:
+# to $OUT (default runs/gpu) in 8 files (the most a device call brings back):
 #   gpu_timing.json/.md  a Qwen2.5-VL-7B-shaped target and its draft, random weights, bf16 (benchmarks/gpu_timing.py)
 #   lossless.json        the embedded target's greedy output on CUDA against transformers' generate, float32 and
 #                        bfloat16, sparrow / eagle / ar (benchmarks/gpu_lossless.py)
-#   overhead.json        where a generation's time goes on the GPU (benchmarks/gpu_overhead.py)
+#   overhead.json        where a generation's time goes on the GPU (benchmarks/gpu_overhead.py), and
+#   overhead_profile.txt torch's profiler tables of a first and a second run on a new clip
 #   train.log            train-target's step time on CUDA with 12 processes drawing the batches: stage 1a (from
 #                        random weights, the 8-head shape) and a stage of the longer mix (from the shipped target)
 #   bench.tgz            `sparrow bench` on CUDA with the embedded target and drafts
