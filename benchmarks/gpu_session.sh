@@ -32,7 +32,7 @@ timeout 150 $PY benchmarks/gpu_lossless.py --device cuda --clips 3 --visual-toke
   --max-new-tokens 96 --out "$OUT/lossless"
 
 step "where the time goes"
-timeout 110 $PY benchmarks/gpu_overhead.py --device cuda --visual-tokens 3072 --repeats 4 --out "$OUT/overhead"
+timeout 150 $PY benchmarks/gpu_overhead.py --device cuda --visual-tokens 3072 --repeats 4 --out "$OUT/overhead"
 
 step "train-target step time on CUDA"
 T=$(mktemp -d)
