@@ -20,7 +20,7 @@ import os
 import torch
 
 from sparrow import defaults, generate, load_draft, load_target
-from sparrow.bench import SIDE, frames_for, synthetic_samples
+from sparrow.bench import build_inputs, frames_for, synthetic_samples
 
 
 def margin_at(target, inputs: dict, tokens: list[int], at: int) -> float:
@@ -51,8 +51,9 @@ def main():
         target = load_target(dtype=dtype, device=a.device)
         drafts = {m: load_draft(defaults.draft_path(m), target) for m in ("sparrow", "eagle")}
         for v in [int(x) for x in a.visual_tokens.split(",")]:
-            for s in synthetic_samples(a.clips, frames_for(target, v), seed=5):
-                inputs = target.prepare(s.frames, s.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+            frames = frames_for(target, v)
+            for s in synthetic_samples(a.clips, frames, seed=5):
+                inputs = build_inputs(target, s, frames)
                 ref = target.hf_greedy(inputs, a.max_new_tokens, None)
                 for m in ("sparrow", "eagle", "ar"):
                     out = generate(target, drafts.get(m), inputs, method=m, max_new_tokens=a.max_new_tokens)

@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from sparrow import defaults, generate, load_draft, load_target
-from sparrow.bench import SIDE, frames_for, synthetic_samples
+from sparrow.bench import build_inputs, frames_for, synthetic_samples
 
 from gpu_timing import once_ms  # benchmarks/, the script's own folder
 
@@ -52,8 +52,8 @@ def main():
     res["sync_us"] = round(1e3 * (time.perf_counter() - t0), 2)  # 1000 calls: ms total = us each
     print(json.dumps(res), flush=True)
 
-    s = synthetic_samples(1, frames_for(target, a.visual_tokens), seed=9)[0]
-    inputs = target.prepare(s.frames, s.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+    frames = frames_for(target, a.visual_tokens)
+    inputs = build_inputs(target, synthetic_samples(1, frames, seed=9)[0], frames)
     L = inputs["input_ids"].shape[1]
     cache = target.new_cache(L + 80)
     with torch.inference_mode():
@@ -105,8 +105,7 @@ def main():
     json.dump(res, open(a.out + ".json", "w"), indent=1)
 
     # a first run on a new clip against a second run on it, under torch's profiler: where a first run's time goes
-    fresh = synthetic_samples(1, frames_for(target, a.visual_tokens), seed=10)[0]
-    fresh_inputs = target.prepare(fresh.frames, fresh.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+    fresh_inputs = build_inputs(target, synthetic_samples(1, frames, seed=10)[0], frames)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if dev.type == "cuda" else [])
     tables = []
