@@ -333,12 +333,13 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
                     accepted, bonus = accept_sampling(t, logits, sampling, gen)
                 cache.accept(n, accepted)
                 tc = clock.now()
-                new = t.tokens[accepted[1:]].tolist() + [bonus]
+                drafted = t.tokens[accepted[1:]]  # (m - 1,) the accepted draft tokens, root excluded
+                new = drafted.tolist() + [bonus]
                 stats.accept_lengths.append(emit(new))
                 stats.tree_tokens = len(t)
                 if not emitter.reason:
                     root = bonus
-                    acc_tokens = torch.cat((t.tokens[accepted[1:]], torch.full((1,), bonus, device=target.device)))
+                    acc_tokens = torch.cat((drafted, torch.full((1,), bonus, device=target.device)))
                     root_logp = runner.catch_up(acc_tokens, hidden[accepted], n + 1)
                 te = clock.now()
                 stats.verify_s += tc - tv

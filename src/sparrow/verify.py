@@ -77,9 +77,11 @@ class RepetitionPenalty:
         x = logits.float()
         seen = self.seen.expand_as(x)
         if tree is not None:
-            rows, cols = tree.mask.nonzero(as_tuple=True)  # cols: i itself and each ancestor of i
-            seen = seen.clone()
-            seen[rows, tree.tokens[cols]] = True
+            # row i also sees the tokens of i and its ancestors (tree.mask[i]); scatter, not indexing by the mask's
+            # nonzero entries, which would wait for the device
+            on_path = torch.zeros_like(x).scatter_reduce_(1, tree.tokens.expand(x.shape[0], -1),
+                                                          tree.mask.to(x.dtype), "amax")
+            seen = seen | (on_path > 0)
         return torch.where(seen, torch.where(x < 0, x * self.penalty, x / self.penalty), x)
 
 
@@ -101,7 +103,8 @@ def warp_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    """One token id drawn from probs (V,) with `gen` (None: torch's global generator)."""
+    """One token id drawn from probs (V,) (non-negative weights; multinomial normalises them) with `gen` (None:
+    torch's global generator)."""
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
@@ -124,24 +127,33 @@ def accept_greedy(tree: Tree, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def accept_sampling(tree: Tree, logits: torch.Tensor, s: Sampling,
                     gen: torch.Generator | None) -> tuple[torch.Tensor, int]:
-    """Lossless recursive rejection sampling down the tree (loop over depth, vectorised over siblings).
-    tree (n nodes), logits (n, V) -> (accepted node indices starting with the root, bonus token)."""
-    probs = warp_probs(logits, s)
+    """Lossless recursive rejection sampling down the tree (module docstring; SpecInfer, EAGLE's tree sampling).
+    tree (n nodes), logits (n, V) -> (accepted node indices (a,) starting with the root, bonus token).
+
+    Every node's test is computed on the device at once (its token's probability at its parent, and a uniform draw
+    of its own), then read in one transfer and walked on the host, children in index order; the bonus token is the
+    second and last read. Each node is tested at most once, so one uniform per node is what a walk level by level
+    would draw."""
+    probs = warp_probs(logits, s)  # (n, V)
+    n = tree.tokens.shape[0]
+    pk = probs[tree.parents.clamp(min=0), tree.tokens]  # (n,) p_parent(token): each node's acceptance mass
+    u = torch.rand(n, generator=gen, device=probs.device)  # (n,)
+    parents, pk, u = torch.stack((tree.parents.double(), pk.double(), u.double())).tolist()
+    kids: list[list[int]] = [[] for _ in range(n)]
+    for i in range(1, n):
+        kids[int(parents[i])].append(i)
     node, accepted = 0, [0]
-    while True:
-        p = probs[node]
-        kids = (tree.parents == node).nonzero(as_tuple=True)[0]
-        if kids.numel() == 0:
-            return torch.tensor(accepted, device=logits.device), sample(p, gen)
-        pk = p[tree.tokens[kids]]
-        remaining = (1.0 - (pk.cumsum(0) - pk)).clamp(min=1e-20)
-        u = torch.rand(kids.shape[0], generator=gen, device=p.device)
-        hit = (u < pk / remaining).nonzero(as_tuple=True)[0]
-        if hit.numel():
-            node = int(kids[hit[0]])
-            accepted.append(node)
-            continue
-        residual = p.clone()
-        residual[tree.tokens[kids]] = 0.0
-        total = residual.sum()
-        return torch.tensor(accepted, device=logits.device), sample(residual / total if total > 0 else p, gen)
+    while kids[node]:
+        remaining = 1.0  # 1 - p(x_1) - ... - p(x_{i-1}): the mass left after the rejected siblings
+        for k in kids[node]:
+            if u[k] < pk[k] / max(remaining, 1e-20):
+                break
+            remaining -= pk[k]
+        else:  # every child rejected: the bonus token comes from p with them zeroed (multinomial renormalises)
+            p = probs[node]
+            residual = p.index_fill(0, tree.tokens[torch.tensor(kids[node], device=p.device)], 0.0)
+            residual = torch.where(residual.sum() > 0, residual, p)  # rounding left no mass: p itself
+            return torch.tensor(accepted, device=logits.device), sample(residual, gen)
+        node = k
+        accepted.append(node)
+    return torch.tensor(accepted, device=logits.device), sample(probs[node], gen)
