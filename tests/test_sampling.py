@@ -116,6 +116,35 @@ def test_the_check_detects_a_biased_sampler(setup):
     assert chi2_pvalue(counts, right) < ALPHA
 
 
+def test_accept_sampling_on_a_hand_made_tree_emits_the_targets_distribution():
+    """Model-free, over one fixed tree and fixed logits: the first emitted token follows the root's distribution, and
+    after the child that has children of its own the second follows that child's (20,000 draws; chi-square at
+    ALPHA). Against the other child's distribution the same counts fail, so the check can fail."""
+    from sparrow.tree import tree_from_parents
+    from sparrow.verify import accept_sampling
+
+    torch.manual_seed(0)
+    V, draws = 8, 20000
+    # node i carries token i; the root (0) has children 1, 2, 3 and node 1 has children 4, 5
+    tree = tree_from_parents(torch.arange(6), torch.tensor([-1, 0, 0, 0, 1, 1]))
+    logits = torch.randn(6, V)
+    logits[0, 1] += 2.0  # the first draft token is accepted often, so the second level is exercised
+    s = Sampling(temperature=1.0)
+    p = warp_probs(logits, s).double().numpy()
+    gen = torch.Generator().manual_seed(0)
+    first, second = np.zeros(V), np.zeros(V)
+    for _ in range(draws):
+        accepted, bonus = accept_sampling(tree, logits, s, gen)
+        emitted = tree.tokens[accepted[1:]].tolist() + [bonus]
+        first[emitted[0]] += 1
+        if emitted[0] == 1:
+            second[emitted[1]] += 1
+    assert second.sum() > draws / 4, "the second level was hardly reached"
+    assert chi2_pvalue(first, p[0]) > ALPHA
+    assert chi2_pvalue(second, p[1]) > ALPHA
+    assert chi2_pvalue(second, p[2]) < ALPHA
+
+
 def test_warp_matches_hf_processors():
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
