@@ -138,7 +138,7 @@ def accept_sampling(tree: Tree, logits: torch.Tensor, s: Sampling,
     n = tree.tokens.shape[0]
     pk = probs[tree.parents.clamp(min=0), tree.tokens]  # (n,) p_parent(token): each node's acceptance mass
     u = torch.rand(n, generator=gen, device=probs.device)  # (n,)
-    parents, pk, u = torch.stack((tree.parents.double(), pk.double(), u.double())).tolist()
+    parents, pk, u = torch.stack((tree.parents.float(), pk, u)).tolist()  # float32: exact for indices < 2**24
     kids: list[list[int]] = [[] for _ in range(n)]
     for i in range(1, n):
         kids[int(parents[i])].append(i)
