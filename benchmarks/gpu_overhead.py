@@ -1,6 +1,7 @@
 """Where the time of one generation goes on a GPU, for the embedded (tiny) target: a diagnostic.
 
     python benchmarks/gpu_overhead.py [--device cuda] [--visual-tokens 3072] [--repeats 5] [--out runs/gpu/overhead]
+        [--no-profile]
 
 Prints and writes (OUT.json):
 - the cost of one host-device synchronisation (`.item()` of a scalar on the device), in microseconds;
@@ -10,7 +11,7 @@ Prints and writes (OUT.json):
   run show apart from the steady state;
 - the synchronisations in one sparrow generation (torch's sync debug mode counts them), per cycle;
 - OUT_profile.txt: torch's profiler tables (operators by their own CPU time) of a sparrow generation on a new clip,
-  its first run and its second, to tell where a first run's extra time goes.
+  its first run and its second, to tell where a first run's extra time goes (not with --no-profile).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out", default="runs/gpu/overhead")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profiled first and second runs (OUT_profile.txt)")
     a = ap.parse_args()
     target = load_target(dtype=a.dtype, device=a.device)
     dev = target.device
@@ -104,6 +107,8 @@ def main():
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     json.dump(res, open(a.out + ".json", "w"), indent=1)
 
+    if a.no_profile:
+        return
     # a first run on a new clip against a second run on it, under torch's profiler: where a first run's time goes
     fresh_inputs = build_inputs(target, synthetic_samples(1, frames, seed=10)[0], frames)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
