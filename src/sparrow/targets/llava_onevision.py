@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import SparrowError
-from ..video import load_video
+from ..video import Video, load_video
 from .base import Target, chatml_template, processor_settings, register_family
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
