@@ -95,8 +95,8 @@ def test_speculative_sampling_matches_target(setup, method, temperature, top_p, 
         if (a, b) in pairs:
             triple_counts[pairs.index((a, b)), c] += 1
         deep += out.stats.accept_lengths[0] > 1  # the second token was an accepted draft token
-    # about 10% with the repetition penalty (the draft, fitted to the unpenalised target, proposes repeats), more
-    # without
+    # about 10% of runs with the repetition penalty (the draft, fitted to the unpenalised target, proposes repeats);
+    # more without it
     assert deep > N // 20, "drafts were almost never accepted: the test would not exercise acceptance"
     p = chi2_pvalue(pair_counts, pair_probs)
     assert p > ALPHA, f"first two tokens deviate from the target distribution (chi-square p = {p:.2e})"
