@@ -28,7 +28,7 @@ import torch
 
 from gpu_timing import (CACHE_KW, SHAPES, TEXT_TOKENS, build_target, device_for, make_draft, once_ms,
                         random_prompt_cache, random_tree_mask)
-from sparrow.generate import DraftRunner
+from sparrow.draft import DraftRunner
 from sparrow.targets.base import Prefill
 from sparrow.tree import TreeConfig, build_tree
 

@@ -27,9 +27,9 @@ from types import SimpleNamespace
 import torch
 from transformers import Qwen2_5_VLModel
 
-from sparrow.cache import ATTN_IMPLEMENTATION, KVCache
+from sparrow.cache import KVCache, register_attention
 from sparrow.draft import DraftConfig, SparrowDraft
-from sparrow.generate import DraftRunner
+from sparrow.draft import DraftRunner
 from sparrow.targets.base import Prefill, cache_kwarg
 from sparrow.tree import TreeConfig, build_tree, tree_from_parents
 
@@ -62,7 +62,7 @@ def build_target(shape: str, device, dtype):
     vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=t["hidden_size"])
     cfg = AutoConfig.for_model("qwen2_5_vl", text_config=text, vision_config=vision)
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+        model = AutoModelForImageTextToText.from_config(cfg, dtype=dtype, attn_implementation=register_attention())
     return model.eval()
 
 

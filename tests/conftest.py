@@ -11,6 +11,10 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if "SPARROW_CACHE_DIR" not in os.environ:  # the verify costs the tree policy measures: not in the user's cache
+    import tempfile
+
+    os.environ["SPARROW_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparrow-test-cache-")
 
 import sparrow  # noqa: E402
 from sparrow.tiny import make_tiny_target  # noqa: E402

@@ -1,4 +1,4 @@
-"""scripts/build_embedded.sh, dry: bash runs the whole script with `sparrow` and `python` replaced by a recorder, then
+"""embedded/build.sh, dry: bash runs the whole script with `sparrow` and `python` replaced by a recorder, then
 every recorded command line goes through its own argument parser, and each stage must start from what an earlier
 stage wrote. A misspelt flag or path fails here instead of hours into a rebuild."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from embedded.__main__ import COMMANDS
 from sparrow.cli import SCRIPTS
-from sparrow.synthetic.evaluate import clip_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,11 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDER = r"""
 import json, os, sys
 argv = sys.argv[1:]
+if argv[:2] == ["-m", "embedded"]:  # python -m embedded train ... is recorded as ["embedded-train", ...]
+    argv = ["embedded-" + argv[2]] + argv[3:]
 with open(os.environ["CALLS"], "a") as f:
     f.write(json.dumps(argv) + "\n")
 def flag(name):
     return argv[argv.index(name) + 1] if name in argv else None
-for d in (flag("--export"), flag("--out") if argv[0] in ("train-draft", "train-target") else None):
+for d in (flag("--export"), flag("--out") if argv[0] in ("train-draft", "embedded-train") else None):
     if d:
         os.makedirs(d, exist_ok=True)
         for name in ("config.json", "model.safetensors"):
@@ -49,14 +51,14 @@ class Parsed(Exception):
     """Raised by the patched parse_args once a command line has parsed: the command itself never runs."""
 
 
-def run_script(tmp_path, name: str = "build_embedded.sh", args: list[str] | None = None,
+def run_script(tmp_path, name: str = "build.sh", args: list[str] | None = None,
                **env) -> subprocess.CompletedProcess:
-    """bash runs a copy of scripts/NAME in tmp_path with the recorder as `sparrow` and `python`; `args` are its
+    """bash runs a copy of embedded/NAME in tmp_path with the recorder as `sparrow` and `python`; `args` are its
     arguments (default: tmp_path/run), `env` adds or overrides variables (FAIL, EDIT, FROM, ...). The calls are
     recorded in tmp_path/calls.jsonl."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / name
-    script.write_text((ROOT / "scripts" / name).read_text())
+    script.write_text((ROOT / "embedded" / name).read_text())
     rec = tmp_path / "recorder.py"
     rec.write_text(RECORDER)
     full = {**os.environ, "CALLS": str(tmp_path / "calls.jsonl"), "SPARROW": f"{sys.executable} {rec}",
@@ -68,13 +70,14 @@ def run_script(tmp_path, name: str = "build_embedded.sh", args: list[str] | None
 
 
 def dry_run(tmp_path, fail: str = "", edit: bool = False) -> list[list[str]]:
-    done = run_script(tmp_path, FAIL=fail, EDIT=str(tmp_path / "build_embedded.sh") if edit else "")
+    done = run_script(tmp_path, FAIL=fail, EDIT=str(tmp_path / "build.sh") if edit else "")
     assert (done.returncode != 0) == bool(fail), done.stderr
     return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
 
 
 def parses(argv: list[str], monkeypatch) -> argparse.Namespace:
-    """The namespace that `sparrow ARGV` (or `python -m MODULE ARGS`) parses to; SystemExit if it does not parse."""
+    """The namespace that `sparrow ARGV` (`python -m MODULE ARGS`, `python -m embedded X ARGS` recorded as
+    ["embedded-X", ARGS]) parses to; SystemExit if it does not parse."""
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -83,6 +86,8 @@ def parses(argv: list[str], monkeypatch) -> argparse.Namespace:
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     if argv[0] == "-m":
         module, fn, args = argv[1], "main", argv[2:]
+    elif argv[0].startswith("embedded-"):
+        module, fn, args = COMMANDS[argv[0][len("embedded-"):]], "main", argv[1:]
     else:
         (module, fn), args = SCRIPTS[argv[0]], argv[1:]
     with pytest.raises(Parsed) as parsed:
@@ -96,15 +101,15 @@ def test_build_script_runs_dry_and_every_command_parses(tmp_path, monkeypatch):
     run = str(tmp_path / "run")
     kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
     # the four parts: the target chain, the example clips, the drafts' data and drafts, the measurements
-    assert kinds.count("train-target") == 23  # 1a-1x, 2dc, 2ec (stops included) and the assistant
-    for kind in ("sparrow.synthetic.examples", "sparrow.synthetic.dataset", "regenerate", "train-draft",
-                 "evaluate-target", "bench", "analyze"):
+    assert kinds.count("embedded-train") == 23  # 1a-1x, 2dc, 2ec (stops included) and the assistant
+    for kind in ("embedded-examples", "sparrow.synthetic.dataset", "regenerate", "train-draft",
+                 "embedded-evaluate", "bench", "analyze"):
         assert kind in kinds, kind
     assert kinds.count("train-draft") == 4
     exported, outs = [], []
     for argv in calls:
         a = parses(argv, monkeypatch)
-        if argv[0] != "train-target":
+        if argv[0] != "embedded-train":
             continue
         # a stage starts from an export (and probes) written before it, never from a path nothing writes
         if a.init:
@@ -123,7 +128,7 @@ def test_build_script_runs_dry_and_every_command_parses(tmp_path, monkeypatch):
 def test_build_script_dry_run_catches_a_bad_flag(tmp_path, monkeypatch):
     """The check above can fail: a misspelt flag in a stage's command line does not parse."""
     calls = dry_run(tmp_path)
-    argv = next(c for c in calls if c[0] == "train-target")
+    argv = next(c for c in calls if c[0] == "embedded-train")
     with pytest.raises(SystemExit):
         parses(argv + ["--grounded-wieght", "4"], monkeypatch)
 
@@ -151,28 +156,22 @@ def test_build_script_to_stops_after_that_stage(tmp_path):
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
-    assert kinds.count("train-target") == 22 and kinds[-1] == "sparrow.synthetic.examples"
+    assert kinds.count("embedded-train") == 22 and kinds[-1] == "embedded-examples"
     assert (tmp_path / "assets" / "target" / "config.json").exists()
-    # TARGET_ARGS shapes the model at 1a, the stage without --init; the later stages inherit it
-    done = run_script(tmp_path / "heads", TO="1", TARGET_ARGS="--heads 8 --kv-heads 4")
-    assert done.returncode == 0, done.stderr
-    shaped = [c for c in map(json.loads, (tmp_path / "heads" / "calls.jsonl").read_text().splitlines())
-              if "--heads" in c]
-    assert len(shaped) == 1 and "--init" not in shaped[0] and shaped[0][shaped[0].index("--heads") + 1] == "8"
     done = run_script(tmp_path / "to2", TO="2", FROM="2")  # the drafts' data, then stop before the drafts
     assert done.returncode == 0, done.stderr
     kinds = [json.loads(line)[0] for line in (tmp_path / "to2" / "calls.jsonl").read_text().splitlines()]
-    assert kinds.count("regenerate") == 2 and "train-draft" not in kinds and "evaluate-target" not in kinds
+    assert kinds.count("regenerate") == 2 and "train-draft" not in kinds and "embedded-evaluate" not in kinds
 
 
 def test_build_script_stage_args_reach_every_stage_of_the_target(tmp_path, monkeypatch):
-    """STAGE_ARGS (e.g. a GPU's --device cuda --workers N) go to all 22 train-target runs of the target, 1a to 2ec,
+    """STAGE_ARGS (e.g. a GPU's --device cuda --workers N) go to all 22 training runs of the target, 1a to 2ec,
     and to nothing else; each command line still parses."""
     done = run_script(tmp_path, STAGE_ARGS="--device cuda --workers 2")
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     staged = [c for c in calls if c[-4:] == ["--device", "cuda", "--workers", "2"]]
-    assert len(staged) == 22 and all(c[0] == "train-target" and "--layers" not in c for c in staged)
+    assert len(staged) == 22 and all(c[0] == "embedded-train" and "--layers" not in c for c in staged)
     assert all(parses(c, monkeypatch).workers == 2 for c in staged)
     assert sum("--workers" in c for c in calls) == 22  # not the assistant, not the drafts
 
@@ -184,24 +183,3 @@ def test_build_script_bad_setting_is_one_line_before_any_work(tmp_path, env, mes
     done = run_script(tmp_path, **env)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "calls.jsonl").exists() and not (tmp_path / "run").exists()
-
-
-def test_gate_script_evaluates_the_goal_lengths_and_beyond_then_compares(tmp_path, monkeypatch):
-    """scripts/gate_target.sh: two evaluate-target processes that together cover 512-3072 visual tokens on 200 clips
-    and 8192 and 25088 on a few, both compared with the shipped evaluation; bad arguments are one line."""
-    cand = tmp_path / "cand"
-    cand.mkdir()
-    (cand / "config.json").write_text("{}")
-    out = str(tmp_path / "g" / "gate")
-    done = run_script(tmp_path, "gate_target.sh", [str(cand), out])
-    assert done.returncode == 0, done.stderr
-    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
-    evals = [parses(c, monkeypatch) for c in calls if c[0] == "evaluate-target"]
-    assert len(evals) == 2 and all(a.target == str(cand) and a.resume for a in evals)
-    clips = dict(p for a in evals for p in clip_plan(a.buckets, a.clips, a.long_buckets, a.long_clips))
-    assert clips == {512: 200, 1536: 200, 3072: 200, 8192: 50, 25088: 5}
-    assert calls[-1][-2:] == [out + "_a.json", out + "_b.json"] and calls[-1][0].endswith("compare_gate.py")
-    for args, message in (([], "give the candidate target's directory"),
-                          ([str(tmp_path / "none"), out], "has no config.json")):
-        done = run_script(tmp_path / "bad", "gate_target.sh", args)
-        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1

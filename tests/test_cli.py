@@ -227,7 +227,7 @@ def test_check_hf_with_the_checkpoints_generation_config(env, tmp_path, capsys, 
 
 
 def test_speedup_is_per_token():
-    from sparrow.generate import Stats, speedup
+    from sparrow.timing import Stats, speedup
 
     base = Stats(method="ar", new_tokens=11, prefill_s=1.0, decode_s=2.0, tokens_per_s=5.0)
     spec = Stats(method="sparrow", new_tokens=21, prefill_s=1.0, decode_s=1.0, tokens_per_s=20.0, tau=3.0)
@@ -236,3 +236,94 @@ def test_speedup_is_per_token():
     assert x["saved_s"] == pytest.approx(3 / 11 * 21 - 2) and x["tau"] == 3.0
     one = speedup(Stats(method="sparrow", new_tokens=1, tokens_per_s=0.0), base)  # nothing decoded after the first
     assert math.isnan(one["dsr"]) and math.isnan(one["esr"])
+
+
+def test_default_sampling_follows_the_checkpoint_and_fits_the_context(env, tmp_path, capsys):
+    """Without --num-frames / --fps a video is sampled as the checkpoint's video_preprocessor_config.json says (fps,
+    min_frames, max_frames), fewer frames where it would not fit the context; the line on stderr says what was
+    taken and how."""
+    import shutil
+
+    import sparrow
+    from sparrow.video import sample_indices, write_video
+
+    assert len(sample_indices(300, 25.0, None, 2.0)) == 24  # 12 s at 2 fps
+    assert len(sample_indices(300, 25.0, None, 2.0, max_frames=16)) == 16
+    assert len(sample_indices(30, 25.0, None, 2.0, min_frames=4)) == 4  # 1.2 s: at least 4
+    assert len(sample_indices(3, 25.0, None, 2.0, min_frames=4)) == 3  # never more than the video has
+    ckpt = str(tmp_path / "t")
+    shutil.copytree(env["target"], ckpt)
+    with open(os.path.join(ckpt, "video_preprocessor_config.json"), "w") as f:
+        json.dump({"fps": 4.0, "min_frames": 2, "max_frames": 6, "max_pixels": 56 * 56}, f)
+    long = str(tmp_path / "long.mp4")
+    write_video(long, (np.random.RandomState(1).rand(40, 56, 56, 3) * 255).astype(np.uint8), fps=8)  # 5 s
+    target = sparrow.load_target(ckpt, device="cpu")
+    assert target.sampling_defaults() == {"fps": 4.0, "min_frames": 2, "max_frames": 6}
+    assert target.sample_video(long).frames.shape[0] == 6  # 20 at 4 fps, capped at 6
+    assert target.sample_video(long, fps=2.0).frames.shape[0] == 10  # an explicit rate is not capped
+    assert target.sample_video(long, reserve=target.max_positions - 8).frames.shape[0] <= 4  # 4 tokens a frame pair
+    assert main(["generate", "--target", ckpt, "--draft", env["draft"], "--video", long, "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "video: 6 of 40 frames (1.20 fps over 5.0 s; the checkpoint's defaults: 4 fps, 2-6 frames), 56x56 -> " \
+           "56x56, 12 visual tokens" in err, err
+
+
+def test_prompt_file_progress_and_compare_with_sampling(env, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("What colour is the square?\n")
+    args = gen_args(env, **{"--prompt-file": str(prompt)})
+    assert main(args + ["--json"]) == 0
+    cap = capsys.readouterr()
+    out = json.loads(cap.out)  # stdout holds the one object; the progress went to stderr
+    assert out["new_tokens"] == 12 and "tok" in cap.err and "video: 8 of 12 frames" in cap.err
+    assert main(gen_args(env, **{"--prompt-file": str(tmp_path / "none.txt")})) == 2
+    assert "--prompt-file" in capsys.readouterr().err
+    # sampled outputs differ by design: --compare says so instead of reporting a failed identity, and exits 0
+    assert main(gen_args(env, **{"--temperature": "1.0", "--seed": "2"}) + ["--compare", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["compare"]
+    assert res["identical"] is None and "same distribution" in res["note"]
+
+
+def test_too_long_prompt_names_the_prompts_and_the_videos_shares(env, capsys):
+    long = "Describe the video in every detail. " * 40
+    assert main(gen_args(env, **{"--target": env["short"], "--prompt": long, "--num-frames": "2"})) == 2
+    err = capsys.readouterr().err
+    assert "of text" in err and "from the video" in err and "shorten the prompt" in err and "(+0 new)" not in err
+
+
+def test_help_is_quick_and_describes_every_option():
+    """`sparrow --help` imports neither torch nor transformers (it answers in well under a second), and every
+    option of every command has a description."""
+    import argparse
+    import importlib
+
+    code = "import sys; from sparrow.cli import build_parser; build_parser(); " \
+           "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from sparrow.cli import SCRIPTS, build_parser
+
+    class Parsed(Exception):
+        pass
+
+    parsers = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, args=None, namespace=None):
+        raise Parsed(self)
+
+    for name, (module, fn) in SCRIPTS.items():
+        argparse.ArgumentParser.parse_args = grab
+        try:
+            getattr(importlib.import_module(module), fn)([])
+        except Parsed as p:
+            parsers[name] = p.args[0]
+        finally:
+            argparse.ArgumentParser.parse_args = real
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parsers.update({k: p for k, p in sub.choices.items() if k not in parsers})
+    assert set(parsers) >= {"generate", "demo", "bench", "analyze", "train-draft", "regenerate", "capture"}
+    bare = [(name, a.option_strings) for name, p in parsers.items() for a in p._actions
+            if a.dest != "help" and not a.help]
+    assert bare == []
+    assert "(default: 256)" in parsers["generate"].format_help()

@@ -142,7 +142,7 @@ def test_long_video_many_visual_tokens(ckpt_dir):
 
 def test_sparrow_draft_cache_holds_text_only(ckpt_dir):
     """VATA: in sparrow mode the draft's KV cache never holds a visual position; in eagle mode it holds all."""
-    from sparrow.generate import DraftRunner
+    from sparrow.draft import DraftRunner
 
     target = get_target(ckpt_dir, "qwen2_5_vl", 0)
     inputs = prepare(target, clip(16))

@@ -13,7 +13,7 @@ from sparrow.cli import main
 from sparrow.training.data import read_jsonl, write_sample
 from sparrow.training.losses import capture, draft_loss
 from sparrow.training.offline import OfflineData, run_capture
-from sparrow.training.trainer import TrainConfig
+from sparrow.training.config import TrainConfig
 from sparrow.video import load_video, write_video
 
 import sparrow

@@ -15,7 +15,8 @@ from conftest import get_target
 from sparrow.training.data import read_jsonl, write_sample
 from sparrow.training.losses import LossConfig, capture, draft_loss, loss_mask_for
 from sparrow.errors import SparrowError
-from sparrow.training.trainer import TrainConfig, train
+from sparrow.training.config import TrainConfig
+from sparrow.training.trainer import train
 from sparrow.video import write_video
 
 
@@ -279,7 +280,7 @@ def test_regenerate_bad_settings_are_one_line_before_loading(tmp_path, capsys, f
 
 
 def test_bad_config_files_are_one_line(tmp_path):
-    from sparrow.training.trainer import load_config
+    from sparrow.training.config import load_config
 
     for text, message in (('{"steps": 3,', "not valid JSON"), ("[1, 2]", "give a mapping of TrainConfig fields"),
                           ('{"stepz": 3}', "unknown training config keys"), ('{"batch": 0}', "batch 0: give 1")):

@@ -1,4 +1,4 @@
-"""`sparrow analyze`: the paper's three observations, measured on any supported target (method.md section 1).
+"""`sparrow analyze`: the paper's three observations, measured on any supported target (docs/method.md section 1).
 
     sparrow analyze [--target PATH] [--draft EAGLE_DRAFT] [--what internalization,visual-gain,dilution]
                     [--clips 3] [--visual-tokens 500,3000] [--out results/analyze]
@@ -28,6 +28,7 @@ import sys
 import numpy as np
 import torch
 
+from .cli import Help
 from .errors import SparrowError, at_least
 
 KEEP_FRACTIONS = (1.0, 0.25, 0.10, 0.05, 0.01, 0.0)
@@ -96,14 +97,14 @@ def internalization(target, inputs: dict, max_new_tokens: int = 64) -> dict:
 def attention_and_similarity(target, inputs: dict) -> dict:
     """Per layer: attention mass from the last instruction token onto visual tokens (mean over heads), and mean
     cosine similarity of visual / text hidden states to the input embeddings. One eager forward of the prompt."""
-    from .cache import ATTN_IMPLEMENTATION
+    from .cache import register_attention
 
     kw, vis = _sequence_inputs(target, inputs, [])
     target.model.set_attn_implementation("eager")
     try:
         out = target.model.model(**kw, use_cache=False, output_attentions=True, output_hidden_states=True)
     finally:
-        target.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        target.model.set_attn_implementation(register_attention())
     # the last prompt token is the chat template's assistant header; the instruction's last token precedes it
     last = _last_instruction_index(target, inputs)
     mass = [float(a[0, :, last, vis].sum(-1).mean()) for a in out.attentions]
@@ -153,9 +154,11 @@ def visual_gain(target, draft, inputs: dict, max_new_tokens: int = 96) -> dict:
     for how in ("attention", "uniform"):
         out[how] = []
         for frac in KEEP_FRACTIONS:
-            keep = keep_mask(vis, att["_weights"], frac, how)
-            o = generate(target, draft, inputs, max_new_tokens=max_new_tokens, method="eagle", tree=TreeConfig(),
-                         visual_keep=keep)
+            draft.visual_keep = keep_mask(vis, att["_weights"], frac, how)
+            try:
+                o = generate(target, draft, inputs, max_new_tokens=max_new_tokens, method="eagle", tree=TreeConfig())
+            finally:
+                draft.visual_keep = None
             if o.token_ids != ref:
                 raise SparrowError("eagle output with a reduced visual cache differs from ar: a lossless bug")
             out[how].append(o.stats.tau)
@@ -166,7 +169,7 @@ def visual_gain(target, draft, inputs: dict, max_new_tokens: int = 96) -> dict:
 def draft_attention(target, draft, inputs: dict) -> dict:
     """The eagle-mode draft's attention from its first generated token's query over the prompt entries: mass on
     visual and on text positions (mean over heads)."""
-    from .generate import DraftRunner
+    from .draft import DraftRunner
     from .tree import TreeConfig
 
     cache = target.new_cache(inputs["input_ids"].shape[1] + 8)
@@ -293,15 +296,16 @@ def main(argv=None) -> int:
     from . import defaults, load_draft, load_target
     from .bench import parse_visual_tokens
 
-    ap = argparse.ArgumentParser(prog="sparrow analyze", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="sparrow analyze", description=__doc__.split("\n\n")[0],
+                                 formatter_class=Help)
     ap.add_argument("--target", help="local HF checkpoint (default: the embedded target)")
     ap.add_argument("--draft", help="an eagle-mode (full-visual) draft for visual-gain and dilution (default: the "
                                     "embedded target's shipped eagle draft)")
     ap.add_argument("--what", default=",".join(ANALYSES), help=f"comma list of {', '.join(ANALYSES)}")
     ap.add_argument("--visual-tokens", default="500,3000", help="short and long video buckets")
     ap.add_argument("--clips", type=int, default=3, help="clips per bucket")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--out", default="results/analyze")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per answer, at most")
+    ap.add_argument("--out", default="results/analyze", help="directory of the JSON and PNG files")
     a = ap.parse_args(argv)
     what = [w.strip() for w in a.what.split(",") if w.strip()]
     unknown = [w for w in what if w not in ANALYSES]

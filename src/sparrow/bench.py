@@ -23,11 +23,10 @@ Metrics (Spec-Bench conventions): DSR = ar decode time / method decode time (aft
 same end to end (prefill included); DSR / tau = the share of the ideal speedup reached (drafting free and a
 verification as cheap as a decode step would give DSR = tau).
 
-Tree: `--tree auto` picks the draft-tree size per method and bucket from measurements on this machine (EAGLE-2's
-auto configuration): tau(N) and draft time per cycle from short calibration runs for each candidate size N
-(on the first 3 clips of at most 1000 visual tokens, pooled),
-and the target's verify time for N + 1 tokens measured at each bucket's context length; the size with the most
-expected tokens per second, tau(N) / (draft(N) + verify(N)), wins. `--tree K,D,N` fixes it.
+Tree: `--tree auto` (the default) runs each speculative method as `sparrow generate` does: every cycle's tree
+size chosen by `sparrow.policy.TreePolicy` from the verify cost measured on this machine at the bucket's context
+length and the acceptance the draft shows, with plain decode steps where speculation cannot pay; the table's
+"tree" column is the size it chose most. `--tree K,D,N` fixes the tree instead.
 
 Outputs in --out: samples.jsonl (one row per sample and method, written as it goes), summary.json (machine,
 versions, dtype, seeds, tree choice, aggregates), table.md, and tau.png, dsr.png, cycle.png.
@@ -46,15 +45,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .cli import Help
+from .decode import GenerateOutput, generate
 from .errors import SparrowError, at_least, positive_list
-from .generate import GenerateOutput, Stats, _Clock, generate
-from .tree import TreeConfig, tree_from_parents
+from .timing import Clock, Stats
+from .tree import TreeConfig
 from .verify import Sampling
 
 DEFAULT_BUCKETS = (500, 1500, 3000, 8000)
-TREE_CANDIDATES = (4, 8, 16, 30, 48)
-CALIBRATION_TOKENS = 1000  # the tree calibration runs on clips of at most this many visual tokens
-CALIBRATION_SAMPLES = 3  # ... the first (at most) 3 of that length
 SIDE = 224  # synthetic frames (and the pixel budget of real ones): 64 visual tokens per 2 frames on Qwen-VL
 
 
@@ -69,14 +67,14 @@ class Method:
     draft: object = None
     mode: str = "ar"
     assistant: object = None
-    tree: TreeConfig | None = None  # None: the bucket's auto choice / the run's fixed tree
+    tree: TreeConfig | None = None  # None: the run's tree (auto: the policy's choice each cycle)
 
     def run(self, target, inputs: dict, max_new_tokens: int, temperature: float, seed: int,
             tree: TreeConfig | None) -> GenerateOutput:
         if self.kind == "hf-assisted":
             return hf_assisted(target, self.assistant, inputs, max_new_tokens, temperature, seed)
         return generate(target, self.draft, inputs, max_new_tokens=max_new_tokens, method=self.mode,
-                        temperature=temperature, seed=seed, tree=tree or TreeConfig())
+                        temperature=temperature, seed=seed, tree=tree)
 
 
 def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperature: float, seed: int) -> GenerateOutput:
@@ -84,7 +82,7 @@ def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperatur
     separate 1-token generate of the target, decode_s the rest; tau = tokens after the first per target forward.
     Runs with the target's `plain_generation_config` plus its repetition penalty, so that it decodes as our loop
     does: no other setting of the checkpoint's, and sampling with temperature alone (generate's own top_k 50 off)."""
-    model, clock = target.model, _Clock(target.device)
+    model, clock = target.model, Clock(target.device)
     calls = []
     hook = model.register_forward_hook(lambda *_: calls.append(1))
     kw = dict(do_sample=temperature > 0, max_new_tokens=max_new_tokens, pad_token_id=target.tokenizer.pad_token_id,
@@ -240,70 +238,11 @@ def build_inputs(target, sample: Sample, frames: int) -> dict:
     return target.prepare(video, sample.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
 
 
-# ---------------------------------------------------------------- tree auto-configuration
-def verify_costs(target, inputs: dict, sizes, repeats: int = 7) -> dict[int, float]:
-    """Seconds of one target forward over N + 1 tree tokens (N in sizes; 0 = a decode step) after the prompt of
-    `inputs`, medians of `repeats` runs. The tree shape does not matter for cost; a star is used."""
-    cache = target.new_cache(inputs["input_ids"].shape[1] + max(sizes) + 4)
-    clock = _Clock(target.device)
-    with torch.inference_mode():
-        target.prefill(inputs, cache)
-        n = cache.length
-        out = {}
-        for N in (0, *sizes):
-            parents = torch.tensor([-1] + [0] * N, device=target.device)
-            tree = tree_from_parents(torch.zeros(N + 1, dtype=torch.long, device=target.device), parents)
-            times = []
-            for _ in range(repeats + 1):  # the first run warms up
-                t0 = clock.now()
-                target.forward(tree.tokens, tree.depths, tree.mask if N else None, cache)
-                times.append(clock.now() - t0)
-                cache.truncate(n)
-            out[N] = float(np.median(times[1:]))
-    return out
-
-
+# ---------------------------------------------------------------- helpers
 def parse_visual_tokens(text: str) -> list[int]:
     """`--visual-tokens` "500,1500,8000" -> [500, 1500, 8000] (bench and analyze). Raises SparrowError unless it
     is one or more positive whole numbers."""
     return positive_list("--visual-tokens", text, "500,1500,8000")
-
-
-def tree_for(size: int) -> TreeConfig:
-    """The dynamic tree for `size` draft tokens: top-k 8, depth 5 (6 above 40 tokens), as EAGLE-2's defaults."""
-    return TreeConfig(top_k=8, depth=6 if size > 40 else 5, tokens=size)
-
-
-def calibrate(target, methods: list[Method], inputs: list[dict], sizes, max_new_tokens: int) -> dict:
-    """Per speculative method and tree size: tau and draft seconds per cycle, pooled over the cycles of one greedy
-    run per calibration input (tau of one short answer swings by +-0.5, enough to flip the choice). Each (method,
-    size) first runs once untimed (8 new tokens), so that a first run's one-off costs are not timed. Other work on
-    the machine during calibration still skews the choice: a run of 2026-12-02, with analysis scripts running
-    alongside, timed 16-76 ms a cycle for the first draft calibrated against 4-5 ms for the others."""
-    out = {}
-    for m in methods:
-        if m.kind != "spec":
-            continue
-        out[m.name] = {}
-        for N in sizes:
-            generate(target, m.draft, inputs[0], max_new_tokens=8, method=m.mode, tree=tree_for(N))  # warm-up
-            tokens = cycles = 0
-            draft_s = 0.0
-            for inp in inputs:
-                s = generate(target, m.draft, inp, max_new_tokens=max_new_tokens, method=m.mode, tree=tree_for(N)).stats
-                tokens, cycles = tokens + sum(s.accept_lengths), cycles + len(s.accept_lengths)
-                draft_s += s.draft_s - s.draft_prefill_s
-            out[m.name][N] = {"tau": tokens / max(1, cycles), "draft_s": draft_s / max(1, cycles)}
-    return out
-
-
-def choose_trees(calib: dict, verify: dict[int, float]) -> dict:
-    """For each method: {chosen: N, expected tokens/s per N} maximising tau(N) / (draft(N) + verify(N))."""
-    out = {}
-    for name, per in calib.items():
-        rate = {N: c["tau"] / (c["draft_s"] + verify[N]) for N, c in per.items()}
-        out[name] = {"tokens": max(rate, key=rate.get), "expected_tokens_per_s": {str(k): round(v, 2) for k, v in rate.items()}}
-    return out
 
 
 # ---------------------------------------------------------------- the run
@@ -311,6 +250,14 @@ def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (KiB on Linux)
+
+
+def _tree_size(s: Stats, tree: TreeConfig | None) -> int:
+    """The tree size of a run: the fixed tree's, or the size the policy chose most (0: plain steps)."""
+    if tree is not None:
+        return tree.tokens
+    choices = {int(k): v for k, v in s.policy.get("choices", {}).items()}
+    return max(choices, key=choices.get) if choices else 0
 
 
 def row_for(bucket: int, sample: Sample, method: Method, out: GenerateOutput, ref: GenerateOutput | None,
@@ -325,7 +272,8 @@ def row_for(bucket: int, sample: Sample, method: Method, out: GenerateOutput, re
             "prefill_s": s.prefill_s, "decode_s": s.decode_s, "cycles": len(s.accept_lengths),
             "draft_ms_per_cycle": 1e3 * (s.draft_s - s.draft_prefill_s) / cycles if method.kind == "spec" else 0.0,
             "verify_ms_per_cycle": 1e3 * s.verify_s / cycles, "draft_prefill_s": s.draft_prefill_s,
-            "tree_tokens": tree.tokens if (tree and method.kind == "spec") else 0, "peak_memory_mb": round(mem_mb, 1),
+            "tree_tokens": _tree_size(s, tree) if method.kind == "spec" else 0,
+            "plain_steps": s.plain_steps, "policy": s.policy, "peak_memory_mb": round(mem_mb, 1),
             "lossless": lossless, "stop_reason": s.stop_reason, "text": out.text}
 
 
@@ -457,23 +405,13 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
     rows = list(done_rows)
     greedy = temperature == 0
     names = [m.name for m in methods]
-    trees: dict = {}
     plan = [(b, frames_for(target, b)) for b in buckets]
     bucket_samples = {b: samples_for(n) for b, n in plan}
-    calib = None
-    if tree == "auto" and any(m.kind == "spec" for m in methods):
-        cal_frames = frames_for(target, min(min(buckets), CALIBRATION_TOKENS))  # tau(N) barely depends on length
-        cal_inputs = [build_inputs(target, x, cal_frames) for x in samples_for(cal_frames)[:CALIBRATION_SAMPLES]]
-        calib = calibrate(target, methods, cal_inputs, TREE_CANDIDATES, min(64, max_new_tokens))
     total = sum(len(s) for s in bucket_samples.values()) * len(methods)
     bar = tqdm(total=total, initial=len(done), desc="bench", disable=not progress, dynamic_ncols=True)
     with open(jsonl, "a" if resume else "w") as f:
         for b, frames in plan:
             samples = bucket_samples[b]
-            if calib is not None:
-                verify = verify_costs(target, build_inputs(target, samples[0], frames), TREE_CANDIDATES)
-                trees[str(b)] = {"verify_ms": {str(k): round(1e3 * v, 3) for k, v in verify.items()},
-                                 **choose_trees(calib, verify)}
             for i, sample in enumerate(samples):
                 if all((b, sample.id, n) in done for n in names):
                     continue
@@ -483,8 +421,7 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
                 order = methods[i % len(methods):] + methods[: i % len(methods)]
                 outs = {}
                 for m in order:
-                    t = m.tree or (tree_for(trees[str(b)][m.name]["tokens"]) if calib is not None and m.kind == "spec"
-                                   else (tree if isinstance(tree, TreeConfig) else TreeConfig()))
+                    t = m.tree or (tree if isinstance(tree, TreeConfig) else None)
                     for _ in range(warmup):
                         m.run(target, inputs, max_new_tokens, temperature, seed + i, t)
                     if target.device.type == "cuda":
@@ -517,7 +454,7 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
         meta["transformers"] = transformers.__version__
     except ImportError:
         pass
-    result = {"meta": meta, "tree_choice": trees, "calibration": calib, "summary": summary}
+    result = {"meta": meta, "summary": summary}
     tmp = os.path.join(out, "summary.json.tmp")
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -535,7 +472,8 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
 def main(argv=None) -> int:
     from . import defaults, load_target
 
-    ap = argparse.ArgumentParser(prog="sparrow bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="sparrow bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=Help)
     ap.add_argument("--target", help="local HF checkpoint (default: the embedded target)")
     ap.add_argument("--drafts", help="NAME=PATH,... (default: the embedded target's shipped drafts)")
     ap.add_argument("--assistant", help="checkpoint for hf-assisted (default: the embedded assistant)")
@@ -546,13 +484,13 @@ def main(argv=None) -> int:
     ap.add_argument("--visual-tokens", default=",".join(map(str, DEFAULT_BUCKETS)), help="buckets, e.g. 500,8000")
     ap.add_argument("--methods", help="comma list (default: ar, every draft, hf-assisted when an assistant is "
                                       "there); variants NAME:absolute, NAME:wN, NAME:eagle")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="new tokens per answer, at most")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (and the lossless check)")
     ap.add_argument("--tree", default="auto", help="auto (measure and pick per bucket) or TOPK,DEPTH,TOKENS")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype")
-    ap.add_argument("--device")
-    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic clips and of sampling")
+    ap.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
+    ap.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
+    ap.add_argument("--out", default="results/bench", help="directory of samples.jsonl, summary.json, table.md, plots")
     ap.add_argument("--resume", action="store_true", help="skip samples already in OUT/samples.jsonl")
     ap.add_argument("--warmup", type=int, default=0,
                     help="untimed runs of each method on each input before its timed run (default 0; on a GPU, "
@@ -580,13 +518,9 @@ def main(argv=None) -> int:
     else:
         n = a.synthetic or 3
         samples_for = lambda frames: synthetic_samples(n, frames, a.seed)  # noqa: E731
-    result = run_bench(target, methods, buckets, samples_for, a.out, a.max_new_tokens, a.temperature, tree, a.seed,
+    run_bench(target, methods, buckets, samples_for, a.out, a.max_new_tokens, a.temperature, tree, a.seed,
                        a.resume, meta={"target": target.path, "drafts": drafts, "assistant": assistant,
                                        "data": a.data or f"synthetic x{a.synthetic or 3}"}, warmup=a.warmup)
     print(open(os.path.join(a.out, "table.md")).read())
-    if result["tree_choice"]:
-        print("tree tokens per bucket: " + "; ".join(
-            f"{b}: " + ", ".join(f"{m} {c['tokens']}" for m, c in per.items() if isinstance(c, dict) and "tokens" in c)
-            for b, per in result["tree_choice"].items()))
     print(f"wrote {a.out}/samples.jsonl, summary.json, table.md, tau.png, dsr.png, cycle.png")
     return 0

@@ -7,7 +7,8 @@ tree several times slower than one decode step. Here:
 - `KVCache` is a `transformers.Cache` whose layers write into buffers of a fixed capacity and hand the model a
   view of the filled part (no copy);
 - `KVCache.accept(start, keep)` keeps the accepted tree positions by one gather per layer (no re-forward);
-- `sparrow_attention` (registered as the attention implementation "sparrow") folds the query heads of each KV
+- `sparrow_attention` (the attention implementation "sparrow", registered with transformers by
+  `register_attention`, which `load_target` calls) folds the query heads of each KV
   group into the query-length axis, so the masked verification forward reads every key once.
 """
 
@@ -147,5 +148,9 @@ def sparrow_attention(module, query, key, value, attention_mask, dropout=0.0, sc
                                   is_causal=is_causal, **kwargs)
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, sparrow_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+def register_attention() -> str:
+    """Register `sparrow_attention` (and sdpa's mask builder) with transformers under `ATTN_IMPLEMENTATION`, so
+    that a model can be loaded or switched with `attn_implementation="sparrow"`; idempotent. Returns the name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sparrow_attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return ATTN_IMPLEMENTATION

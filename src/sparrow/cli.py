@@ -1,4 +1,4 @@
-"""Command line: `sparrow generate | demo | bench | analyze | regenerate | train-draft | train-target | ...`.
+"""Command line: `sparrow generate | demo | bench | analyze | regenerate | capture | train-draft | init-draft | ...`.
 
 Bad input prints one line `sparrow: error: ...` and exits with code 2 (no traceback).
 """
@@ -12,35 +12,57 @@ import sys
 
 from .errors import SparrowError
 
+class Help(argparse.HelpFormatter):
+    """Every command's help: each option's default after its description, unless the description gives it or
+    there is none to give (a flag off, an unset value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 DEMO_CLIP = 2  # the example clip `demo` describes by default: two moving objects, which the shipped target gets right
 
 
 def _add_video_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", help="video file (mp4/mkv/webm/avi...) or directory of frames; omit for text only")
-    p.add_argument("--prompt", default="Describe the video.", help="the user's question")
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--prompt", default="Describe the video.", help="the user's question")
+    q.add_argument("--prompt-file", help="read the question from this text file instead")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--num-frames", type=int, help="sample this many frames uniformly")
-    g.add_argument("--fps", type=float, help="or sample at this rate (frames per second)")
-    p.add_argument("--max-pixels", type=int, help="upper bound of each frame's area after resizing (Qwen-VL)")
-    p.add_argument("--min-pixels", type=int, help="lower bound of each frame's area after resizing (Qwen-VL)")
+    g.add_argument("--num-frames", type=int, help="sample this many frames uniformly (default: as --fps says)")
+    g.add_argument("--fps", type=float, help="or sample at this rate, frames per second (default: the checkpoint's "
+                   "video_preprocessor_config.json: its fps, min_frames and max_frames, else 2 fps, 4 to 768 frames, "
+                   "fewer where the video would not fit the context)")
+    p.add_argument("--max-pixels", type=int, help="upper bound of each frame's area after resizing (default: the "
+                   "checkpoint's; Qwen-VL)")
+    p.add_argument("--min-pixels", type=int, help="lower bound of each frame's area after resizing (default: the "
+                   "checkpoint's; Qwen-VL)")
 
 
 def _add_tree_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tree-top-k", type=int, default=8, help="children per expanded node / frontier width (8)")
-    p.add_argument("--tree-depth", type=int, default=5, help="draft levels below the root (5)")
-    p.add_argument("--tree-tokens", type=int, default=30, help="draft tokens verified per cycle (30)")
+    p.add_argument("--tree-top-k", type=int, help="a fixed tree: children per expanded node / frontier width "
+                   "(default 8)")
+    p.add_argument("--tree-depth", type=int, help="a fixed tree: draft levels below the root (default 5)")
+    p.add_argument("--tree-tokens", type=int,
+                   help="a fixed tree: draft tokens verified every cycle (default 30). With none of the three the tree "
+                        "is chosen each cycle (at most 30 tokens) from the verify cost measured on this machine and "
+                        "the draft's acceptance, with plain decode steps where speculation does not pay")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sparrow", description="Lossless speculative decoding for video LLMs (Sparrow).")
+    ap = argparse.ArgumentParser(prog="sparrow", description="Lossless speculative decoding for video LLMs (Sparrow).",
+                                 formatter_class=Help)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="answer a prompt about a video with speculative decoding")
+    g = sub.add_parser("generate", formatter_class=Help, help="answer a prompt about a video with speculative decoding")
     g.add_argument("--target", help="local HF checkpoint directory of the target (default: the embedded one)")
     g.add_argument("--draft", help="draft directory (from init-draft / train-draft; default: the shipped draft of "
                                    "--method for the embedded target); not needed for --method ar")
     _add_video_args(g)
-    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--max-new-tokens", type=int, default=256, help="new tokens, at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1.0 = off (default)")
     g.add_argument("--top-k", type=int, default=0,
@@ -50,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "as model.generate applies it)")
     g.add_argument("--seed", type=int, default=None, help="sampling seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    g.add_argument("--method", choices=["sparrow", "eagle", "ar"], default="sparrow")
+    g.add_argument("--method", choices=["sparrow", "eagle", "ar"], default="sparrow",
+                   help="sparrow (text-only draft cache), eagle (the baseline draft) or ar (plain decoding)")
     g.add_argument("--position-mode", choices=["compact", "absolute"], help="override the draft's position mode")
     g.add_argument("--window", type=int, help="override the draft's text window (sparrow mode)")
     _add_tree_args(g)
@@ -64,52 +87,87 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy only: also decode with transformers' own model.generate and check that the tokens "
                         "are identical (exit code 1 if not)")
 
-    i = sub.add_parser("init-draft", help="write an untrained draft for a target")
+    i = sub.add_parser("init-draft", formatter_class=Help, help="write an untrained draft for a target")
     i.add_argument("--target", help="target checkpoint (default: the embedded one)")
-    i.add_argument("--out", required=True)
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--mode", choices=["sparrow", "eagle"], default="sparrow")
-    i.add_argument("--position-mode", choices=["compact", "absolute"], default="compact")
-    i.add_argument("--window", type=int, default=None)
+    i.add_argument("--out", required=True, help="the draft directory to write")
+    i.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    i.add_argument("--mode", choices=["sparrow", "eagle"], default="sparrow",
+                   help="sparrow (text-only draft cache) or eagle (every position)")
+    i.add_argument("--position-mode", choices=["compact", "absolute"], default="compact",
+                   help="draft positions: compact (text entries renumbered) or absolute (the target's)")
+    i.add_argument("--window", type=int, default=None, help="text entries the draft sees (default: all)")
     i.add_argument("--mid-layer", type=int, default=None, help="target layer m for IVSB (default L // 2)")
 
-    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (tests, benchmarks)")
-    t.add_argument("--family", choices=["qwen2_5_vl", "qwen2_vl", "llava_onevision"], default="qwen2_5_vl")
-    t.add_argument("--out", required=True)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--hidden", type=int, default=64)
-    t.add_argument("--layers", type=int, default=4)
+    sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (see --help)", add_help=False)
     sub.add_parser("regenerate", help="replace a dataset's answers with the target's own (see --help)",
                    add_help=False)
     sub.add_parser("capture", help="store the target's hidden states for offline draft training (see --help)",
                    add_help=False)
     sub.add_parser("train-draft", help="train a Sparrow / EAGLE draft with IVSB + MTP (see --help)", add_help=False)
-    sub.add_parser("train-target", help="train the embedded target on the synthetic world (see --help)",
-                   add_help=False)
-    sub.add_parser("evaluate-target", help="description accuracy of a target on the synthetic world (see --help)",
-                   add_help=False)
     sub.add_parser("bench", help="benchmark methods per visual-token bucket: tau, DSR, ESR, tables, plots (see "
                                  "--help)", add_help=False)
     sub.add_parser("analyze", help="the paper's observations on a target: visual internalization, negative "
                                    "visual gain, attention dilution (see --help)", add_help=False)
-    d = sub.add_parser("demo", help="the embedded target and drafts on an example clip: speculative decoding vs "
+    d = sub.add_parser("demo", formatter_class=Help, help="the embedded target and drafts on an example clip: speculative decoding vs "
                                      "plain decoding, identical output")
     d.add_argument("--clip", type=int, default=DEMO_CLIP,
                    help=f"which shipped example clip to describe (0-4; default {DEMO_CLIP}, one the target describes "
                         "right; 0 and 3 show what it gets wrong)")
-    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--max-new-tokens", type=int, default=128, help="new tokens, at most")
     return ap
 
 
 def _summary(out) -> str:
     s = out.stats
+    tree = ""
+    if s.policy:  # what the tree policy did: cycles per tree size, plain steps
+        c = s.policy["choices"]
+        tree = " | trees " + ", ".join(f"{k}x{v}" for k, v in c.items() if k != "0") \
+            + (f", plain steps {c['0']}" if "0" in c else "")
     return (f"[{s.method}] visual tokens {s.visual_tokens} | new tokens {s.new_tokens} | tau {s.tau:.2f} | "
-            f"prefill {s.prefill_s:.3f}s | decode {s.decode_s:.3f}s | {s.tokens_per_s:.1f} tok/s"
-            + (f" | repetition penalty {s.repetition_penalty:g}" if s.repetition_penalty != 1.0 else ""))
+            f"prefill {s.prefill_s:.3f}s | decode {s.decode_s:.3f}s | {s.tokens_per_s:.1f} tok/s" + tree
+            + (f" | repetition penalty {s.repetition_penalty:g}" if s.repetition_penalty != 1.0 else "")
+            + (f" | verify cost measured for this length in {s.calibration_s:.2f}s (once)" if s.calibration_s > 0.01
+               else ""))
+
+
+def _sampled(target, video, inputs: dict, a) -> str:
+    """One line: what was taken from the video (frames and rate, of how many, the frame size before and after
+    resizing, the visual tokens), and how it was chosen."""
+    t, h, w = video.frames.shape[:3]
+    rh, rw = target.resized_size(h, w, a.max_pixels, a.min_pixels)
+    how = ("--num-frames" if a.num_frames else "--fps" if a.fps else
+           "the checkpoint's defaults: {fps:g} fps, {min_frames}-{max_frames} frames".format(**target.sampling_defaults()))
+    visual = int(target.visual_mask(inputs["input_ids"][0]).sum())
+    return (f"video: {t} of {video.total_frames} frames ({video.fps:.2f} fps over {t / video.fps:.1f} s; {how}), "
+            f"{w}x{h} -> {rw}x{rh}, {visual} visual tokens" + ("; prefilling..." if visual > 4000 else ""))
+
+
+class _progress:
+    """A progress bar on stderr over the new tokens while `--json` keeps stdout for its one object (the streamed
+    text is the progress otherwise): `with _progress(json, total, name) as bar:` gives an `on_tokens` callback,
+    or None when there is no bar."""
+
+    def __init__(self, on: bool, total: int, name: str):
+        self.on, self.total, self.name, self.bar = on, total, name, None
+
+    def __enter__(self):
+        if not self.on:
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.name, unit="tok", file=sys.stderr, leave=False,
+                        dynamic_ncols=True)
+        return lambda ids: self.bar.update(len(ids))
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
 
 
 def _speedup_line(spec, base) -> str:
-    from .generate import speedup
+    from .timing import speedup
 
     x = speedup(spec.stats, base.stats)
     return (f"{spec.stats.method} against plain decoding: tau {x['tau']:.2f}, decoding {x['dsr']:.2f}x as fast (DSR), "
@@ -120,6 +178,13 @@ def cmd_generate(a) -> int:
     from . import TreeConfig, defaults, generate, load_draft, load_target
     from .verify import Sampling, check_repetition_penalty
 
+    if a.prompt_file:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                a.prompt = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SparrowError(f"--prompt-file {a.prompt_file}: cannot read it ({e.__class__.__name__}); give a UTF-8 "
+                               "text file") from None
     if not a.prompt.strip():
         raise SparrowError('--prompt is empty; give the question about the video (e.g. --prompt "Describe the video.")')
     sampling = Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before loading
@@ -130,7 +195,10 @@ def cmd_generate(a) -> int:
                            "follow the same distribution, not the same tokens)")
     if a.compare and a.method == "ar":
         raise SparrowError("--compare sets a speculative method against plain decoding; give --method sparrow or eagle")
-    tree = TreeConfig(top_k=a.tree_top_k, depth=a.tree_depth, tokens=a.tree_tokens)
+    # any of the three fixes the tree (bad values fail here, before loading); none: the policy chooses each cycle
+    fixed = (a.tree_top_k, a.tree_depth, a.tree_tokens) != (None, None, None)
+    pick = lambda v, default: default if v is None else v  # noqa: E731
+    tree = TreeConfig(pick(a.tree_top_k, 8), pick(a.tree_depth, 5), pick(a.tree_tokens, 30)) if fixed else None
     target = load_target(a.target, dtype=a.dtype, device=a.device)  # None: the embedded target
     draft = None
     if a.method != "ar":
@@ -140,8 +208,12 @@ def cmd_generate(a) -> int:
             raise SparrowError(f"--method {a.method} needs --draft PATH (or use --method ar)")
         overrides = {k: v for k, v in (("position_mode", a.position_mode), ("window", a.window)) if v is not None}
         draft = load_draft(a.draft, target, **overrides)
-    inputs = target.prepare(video=a.video, prompt=a.prompt, num_frames=a.num_frames, fps=a.fps,
-                            max_pixels=a.max_pixels, min_pixels=a.min_pixels)
+    video = None
+    if a.video:
+        video = target.sample_video(a.video, a.num_frames, a.fps, a.max_pixels, a.min_pixels)
+    inputs = target.prepare(video=video, prompt=a.prompt, max_pixels=a.max_pixels, min_pixels=a.min_pixels)
+    if video is not None:
+        print(_sampled(target, video, inputs, a), file=sys.stderr, flush=True)
     printed = []
 
     def stream(ids):
@@ -156,18 +228,26 @@ def cmd_generate(a) -> int:
     stream.shown = 0
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, stop=a.stop,
               seed=a.seed, repetition_penalty=a.repetition_penalty)
-    out = generate(target, draft, inputs, method=a.method, tree=tree, on_tokens=None if a.json else stream, **kw)
-    base = generate(target, None, inputs, method="ar", **kw) if a.compare else None
+    with _progress(a.json, a.max_new_tokens, f"{a.method}") as bar:
+        out = generate(target, draft, inputs, method=a.method, tree=tree, on_tokens=bar or (None if a.json else stream),
+                       **kw)
+    base = None
+    if a.compare:
+        with _progress(a.json, a.max_new_tokens, "ar (for --compare)") as bar:
+            base = generate(target, None, inputs, method="ar", on_tokens=bar, **kw)
     same = base is None or not sampling.greedy or base.token_ids == out.token_ids
     ref = target.hf_greedy(inputs, a.max_new_tokens, a.stop, a.repetition_penalty) if a.check_hf else None
     same_hf = ref is None or ref == out.token_ids
     if a.json:
         res = out.to_dict()
         if base:
-            from .generate import speedup
+            from .timing import speedup
 
-            res["compare"] = {**speedup(out.stats, base.stats), "identical": base.token_ids == out.token_ids,
-                              "ar": base.to_dict()}
+            res["compare"] = {**speedup(out.stats, base.stats), "ar": base.to_dict(),
+                              # sampled outputs differ by design: the same distribution, not the same tokens
+                              "identical": base.token_ids == out.token_ids if sampling.greedy else None}
+            if not sampling.greedy:
+                res["compare"]["note"] = "sampled: the same distribution as plain decoding, not the same tokens"
         if ref is not None:
             res["hf_identical"] = same_hf
         print(json.dumps(res))
@@ -200,14 +280,6 @@ def cmd_init_draft(a) -> int:
     return 0
 
 
-def cmd_make_tiny(a) -> int:
-    from .tiny import make_tiny_target
-
-    make_tiny_target(a.out, a.family, seed=a.seed, hidden=a.hidden, layers=a.layers)
-    print(f"wrote a tiny random {a.family} checkpoint to {a.out}")
-    return 0
-
-
 def cmd_demo(a) -> int:
     """Answer "Describe the video." about an example clip with --method sparrow, eagle and ar on the embedded
     target and its shipped drafts, through the same code a real checkpoint takes; check the outputs agree with each
@@ -230,7 +302,7 @@ def cmd_demo(a) -> int:
     drafts = {}
     for m in ("sparrow", "eagle"):
         if not defaults.draft_path(m):
-            raise SparrowError(f"no shipped {m} draft in {defaults.DRAFTS[m]}; rebuild with scripts/build_embedded.sh")
+            raise SparrowError(f"no shipped {m} draft in {defaults.DRAFTS[m]}; rebuild with embedded/build.sh")
         drafts[m] = load_draft(defaults.draft_path(m), target)
     inputs = target.prepare(video=video, prompt="Describe the video.", num_frames=16)
     print(f"video: {video}")
@@ -256,8 +328,7 @@ def cmd_demo(a) -> int:
 
 
 SCRIPTS = {  # subcommands with their own argument parsers: module, function
-    "train-target": ("sparrow.synthetic.train_target", "main"),
-    "evaluate-target": ("sparrow.synthetic.evaluate", "main"),
+    "make-tiny": ("sparrow.tiny", "main"),
     "regenerate": ("sparrow.training.regenerate", "main"),
     "train-draft": ("sparrow.training.trainer", "main"),
     "capture": ("sparrow.training.offline", "main"),
@@ -290,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         module, fn = SCRIPTS[argv[0]]
         return run_guarded(getattr(importlib.import_module(module), fn), argv[1:])
     a = build_parser().parse_args(argv)
-    commands = {"generate": cmd_generate, "init-draft": cmd_init_draft, "make-tiny": cmd_make_tiny, "demo": cmd_demo}
+    commands = {"generate": cmd_generate, "init-draft": cmd_init_draft, "demo": cmd_demo}
     return run_guarded(commands[a.command], a)
 
 

@@ -1,4 +1,4 @@
-"""The Sparrow draft: an EAGLE-style single decoder layer over text positions (method.md section 2).
+"""The Sparrow draft: an EAGLE-style single decoder layer over text positions (docs/method.md section 2).
 
     z_t = FC([norm(e_t) ; h_{t-1}])            e: frozen target embedding, h: target top state (or the draft's own)
     s_t = norm_out(DecoderLayer(z_t))          the draft's state, trained to match the target's top state
@@ -171,10 +171,12 @@ class DraftCache:
 
 
 class SparrowDraft(nn.Module):
-    """EAGLE-style draft of one decoder layer (method.md section 2). See the module docstring.
+    """EAGLE-style draft of one decoder layer (docs/method.md section 2). See the module docstring.
 
     The target's token embedding and LM head are used frozen through `attach(target)`; they are not part of
-    the draft's parameters or of its saved weights.
+    the draft's parameters or of its saved weights. `visual_keep` ((L,) bool over a prompt's positions, or None:
+    all) is for analysis only: the visual positions that an "eagle"-mode cache holds (`sparrow analyze`'s
+    negative visual gain); the output stays lossless whatever it holds.
     """
 
     def __init__(self, config: DraftConfig):
@@ -187,6 +189,7 @@ class SparrowDraft(nn.Module):
         self.layer = DecoderLayer(config)
         self.norm = nn.RMSNorm(h, eps=config.rms_norm_eps)
         self._frozen = None  # (embed_tokens, lm_head) of the target
+        self.visual_keep: torch.Tensor | None = None
         with torch.no_grad():
             self.visual_proj.weight.copy_(torch.eye(h))
             self.visual_proj.bias.zero_()
@@ -334,3 +337,90 @@ def load_draft(path: str | None, target, **overrides) -> SparrowDraft:
         raise SparrowError(f"{path}: draft weights do not match its config (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")
     return draft.to(device=target.device, dtype=target.dtype)
+
+
+class DraftRunner:
+    """The draft's side of the decoding loop: its cache, its positions, catch-up on accepted tokens and tree
+    expansion (`expand`, the callback of `tree.build_tree`). One runner per generation: `target` a `Target`, `pre`
+    its `Prefill`, `capacity_new` the most tokens the generation adds, `tree` its `TreeConfig`.
+
+    mode "sparrow" feeds text positions only; "eagle" feeds every position (visual ones with the target's input
+    embeddings, i.e. the video features). Draft positions: "compact" numbers the draft's entries 0, 1, ...;
+    otherwise the target's own positions (3 mRoPE axes in "eagle"; the text axis in "sparrow" absolute).
+    """
+
+    def __init__(self, draft: "SparrowDraft", target, pre, mode: str, capacity_new: int, tree):
+        self.draft, self.target, self.mode = draft, target, mode
+        self.compact = mode == "sparrow" and draft.config.position_mode == "compact"
+        L = pre.positions.shape[1]
+        keep = ~pre.visual_mask if mode == "sparrow" else torch.ones(L, dtype=torch.bool, device=pre.positions.device)
+        if mode == "eagle" and draft.visual_keep is not None:  # analysis: only some visual positions in the cache
+            keep = ~pre.visual_mask | draft.visual_keep.to(keep.device)
+        keep[0] = False  # position 0 has no previous state (EAGLE drops it)
+        self.keep = keep
+        capacity = int(keep.sum()) + 1 + capacity_new + tree.top_k * tree.depth + 8
+        self.cache = DraftCache(draft.config, capacity, target.device, target.dtype)
+
+    def _positions(self, target_pos: torch.Tensor) -> torch.Tensor:
+        """Draft positions (3, q) of new entries whose target positions are target_pos (3, q)."""
+        if self.compact:
+            c = self.cache.committed
+            return torch.arange(c, c + target_pos.shape[1], device=target_pos.device).expand(3, -1)
+        return target_pos if self.mode == "eagle" else target_pos[:1].expand(3, -1)
+
+    def prefill(self, input_ids: torch.Tensor, pre, first_token: int) -> torch.Tensor:
+        """Feed the prompt pairs (token_t, h_{t-1}) for t in 1..L (t = L is the first new token), skipping visual
+        positions in "sparrow" mode. input_ids (L,). Returns the root's child log-probabilities (V,)."""
+        x, pos, _ = self.prompt_inputs(input_ids, pre, first_token)
+        return self._commit(x, pos)
+
+    def prompt_inputs(self, input_ids: torch.Tensor, pre, first_token: int):
+        """The draft's prompt-pass inputs: x (q, H) fused inputs, pos (3, q) draft positions, and idx (q,) the
+        target index of each entry (L for the first new token)."""
+        L, dev = input_ids.shape[0], input_ids.device
+        idx = torch.cat((self.keep.nonzero(as_tuple=True)[0], torch.tensor([L], device=dev)))
+        tokens = torch.cat((input_ids, torch.tensor([first_token], device=dev)))[idx]
+        emb = self.draft.embed(tokens)
+        if self.mode == "eagle" and pre.input_embeds is not None:
+            emb[:-1] = pre.input_embeds[idx[:-1]]  # visual positions carry the video features
+        tpos = torch.cat((pre.positions, pre.positions.new_full((3, 1), L + self.target.rope_delta)), dim=1)
+        x = self.draft.fuse(emb, pre.hidden_top[idx - 1])
+        return x, self._positions(tpos[:, idx]), idx
+
+    def catch_up(self, tokens: torch.Tensor, hidden: torch.Tensor, first_index: int) -> torch.Tensor:
+        """Feed accepted pairs: tokens (q,) at target indices first_index.., hidden (q, H) the target's top states
+        at the previous indices. Returns the new root's child log-probabilities (V,)."""
+        idx = torch.arange(first_index, first_index + tokens.shape[0], device=tokens.device)
+        x = self.draft.fuse(self.draft.embed(tokens), hidden)
+        return self._commit(x, self._positions((idx + self.target.rope_delta).expand(3, -1)))
+
+    def _commit(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.cache.rollback()
+        states = self.draft.step(x, pos, self.cache, None, commit=True)
+        self.root_state, self.root_pos = states[-1:], pos[:, -1:]
+        self.front_states, self.anc, self.depth = None, None, 0
+        return torch.log_softmax(self.draft.logits(states[-1]).float(), dim=-1)
+
+    def expand(self, tokens: torch.Tensor, parent_slot: torch.Tensor | None) -> torch.Tensor:
+        """Tree expansion callback (see `build_tree`): run the frontier through the draft, each node seeing the
+        committed entries and its own ancestors among the tree entries."""
+        k = tokens.shape[0]
+        n_old = 0 if self.anc is None else self.anc.shape[0]
+        if parent_slot is None:
+            parent_states = self.root_state.expand(k, -1)
+            anc = torch.zeros(k, 0, dtype=torch.bool, device=tokens.device)
+        else:
+            slots = n_old - self.front_states.shape[0] + parent_slot  # absolute tree-entry slot of the parent
+            parent_states = self.front_states[parent_slot]
+            anc = self.anc[slots]
+        self.depth += 1
+        anc = torch.cat((anc, torch.eye(k, dtype=torch.bool, device=tokens.device)), dim=1)
+        if self.anc is not None:
+            self.anc = torch.cat((torch.cat((self.anc, self.anc.new_zeros(n_old, k)), dim=1), anc), dim=0)
+        else:
+            self.anc = anc
+        pos = (self.root_pos + self.depth).expand(3, k)
+        x = self.draft.fuse(self.draft.embed(tokens), parent_states)
+        states = self.draft.step(x, pos, self.cache, anc, commit=False)
+        self.front_states = states
+        return torch.log_softmax(self.draft.logits(states).float(), dim=-1)

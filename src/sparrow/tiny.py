@@ -12,16 +12,13 @@ import os
 
 import torch
 
+from .cli import Help
 from .errors import SparrowError
-from .targets.llava_onevision import LlavaOneVisionTarget
+from .targets import FAMILIES
 from .targets.qwen_vl import QwenVLTarget
 
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                 "<|image_pad|>", "<|video_pad|>"]
-LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
-
+QWEN_SPECIALS = list(QwenVLTarget.special_tokens)
 QWEN_CHAT_TEMPLATE = QwenVLTarget.default_chat_template
-LLAVA_CHAT_TEMPLATE = LlavaOneVisionTarget.default_chat_template
 
 SAMPLE_TEXT = [
     "A red circle moves to the left while a blue square stays still.",
@@ -80,50 +77,26 @@ def check_attention_shape(hidden: int, heads: int, kv_heads: int, flags: tuple[s
 
 def tiny_config(family: str, vocab_size: int, tokenizer, hidden: int = 64, layers: int = 4, heads: int = 4,
                 kv_heads: int = 2, vision_depth: int = 2, max_positions: int = 32768):
-    """A small config of `family` ("qwen2_5_vl" | "qwen2_vl" | "llava_onevision") whose special-token ids come
-    from `tokenizer`. head_dim = hidden / heads; mRoPE sections are scaled to head_dim / 2. Raises SparrowError
-    unless layers >= 1 and hidden is a multiple of 2 x heads of at least 8 x heads (a draft for the target needs
-    layers >= 2: it reads a middle layer)."""
-    from transformers import AutoConfig
-
+    """A small config of `family` (a key of `sparrow.targets.FAMILIES`), built by its adapter's `tiny_config`,
+    whose special-token ids come from `tokenizer`. head_dim = hidden / heads. Raises SparrowError for an unknown
+    family, or unless layers >= 1 and hidden is a multiple of 2 x heads of at least 8 x heads (a draft for the
+    target needs layers >= 2: it reads a middle layer)."""
     if layers < 1:
         raise SparrowError(f"layers {layers}: give 1 or more (2 or more for a target that a draft serves)")
     check_attention_shape(hidden, heads, kv_heads)
-
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = hidden // heads
     text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
                 eos_token_id=ids("<|im_end|>"), bos_token_id=ids("<|endoftext|>"), pad_token_id=ids("<|endoftext|>"),
                 tie_word_embeddings=False)
-    if family in ("qwen2_5_vl", "qwen2_vl"):
-        half = head_dim // 2
-        sec = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # [16, 24, 24] for head_dim 128
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec}
-        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                      temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
-        if family == "qwen2_5_vl":
-            vision.update(out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[vision_depth - 1],
-                          tokens_per_second=2)
-        else:
-            vision.update(embed_dim=32, mlp_ratio=2)
-            vision["hidden_size"] = hidden
-        cfg = AutoConfig.for_model(family, text_config=text, vision_config=vision,
-                                   image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-                                   vision_start_token_id=ids("<|vision_start|>"),
-                                   vision_end_token_id=ids("<|vision_end|>"), eos_token_id=ids("<|im_end|>"),
-                                   tie_word_embeddings=False)
-    elif family == "llava_onevision":
-        text["model_type"] = "qwen2"
-        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, image_size=56, patch_size=14)
-        cfg = AutoConfig.for_model(family, text_config=text, vision_config=vision,
-                                   image_token_index=ids("<image>"), video_token_index=ids("<video>"),
-                                   vision_feature_layer=-1, vision_feature_select_strategy="full",
-                                   eos_token_id=ids("<|im_end|>"), tie_word_embeddings=False)
-    else:
-        raise ValueError(f"unknown family {family!r}")
-    return cfg
+    return family_class(family).tiny_config(family, text, tokenizer, vision_depth)
+
+
+def family_class(family: str):
+    """The adapter class of `family` (a model_type). Raises SparrowError naming the supported ones."""
+    if family not in FAMILIES:
+        raise SparrowError(f"family {family!r} is not supported; give one of {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[family]
 
 
 def make_tiny_target(out_dir: str, family: str = "qwen2_5_vl", seed: int = 0, kind: str = "bpe",
@@ -135,9 +108,9 @@ def make_tiny_target(out_dir: str, family: str = "qwen2_5_vl", seed: int = 0, ki
     """
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    specials = LLAVA_SPECIALS if family == "llava_onevision" else QWEN_SPECIALS
-    template = LLAVA_CHAT_TEMPLATE if family == "llava_onevision" else QWEN_CHAT_TEMPLATE
-    tok = build_tokenizer(SAMPLE_TEXT, specials, template, vocab_size=vocab_size, kind=kind)
+    cls = family_class(family)
+    tok = build_tokenizer(SAMPLE_TEXT, list(cls.special_tokens), cls.default_chat_template, vocab_size=vocab_size,
+                          kind=kind)
     cfg = tiny_config(family, len(tok), tok, **config_kwargs)
     cfg.get_text_config().initializer_range = init_std
     torch.manual_seed(seed)
@@ -148,3 +121,20 @@ def make_tiny_target(out_dir: str, family: str = "qwen2_5_vl", seed: int = 0, ki
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def main(argv=None) -> int:
+    """`sparrow make-tiny`: write a tiny random checkpoint of a family (tests, benchmarks, experiments)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(formatter_class=Help, prog="sparrow make-tiny", description="Write a tiny random checkpoint of a "
+                                 "supported family (tests, benchmarks, experiments).")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_5_vl", help="model_type (default %(default)s)")
+    ap.add_argument("--out", required=True, help="the checkpoint directory to write")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (default %(default)s)")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden size (default %(default)s)")
+    ap.add_argument("--layers", type=int, default=4, help="text layers (default %(default)s)")
+    a = ap.parse_args(argv)
+    make_tiny_target(a.out, a.family, seed=a.seed, hidden=a.hidden, layers=a.layers)
+    print(f"wrote a tiny random {a.family} checkpoint to {a.out}")
+    return 0

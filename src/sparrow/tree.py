@@ -43,14 +43,17 @@ class Tree:
     """A draft tree of n = 1 + N nodes (root first).
 
     tokens: (n,) int64 token ids; parents: (n,) int64 parent index (-1 for the root); depths: (n,) int64;
-    mask: (n, n) bool, mask[i, j] = j is i or an ancestor of i. `paths` (computed on first use): (leaves,
-    max_depth + 1) int64 node indices root-to-leaf, -1 after the leaf.
+    mask: (n, n) bool, mask[i, j] = j is i or an ancestor of i. ranks (`build_tree` only, else None): (n,) int64,
+    each draft node's place in the order of draft scores (0: the best; -1 for the root), so that the tree of the
+    best N nodes is the nodes of rank < N. `paths` (computed on first use): (leaves, max_depth + 1) int64 node
+    indices root-to-leaf, -1 after the leaf.
     """
 
     tokens: torch.Tensor
     parents: torch.Tensor
     depths: torch.Tensor
     mask: torch.Tensor
+    ranks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -127,7 +130,10 @@ def build_tree(root_token: int, root_logp: torch.Tensor, expand: Expand, cfg: Tr
         offset += k * k
     scores, toks, parents = torch.cat(scores), torch.cat(toks), torch.cat(parents)
     n = min(cfg.tokens, scores.shape[0])
-    keep = torch.sort(scores, descending=True, stable=True).indices[:n].sort().values  # parents before children
+    order = torch.sort(scores, descending=True, stable=True).indices
+    keep = order[:n].sort().values  # parents before children
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=dev)
     lookup = torch.full((scores.shape[0] + 1,), -1, dtype=torch.long, device=dev)
     lookup[keep + 1] = torch.arange(1, n + 1, device=dev)
     lookup[:1] = 0  # candidate parent -1 (the root) -> node 0
@@ -140,4 +146,6 @@ def build_tree(root_token: int, root_logp: torch.Tensor, expand: Expand, cfg: Tr
     node_parent = node_parent.clamp(min=0)
     tokens = torch.cat((torch.full((1,), root_token, dtype=toks.dtype, device=dev), toks[keep]))
     parents = torch.cat((torch.full((1,), -1, dtype=torch.long, device=dev), node_parent))
-    return tree_from_parents(tokens, parents, max_depth=cfg.depth)
+    tree = tree_from_parents(tokens, parents, max_depth=cfg.depth)
+    tree.ranks = torch.cat((torch.full((1,), -1, dtype=torch.long, device=dev), rank[keep]))
+    return tree

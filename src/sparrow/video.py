@@ -36,7 +36,7 @@ class Video:
 
 
 def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: float | None,
-                   max_frames: int | None = None) -> np.ndarray:
+                   max_frames: int | None = None, min_frames: int | None = None) -> np.ndarray:
     """Uniformly spaced frame indices.
 
     Args:
@@ -44,7 +44,8 @@ def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: f
         source_fps: the source's frame rate (frames per second).
         num_frames: exact count to sample (takes precedence); must not exceed `total`.
         fps: sampling rate in frames per second (at least one frame); used when `num_frames` is None.
-        max_frames: with neither, at most this many frames (all frames of a shorter video).
+        max_frames: at most this many frames (with `fps`, or with neither: all frames of a shorter video).
+        min_frames: with `fps`, at least this many (or every frame of a shorter video), as Qwen-VL's processors do.
     Returns: int64 array (T,), increasing.
     Raises: SparrowError when more frames are asked than the video has, or a count/rate is not positive.
     """
@@ -60,6 +61,10 @@ def sample_indices(total: int, source_fps: float, num_frames: int | None, fps: f
         if not 0 < fps < float("inf"):  # (NaN fails the comparison too)
             raise SparrowError(f"--fps must be a positive number of frames per second, got {fps}")
         count = max(1, min(total, int(round(total / source_fps * fps))))
+        if max_frames is not None:
+            count = max(1, min(count, max_frames))
+        if min_frames is not None:
+            count = max(count, min(total, min_frames))
     else:
         count = total if max_frames is None else max(1, min(total, max_frames))
     # centre of each of `count` equal segments, as uniform samplers in the field do (never the same frame twice)
@@ -145,8 +150,21 @@ def _decode(path: str, keep) -> tuple[dict[int, np.ndarray], int, float]:
     return kept, n, fps
 
 
+def video_info(path: str) -> tuple[int, float, int, int]:
+    """(frames, frame rate, height, width) of a video file or frame directory, from its header and packets (a file
+    is demuxed, not decoded: fast). Raises SparrowError for a missing path or a file that is not a video."""
+    if not os.path.exists(path):
+        raise SparrowError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        names = _frame_names(path)
+        h, w = _read_image(os.path.join(path, names[0])).shape[:2]
+        return len(names), DEFAULT_DIR_FPS, h, w
+    n, fps, (h, w) = _count_packets(path)
+    return n, fps, h, w
+
+
 def load_video(path: str, num_frames: int | None = None, fps: float | None = None,
-               max_frames: int | None = None, check=None) -> Video:
+               max_frames: int | None = None, check=None, min_frames: int | None = None) -> Video:
     """Decode a video (file or directory of frames) and sample frames uniformly. Only the sampled frames are kept
     (a file is decoded in order, each frame converted to RGB only if sampled), so memory does not grow with the
     video's length.
@@ -155,7 +173,8 @@ def load_video(path: str, num_frames: int | None = None, fps: float | None = Non
         path: video file or directory of images.
         num_frames: sample exactly this many frames (uniform over the whole video).
         fps: or sample at this rate (frames per second); with neither, every frame is kept...
-        max_frames: ...or at most this many, uniformly (training data of mixed lengths).
+        max_frames: ...or at most this many, uniformly (with `fps` too: a cap on the rate's count).
+        min_frames: with `fps`, at least this many frames (every frame of a shorter video).
         check: optional; called as check(frames, height, width) with the number of frames to sample and their size
             once those are known and before the frames are decoded (a target refuses there a video too long for
             its context, see `Target.video_check`): raise from it to stop.
@@ -168,7 +187,7 @@ def load_video(path: str, num_frames: int | None = None, fps: float | None = Non
     if os.path.isdir(path):
         names = _frame_names(path)
         total, source_fps = len(names), DEFAULT_DIR_FPS
-        idx = sample_indices(total, source_fps, num_frames, fps, max_frames)
+        idx = sample_indices(total, source_fps, num_frames, fps, max_frames, min_frames)
         frames = [_read_image(os.path.join(path, names[idx[0]]))]
         if check is not None:
             check(len(idx), *frames[0].shape[:2])
@@ -181,13 +200,14 @@ def load_video(path: str, num_frames: int | None = None, fps: float | None = Non
         # taken again from the frames that decoded, as if every frame had been kept.
         guess, guess_fps, size = _count_packets(path)
         try:
-            first = set(sample_indices(guess, guess_fps, num_frames, fps, max_frames).tolist()) if guess else None
+            first = set(sample_indices(guess, guess_fps, num_frames, fps, max_frames, min_frames).tolist()) \
+                if guess else None
         except SparrowError:
             first = None  # e.g. more frames asked than packets counted: keep every frame, decide after decoding
         if check is not None and first and min(size) > 0:
             check(len(first), *size)
         kept, total, source_fps = _decode(path, lambda i: first is None or i in first)
-        idx = sample_indices(total, source_fps, num_frames, fps, max_frames)
+        idx = sample_indices(total, source_fps, num_frames, fps, max_frames, min_frames)
         wanted = set(idx.tolist())
         if not wanted <= kept.keys():
             kept, _, _ = _decode(path, wanted.__contains__)

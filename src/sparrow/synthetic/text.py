@@ -51,15 +51,10 @@ def first_token_id(tokenizer, text: str) -> int:
     return tokenizer(text, add_special_tokens=False)["input_ids"][0]
 
 
-def mention(obj: dict, rng: np.random.Generator | None = None, full: bool = True, colour_last: bool = False,
-            size_last: bool = False) -> str:
-    """'large striped red circle' (full) or 'red circle'; colour_last: 'large striped circle in red' or 'circle in
-    red'; size_last (full only): 'red circle, large and striped,' (see `describe`)."""
-    if size_last and full:
-        traits = obj["size"] + (" and striped" if obj["texture"] == "striped" else "")
-        return f"{obj['colour']} {obj['shape']}, {traits},"
+def mention(obj: dict, rng: np.random.Generator | None = None, full: bool = True) -> str:
+    """'large striped red circle' (full) or 'red circle'."""
     words = ([obj["size"]] if full else []) + (["striped"] if full and obj["texture"] == "striped" else [])
-    return " ".join(words + ([obj["shape"], "in", obj["colour"]] if colour_last else [obj["colour"], obj["shape"]]))
+    return " ".join(words + [obj["colour"], obj["shape"]])
 
 
 def object_order(objects: list[dict]) -> list[dict]:
@@ -87,102 +82,14 @@ def _event_verb(e: dict, rng) -> str:
     return verb + (f" {e['colour']}" if e["type"] == "changes colour" else "")
 
 
-WORDING_FILE = "description_wording.json"  # in a target's directory: the `describe` options it was trained on
+def _event_clause(e: dict, objs: dict, rng) -> str:
+    return f"the {mention(objs[e['object']], full=False)} {_event_verb(e, rng)}"
 
 
-def target_wording(path: str | None) -> dict:
-    """The `describe` options (events_first, colour_last, restate, size_last, states) of the descriptions a
-    synthetic-world target was trained on, read from `WORDING_FILE` in its directory (written by `train-target
-    --export`); {} (the usual wording) where the file is absent (earlier exports, real checkpoints) or path is None.
-
-    Raises: ValueError naming the file when it holds an option `describe` does not take.
-    """
-    import json
-    import os
-
-    f = os.path.join(path, WORDING_FILE) if path else ""
-    if not f or not os.path.isfile(f):
-        return {}
-    with open(f) as fh:
-        wording = json.load(fh)
-    unknown = set(wording) - {"events_first", "colour_last", "restate", "size_last", "states"}
-    if unknown:
-        raise ValueError(f"{f}: unknown wording options {sorted(unknown)}; expected events_first, colour_last, "
-                         "restate, size_last, states")
-    return wording
-
-
-def _event_clause(e: dict, objs: dict, rng, colour_last: bool = False) -> str:
-    return f"the {mention(objs[e['object']], full=False, colour_last=colour_last)} {_event_verb(e, rng)}"
-
-
-def scene_states(truth: dict) -> list[str]:
-    """The two state sentences of the `states` wording: what the frame shows at first and at the end of the
-    clip, each object named by its colour (at the end: its last colour) and its shape, in `object_order` at that
-    time ("At first, the frame shows the red circle and the blue square.", "At the end, it shows no object.").
-    Every word that the frames decide is one token of the embedded target's tokenizer: " the" or " no" (whether
-    anything is in view), the colour, the shape, " and" or "." (whether another object follows).
-
-    Why: an object's event is seen by comparing it across time, and in a scene of two or three objects the tiny
-    target rarely did (1x wrote no event for 63 of the 112 events of such clips at 512 visual tokens). Each state
-    sentence asks only what the frames show at one time, as the object list asks it over the whole clip; the
-    object's sentence can then read its event off the two lists (an object missing from the start appears, one
-    missing from the end disappears, one whose colour differs changes colour). An object that appears and then
-    disappears is in neither list. Stage 2b (300 steps from 1x on it) refuted it: -0.017 +- 0.006 against 1x
-    over 600 held-out clips, and in the clips of two or three objects whose first and last frames differ, its two
-    lists differed in only 100 of 265: it does not read what the frame shows at one time
-    (docs/embedded_target.md, 2b)."""
-    objects = truth["objects"]
-    first = [o for o in objects if o["appear"] == 0]
-    last = [{**o, "colour": o["final_colour"]} for o in objects if o["disappear"] >= truth["num_frames"]]
-    out = []
-    for opening, objs in (("At first, the frame", first), ("At the end, it", last)):
-        names = [f"the {o['colour']} {o['shape']}" for o in object_order(objs)]
-        out.append(f"{opening} shows {' and '.join(names) if names else 'no object'}.")
-    return out
-
-
-def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bool = False,
-             restate: str = "", size_last: bool = False, states: bool = False) -> str:
-    """A detailed description (about 40-200 tokens) of a clip from its ground truth.
-
-    events_first: in each object's sentence, write its own events right after its name, before its motion ("A
-    large red circle appears in view and moves left.") instead of after the motion ("... moves left and appears
-    in view."), so that the word that says whether the object has an event comes next to its colour word (an
-    experiment: `train-target --events-first`; stage 1o, 258 steps from 1k on it, left the event out in 58 of 98
-    one-event clips at 512 visual tokens, against 1k's 64); the same draws, so the other wording is unchanged.
-    colour_last: every mention puts the colour last ("a large circle in red", "the circle in red"), and with
-    events_first the word after the colour says whether the object has an event ("A large circle in red appears
-    and moves left."; the "There is ... that" form becomes "A ..."): the word that decides is then written
-    by the output at the colour word itself, where the event probe reads the event (an experiment:
-    `train-target --colour-last`); the same draws. Stage 1p, trained on it, named the object's shape before its
-    colour badly (shape 0.43 at 512 visual tokens), so:
-    restate: each object's sentence ends by naming the object again, colour last, then its own events or "stays
-    in view": "mention" (".. moves left, and the large circle in red appears.") or "one" ("... moves left, and the
-    one in red appears."), so that the output at that colour word says whether the object has an event, while the
-    first mention keeps the shape after its colour (`train-target --restate`; an experiment); the same draws.
-    Stage 1q ("mention", 300 steps) left events out in 33 of 98 one-event clips (1k: 64), but often restated
-    another size and shape, which is again a shape named before its colour (shape 0.79, attributes 0.745); "one"
-    restates only the colour; 1r ("one", 300 steps) matched 1k (attributes 0.777, 0.751 and 0.730 at 0.5k, 1.5k
-    and 3k visual tokens; 1k: 0.78, 0.755, 0.73).
-    size_last: an object's first mention gives its size and texture after its shape ("A red circle, large and
-    striped, moves left."), so that its colour, the word that fetches the object, comes first: the size, written
-    before it, was right for only 0.82 of the objects 1k named with the right colour (200 held-out clips at 512
-    visual tokens), and where 1k named the previous object again instead of the next one, it had mostly written
-    a size that is not the next object's (19 of 29); the same draws (`train-target --size-last`; an experiment).
-    Stage 1s (300 steps from 1k on it) refuted that: attributes 0.722 at 512 visual tokens (1k: 0.78), 58 clips
-    with an object named twice (33), and teacher-forced the size after the colour and shape was right for 0.78:
-    the size is seen (1k gets it right on every one-object clip) but bound to the wrong object.
-    states: after the opening, say what the frame shows at first and at the end (`scene_states`), so that an
-    object's event is written after the state sentences that show it (`train-target --states`; an experiment);
-    the same draws, so the other wording is unchanged.
-    Raises: ValueError for an unknown restate, or for restate with events_first, or size_last with colour_last."""
-    if size_last and colour_last:
-        raise ValueError("describe: size_last and colour_last both reorder the first mention; pass one of them")
-    if restate not in ("", "mention", "one"):
-        raise ValueError(f"describe: restate={restate!r} is not a wording; use '', 'mention' or 'one'")
-    if restate and events_first:
-        raise ValueError("describe: restate and events_first both place the object's events; pass one of them")
+def describe(truth: dict, seed: int) -> str:
+    """A detailed description (about 40-200 tokens) of a clip from its ground truth: an opening with the count and
+    the background, one sentence per object in `object_order` (its size, texture, colour, shape, motion, then its
+    own events), the events in time order, sometimes a closing count. The wording varies with `seed`."""
     rng = np.random.default_rng(seed)
     objs = {o["id"]: o for o in truth["objects"]}
     n = len(objs)
@@ -194,24 +101,18 @@ def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bo
         f"This clip has a {bg} background with {NUMBER[n]} {noun}.",
         f"We see {NUMBER[n]} {noun} in front of a {bg} background.",
     ]))
-    sentences = [opening] + (scene_states(truth) if states else [])
+    sentences = [opening]
     events = truth["events"]
     for o in object_order(list(objs.values())):
-        phrase = mention(o, colour_last=colour_last, size_last=size_last)
+        phrase = mention(o)
         motion = str(rng.choice(MOTION_PHRASES[o["motion"]]))
         # the object's own events, in time order, where it is named: "... moves left and appears in view, then
         # changes to white"; the event sentences after the objects put every event in time order
         own = [_event_verb(e, rng) for e in events if e["object"] == o["id"]]
-        if restate:
-            again = f"{o['size']} {mention(o, full=False, colour_last=True)}" if restate == "mention" \
-                else f"one in {o['colour']}"
-            motion += f", and the {again} " + (", then ".join(own) if own else "stays in view")
-        elif own and events_first:
-            motion = ", then ".join(own) + " and " + motion
-        elif own:
+        if own:
             motion += " and " + ", then ".join(own)
         form = int(rng.integers(3))
-        if form == 0 or form == 1 and colour_last:  # "... in red that appears": the word after the colour is "that"
+        if form == 0:
             sentences.append(f"{_article(phrase).capitalize()} {phrase} {motion}.")
         elif form == 1:
             sentences.append(f"There is {_article(phrase)} {phrase} that {motion}.")
@@ -221,7 +122,7 @@ def describe(truth: dict, seed: int, events_first: bool = False, colour_last: bo
         conn = list(CONNECTIVES[1:-1])
         rng.shuffle(conn)
         for i, e in enumerate(events):
-            clause = _event_clause(e, objs, rng, colour_last)
+            clause = _event_clause(e, objs, rng)
             if rng.random() < 0.35:
                 clause += f" after about {max(1, round(e['time_s']))} seconds"
             if len(events) > 1 and i == len(events) - 1:
@@ -284,40 +185,27 @@ def questions(truth: dict, seed: int) -> list[tuple[str, str]]:
 _C, _S = "(" + "|".join(COLOURS) + ")", "(" + "|".join(SHAPES) + ")"
 _VERB = r"(appears|shows up|disappears|vanishes|turns|changes colour to|changes its colour to|changes to|becomes)"
 _MENTION = re.compile(r"\b(?:(small|large) )?(?:(striped) )?" + _C + " " + _S + r"\b")
-_MENTION_LAST = re.compile(r"\b(?:(small|large) )?(?:(striped) )?" + _S + " in " + _C + r"\b")  # colour_last
 _EVENT = re.compile("the " + _C + " " + _S + " " + _VERB + "(?: " + _C + ")?")
-_EVENT_LAST = re.compile("the " + _S + " in " + _C + " " + _VERB + "(?: " + _C + ")?")
 
 
 def _mentions(sentence: str):
-    """(colour, shape) of each object mention in a sentence, in either wording, in text order."""
-    hits = [(m.start(), m.group(3), m.group(4)) for m in _MENTION.finditer(sentence)]
-    hits += [(m.start(), m.group(4), m.group(3)) for m in _MENTION_LAST.finditer(sentence)]
-    return [(c, s) for _, c, s in sorted(hits)]
+    """(colour, shape) of each object mention in a sentence, in text order."""
+    return [(m.group(3), m.group(4)) for m in _MENTION.finditer(sentence)]
 
 
 def _events(text: str):
-    """(verb, colour, shape) of each event clause of a text, in either wording, in text order."""
-    hits = [(m.start(), m.group(3), m.group(1), m.group(2)) for m in _EVENT.finditer(text)]
-    hits += [(m.start(), m.group(3), m.group(2), m.group(1)) for m in _EVENT_LAST.finditer(text)]
-    return [h[1:] for h in sorted(hits)]
-
-
-STATE_OPENINGS = ("at first, the frame shows", "at the end, it shows")  # `scene_states`' sentences, lower case
+    """(verb, colour, shape) of each event clause of a text, in text order."""
+    return [(m.group(3), m.group(1), m.group(2)) for m in _EVENT.finditer(text)]
 
 
 def parse_description(text: str) -> dict:
     """Extract what a description claims: count (from the number word), objects {(colour, shape): motion or None},
-    events [(type, colour, shape)] in text order. The state sentences of the `states` wording name objects by
-    their colour at one time (an object that changes colour is named in both colours) and are left out of the
-    objects."""
+    events [(type, colour, shape)] in text order."""
     t = text.lower()
     m = re.search(r"\b(" + "|".join(WORD_NUMBER) + r") objects?\b", t)
     count = WORD_NUMBER[m.group(1)] if m else None
     objects: dict = {}
     for sent in re.split(r"(?<=\.)\s+", t):
-        if sent.startswith(STATE_OPENINGS):  # what the frame shows at one time (`scene_states`), not the objects
-            continue
         if _events(sent) and not any(p in sent for ps in MOTION_PHRASES.values() for p in ps):
             continue
         for colour, shape in _mentions(sent):

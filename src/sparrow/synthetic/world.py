@@ -139,7 +139,7 @@ def visible_share(truth: dict) -> dict[int, float]:
 
 
 def make_clip(seed: int, num_frames: int = 16, height: int = 112, width: int = 112, fps: float = 4.0,
-              max_objects: int = 3, max_events: int = 2, blank: bool = False, edit=None) -> Clip:
+              max_objects: int = 3, max_events: int = 2, blank: bool = False) -> Clip:
     """Render one clip.
 
     Args:
@@ -150,15 +150,9 @@ def make_clip(seed: int, num_frames: int = 16, height: int = 112, width: int = 1
         max_objects / max_events: upper bounds of the scene.
         blank: render only the background (the ground truth is unchanged): a control for "does the model read
             the video".
-        edit: a function from the drawn plan ({"objects", "events"}) to the plan to render, for a controlled
-            variant of the same clip (same background, noise and positions; scripts/event_alone.py); the truth
-            is the edited plan's.
-    Returns: a `Clip` with frames (T, H, W, 3) uint8 and its ground truth.
     """
     rng = np.random.default_rng(seed)
     plan = plan_clip(rng, num_frames, max_objects, max_events)
-    if edit is not None:
-        plan = edit(plan)
     bg_name = str(rng.choice(list(BACKGROUNDS)))
     bg = np.array(BACKGROUNDS[bg_name], dtype=np.float32)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)

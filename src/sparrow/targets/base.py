@@ -19,13 +19,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import ATTN_IMPLEMENTATION, KVCache
+from ..cache import KVCache, register_attention
 from ..errors import SparrowError
+from ..video import Video, load_video, video_info
 
 
 # Settings of a checkpoint's generation_config that transformers' `generate` applies as logits processors even when
 # greedy, with their neutral values; Sparrow's decoding applies none of them (`Target.unapplied_settings`). It does
 # apply `repetition_penalty` (`Target.repetition_penalty`, `verify.RepetitionPenalty`).
+# frame sampling when the caller gives neither a count nor a rate and the checkpoint's config says nothing: the
+# conventions of HF's Qwen2-VL video processor (2 frames a second, 4 to 768 frames)
+DEFAULT_SAMPLING = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
+CONTEXT_RESERVE = 1024  # context positions `sample_video` leaves for the prompt's text and the answer
 UNAPPLIED = {"encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
              "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "min_length": 0, "min_new_tokens": 0,
              "suppress_tokens": [], "begin_suppress_tokens": [], "sequence_bias": {}, "forced_bos_token_id": None,
@@ -98,6 +103,7 @@ class Target:
         self.path = path
         self.config = model.config
         self.text_config = model.config.get_text_config()
+        self.processor = processor_settings(path)  # the checkpoint's video preprocessor config, or {}
         self.rope_delta = 0  # set by prefill: position of a new token = cache length + rope_delta
         self._cache_kw = cache_kwarg(model.model.forward)
         for p in self.model.parameters():
@@ -207,7 +213,7 @@ class Target:
         return torch.isin(input_ids, torch.tensor(self.visual_token_ids, device=input_ids.device))
 
     def default_mid_layer(self) -> int:
-        """Layer m of the method (DECISION m = L // 2, method.md section 2)."""
+        """Layer m of the method (DECISION m = L // 2, docs/method.md section 2)."""
         return self.num_layers // 2
 
     # ---- family-specific ----
@@ -223,6 +229,42 @@ class Target:
         family's resizing and merging, with `prepare`'s max_pixels / min_pixels). Each family implements it."""
         raise NotImplementedError
 
+    def sampling_defaults(self) -> dict:
+        """How `sample_video` samples a video when the caller gives neither a frame count nor a rate: {"fps",
+        "min_frames", "max_frames"} from the checkpoint's video preprocessor config, else Qwen-VL's video processor
+        conventions (2 fps, at least 4 and at most 768 frames)."""
+        p = self.processor
+        return {"fps": float(p.get("fps") or DEFAULT_SAMPLING["fps"]),
+                "min_frames": int(p.get("min_frames") or DEFAULT_SAMPLING["min_frames"]),
+                "max_frames": int(p.get("max_frames") or DEFAULT_SAMPLING["max_frames"])}
+
+    def sample_video(self, path: str, num_frames: int | None = None, fps: float | None = None,
+                     max_pixels: int | None = None, min_pixels: int | None = None,
+                     reserve: int = CONTEXT_RESERVE) -> Video:
+        """Decode a video file (or frame directory) and sample its frames for this target.
+
+        `num_frames` (exact) or `fps` (a rate) when given; otherwise the checkpoint's `sampling_defaults` (a rate,
+        with a minimum and a maximum frame count), further capped so that the visual tokens leave `reserve`
+        positions of the context for the prompt's text and the answer. Returns a `Video` (frames (T, H, W, 3)).
+        Raises SparrowError for a missing or unreadable video, or, with an explicit count or rate, a video whose
+        visual tokens alone would overflow the context (checked from the header, before decoding)."""
+        check = self.video_check(max_pixels, min_pixels)
+        if num_frames is not None or fps is not None:
+            return load_video(path, num_frames=num_frames, fps=fps, check=check)
+        d = self.sampling_defaults()
+        _, _, h, w = video_info(path)
+        cap = d["max_frames"]
+        if h > 0 and w > 0:
+            budget = max(1, self.max_positions - reserve)
+            while cap > 1 and self.visual_tokens(cap, h, w, max_pixels, min_pixels) > budget:
+                cap = max(1, int(cap * 0.9))
+        return load_video(path, fps=d["fps"], max_frames=cap, min_frames=min(d["min_frames"], cap), check=check)
+
+    def resized_size(self, height: int, width: int, max_pixels: int | None = None,
+                     min_pixels: int | None = None) -> tuple[int, int]:
+        """(height, width) of a frame after the family's resizing (`prepare`'s max_pixels / min_pixels)."""
+        return height, width
+
     def video_check(self, max_pixels: int | None = None, min_pixels: int | None = None):
         """A `check` for `load_video`: raises SparrowError when the frames to be sampled would, as visual tokens
         alone, overflow the target's context, so that a long video is refused before it is decoded."""
@@ -231,8 +273,8 @@ class Target:
             if n > self.max_positions:
                 raise SparrowError(
                     f"the video would be {n} visual tokens ({frames} frames of {width}x{height}) but the target's "
-                    f"context is {self.max_positions}; sample fewer frames (--num-frames, a lower --fps) or lower "
-                    f"--max-pixels")
+                    f"context is {self.max_positions}; sample fewer frames (--num-frames, a lower --fps, or neither "
+                    f"for the checkpoint's defaults) or lower --max-pixels")
         return check
 
     def prompt_positions(self, inputs: dict) -> tuple[torch.Tensor, int]:
@@ -272,16 +314,20 @@ class Target:
     def tokenize(self, text: str) -> dict:
         """input_ids and attention_mask (1, L) for the rendered prompt; checks that it fits the context."""
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        self.check_length(ids.shape[1])
+        self.check_length(ids.shape[1], 0, int(self.visual_mask(ids[0]).sum()))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def check_length(self, prompt_len: int, max_new_tokens: int = 0) -> None:
-        """Raises SparrowError when the prompt (plus room for new tokens) does not fit the target's context."""
+    def check_length(self, prompt_len: int, max_new_tokens: int = 0, visual_tokens: int = 0) -> None:
+        """Raises SparrowError when the prompt (`visual_tokens` of its `prompt_len` tokens from the video) plus
+        `max_new_tokens` does not fit the target's context; the message gives each share and what to cut."""
         if prompt_len + max_new_tokens > self.max_positions:
+            text = prompt_len - visual_tokens
+            new = f" and --max-new-tokens asks for {max_new_tokens} more" if max_new_tokens else ""
             raise SparrowError(
-                f"prompt is {prompt_len} tokens (+{max_new_tokens} new) but the target's context is "
-                f"{self.max_positions}; use fewer frames, a lower --max-pixels or fewer --max-new-tokens"
-            )
+                f"the prompt is {prompt_len} tokens ({visual_tokens} from the video, {text} of text){new}, but the "
+                f"target's context is {self.max_positions}; " + ("shorten the prompt" if text > visual_tokens else
+                "sample fewer frames (--num-frames, --fps) or lower --max-pixels")
+                + (" or lower --max-new-tokens" if max_new_tokens else ""))
 
     # ---- the forward passes ----
     def new_cache(self, capacity: int) -> KVCache:
@@ -436,7 +482,7 @@ def load_target(path: str | None = None, dtype: str | torch.dtype | None = None,
             and not fast_bf16(torch.device("cpu")):
         print(f"sparrow: this CPU has no fast {str(dtype)[6:]} kernels (AVX2 only): the target runs several times "
               f"slower than in float32; drop --dtype to use float32", file=sys.stderr)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=register_attention())
     tokenizer = AutoTokenizer.from_pretrained(path)
     target = FAMILIES[model_type](model.to(device), tokenizer, path)
     unapplied = target.unapplied_settings()
@@ -453,5 +499,5 @@ def wrap_model(model, tokenizer, path: str | None = None) -> Target:
     model_type = model.config.model_type
     if model_type not in FAMILIES:
         raise SparrowError(f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.set_attn_implementation(register_attention())
     return FAMILIES[model_type](model, tokenizer, path)

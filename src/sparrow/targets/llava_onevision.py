@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import SparrowError
-from ..video import Video, load_video
+from ..video import Video
 from .base import Target, chatml_template, processor_settings, register_family
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -28,6 +28,21 @@ class LlavaOneVisionTarget(Target):
     uses_mrope = False
     family = "llava_onevision"
     default_chat_template = chatml_template("<video>\n", "<image>\n")
+    special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
+
+    @staticmethod
+    def tiny_config(family: str, text: dict, tokenizer, vision_depth: int = 2):
+        """A small random-init config around the text config `text` (`sparrow.tiny.tiny_config`): a Qwen2
+        language model and a 2-layer SigLIP tower on 56 px frames."""
+        from transformers import AutoConfig
+
+        ids = tokenizer.convert_tokens_to_ids
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, image_size=56, patch_size=14)
+        return AutoConfig.for_model(family, text_config={**text, "model_type": "qwen2"}, vision_config=vision,
+                                    image_token_index=ids("<image>"), video_token_index=ids("<video>"),
+                                    vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                    eos_token_id=ids("<|im_end|>"), tie_word_embeddings=False)
 
     def __init__(self, model, tokenizer, path=None):
         super().__init__(model, tokenizer, path)
@@ -48,6 +63,10 @@ class LlavaOneVisionTarget(Target):
         x = (frames.astype(np.float32) / 255.0 - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))[None]
 
+    def resized_size(self, height: int, width: int, max_pixels: int | None = None,
+                     min_pixels: int | None = None) -> tuple[int, int]:
+        return self.size, self.size
+
     def visual_tokens(self, frames: int, height: int, width: int, max_pixels: int | None = None,
                       min_pixels: int | None = None) -> int:
         """frames x ceil(grid / 2)^2 (each frame's tokens pooled 2x2) + 1 (the newline token); the frame size does
@@ -64,7 +83,7 @@ class LlavaOneVisionTarget(Target):
         out = {}
         if video is not None:
             if isinstance(video, str):
-                video = load_video(video, num_frames=num_frames, fps=fps, check=self.video_check())
+                video = self.sample_video(video, num_frames, fps)
             pixels = self.preprocess_frames(video if isinstance(video, np.ndarray) else video.frames)
             count = self.visual_tokens(pixels.shape[1], self.size, self.size)
             text = self.expand_placeholder(text, self.config.video_token_index, count)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from ..errors import SparrowError
-from ..video import Video, load_video
+from ..video import Video
 from .base import Target, chatml_template, processor_settings, register_family
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -53,6 +53,32 @@ class QwenVLTarget(Target):
     uses_mrope = True
     default_chat_template = chatml_template("<|vision_start|><|video_pad|><|vision_end|>",
                                             "<|vision_start|><|image_pad|><|vision_end|>")
+    special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                      "<|image_pad|>", "<|video_pad|>")
+
+    @staticmethod
+    def tiny_config(family: str, text: dict, tokenizer, vision_depth: int = 2):
+        """A small random-init config of `family` ("qwen2_vl" | "qwen2_5_vl") around the text config `text`
+        (`sparrow.tiny.tiny_config`): mRoPE sections scaled to head_dim / 2, a tiny vision tower."""
+        from transformers import AutoConfig
+
+        ids = tokenizer.convert_tokens_to_ids
+        hidden = text["hidden_size"]
+        half = hidden // text["num_attention_heads"] // 2
+        sec = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # [16, 24, 24] for head_dim 128
+        text = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec}}
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                      temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+        if family == "qwen2_5_vl":
+            vision.update(out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[vision_depth - 1],
+                          tokens_per_second=2)
+        else:
+            vision.update(embed_dim=32, mlp_ratio=2, hidden_size=hidden)
+        return AutoConfig.for_model(family, text_config=text, vision_config=vision,
+                                    image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                                    vision_start_token_id=ids("<|vision_start|>"),
+                                    vision_end_token_id=ids("<|vision_end|>"), eos_token_id=ids("<|im_end|>"),
+                                    tie_word_embeddings=False)
 
     def __init__(self, model, tokenizer, path=None):
         super().__init__(model, tokenizer, path)
@@ -65,6 +91,10 @@ class QwenVLTarget(Target):
         self.mean = np.array(s.get("image_mean", CLIP_MEAN), dtype=np.float32)
         self.std = np.array(s.get("image_std", CLIP_STD), dtype=np.float32)
         self.settings = s
+
+    def resized_size(self, height: int, width: int, max_pixels: int | None = None,
+                     min_pixels: int | None = None) -> tuple[int, int]:
+        return self._resized(height, width, max_pixels, min_pixels)
 
     def _resized(self, height: int, width: int, max_pixels: int | None, min_pixels: int | None) -> tuple[int, int]:
         """A frame's (height, width) after Qwen-VL's resize within the pixel bounds (`_pixel_bounds`)."""
@@ -105,7 +135,7 @@ class QwenVLTarget(Target):
         Args:
             video: a path (file or frame directory), a `Video`, a uint8 array (T, H, W, 3), or None (text only).
             prompt: the user's question.
-            num_frames / fps: frame sampling (see `sparrow.video.load_video`).
+            num_frames / fps: frame sampling of a path (`Target.sample_video`; neither: the checkpoint's defaults).
             max_pixels / min_pixels: bounds of each frame's area after resizing.
             system: optional system message.
         Returns: dict with input_ids (1, L), attention_mask (1, L), mm_token_type_ids (1, L) and, with a video,
@@ -116,8 +146,7 @@ class QwenVLTarget(Target):
         out = {}
         if video is not None:
             if isinstance(video, str):
-                video = load_video(video, num_frames=num_frames, fps=fps,
-                                   check=self.video_check(max_pixels, min_pixels))
+                video = self.sample_video(video, num_frames, fps, max_pixels, min_pixels)
             if isinstance(video, np.ndarray):
                 video = Video(frames=video, fps=2.0, indices=np.arange(len(video)), total_frames=len(video))
             pixels, grid = self.preprocess_frames(video.frames, max_pixels, min_pixels)

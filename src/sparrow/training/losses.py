@@ -1,4 +1,4 @@
-"""Hidden-state capture and the draft's training objective: IVSB + MTP (method.md sections 2b, 2c).
+"""Hidden-state capture and the draft's training objective: IVSB + MTP (docs/method.md sections 2b, 2c).
 
 For one conversation (prompt with video + answer), `capture` runs the frozen target once and keeps what the
 draft needs: token ids, the top states h (the LM-head input), the layer-m states, the input embeddings, the

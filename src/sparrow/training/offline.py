@@ -28,8 +28,10 @@ import os
 
 import torch
 
+from ..cli import Help
 from ..draft import MODES
 from ..errors import SparrowError, at_least
+from .config import TrainConfig, load_config, online_capture
 from .losses import VISUAL_STATES, Captured
 
 MANIFEST = "manifest.json"
@@ -98,7 +100,6 @@ def run_capture(target, samples, out: str, cfg, data_path: str, shard_size: int 
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from .trainer import online_capture
 
     os.makedirs(out, exist_ok=True)
     settings = capture_settings(cfg, target)
@@ -178,9 +179,8 @@ class OfflineData:
 def main(argv=None) -> int:
     from .. import load_target
     from .data import read_jsonl
-    from .trainer import TrainConfig, load_config
 
-    ap = argparse.ArgumentParser(prog="sparrow capture", description="Capture the target's hidden states for "
+    ap = argparse.ArgumentParser(formatter_class=Help, prog="sparrow capture", description="Capture the target's hidden states for "
                                  "offline draft training (resumable safetensors shards with a manifest).")
     ap.add_argument("--target", help="target checkpoint (default: the embedded one)")
     ap.add_argument("--data", required=True, help="JSONL (LLaVA-Video style), answers from `sparrow regenerate`")

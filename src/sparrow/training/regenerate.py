@@ -21,6 +21,7 @@ import sys
 
 from tqdm import tqdm
 
+from ..cli import Help
 from ..errors import SparrowError, at_least
 from ..verify import Sampling
 from .data import read_jsonl, write_sample
@@ -78,7 +79,8 @@ def regenerate(target, data: str, out: str, max_new_tokens: int = 256, temperatu
 def main(argv=None) -> int:
     from .. import load_draft, load_target
 
-    ap = argparse.ArgumentParser(prog="sparrow regenerate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="sparrow regenerate", description=__doc__.split("\n\n")[0],
+                                 formatter_class=Help)
     ap.add_argument("--target", help="target checkpoint (default: the embedded one)")
     ap.add_argument("--data", required=True, help="JSONL (LLaVA-Video style) whose answers are replaced")
     ap.add_argument("--out", required=True, help="JSONL written with the target's answers (appended, resumable)")
