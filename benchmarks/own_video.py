@@ -6,9 +6,10 @@
 The videos are made here from FFmpeg's test sources (read through PyAV's lavfi input; no ffmpeg binary needed) and
 encoded with different codecs, containers, sizes, frame rates and lengths (5 s to 2 min): nothing from the
 synthetic world the embedded target was trained on. Each video is sampled by the checkpoint's defaults (the same
-`Target.sample_video` the CLI calls), then each method runs once untimed and once timed, in alternating order from
-video to video. Per video: what was sampled, tau, DSR (plain decoding's decode time per token over sparrow's),
-ESR, the trees the policy chose, and whether the outputs are identical (greedy: they must be).
+`Target.sample_video` the CLI calls), then each method runs once untimed and `--repeats` times timed, interleaved,
+in alternating order from video to video. Per video: what was sampled, tau, DSR (plain decoding's decode time
+over sparrow's, summed over the repeats; the same tokens), ESR (of the last repeat), the trees the policy chose
+(last repeat), and whether the outputs are identical (greedy: they must be).
 Writes OUT.json, OUT.md (a table) and OUT.png (DSR per video).
 """
 
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--target", default=None, help="checkpoint (default: the embedded target)")
     ap.add_argument("--draft", default=None, help="draft (default: the embedded target's sparrow draft)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs of each method per video")
+    ap.add_argument("--only", default="", help="comma-separated names: run only these videos")
     a = ap.parse_args(argv)
 
     import sparrow
@@ -80,6 +83,8 @@ def main(argv=None) -> int:
     draft = sparrow.load_draft(a.draft, target)
     rows = []
     for i, (name, source, seconds, rate, width, height, codec, container) in enumerate(VIDEOS):
+        if a.only and name not in a.only.split(","):
+            continue
         path = os.path.join(a.videos, f"{name}.{container}")
         if not os.path.exists(path):
             print(f"making {path}", file=sys.stderr, flush=True)
@@ -90,10 +95,14 @@ def main(argv=None) -> int:
         order = [("sparrow", draft), ("ar", None)][:: 1 if i % 2 == 0 else -1]
         for method, d in order:
             sparrow.generate(target, d, inputs, max_new_tokens=a.max_new_tokens)  # untimed: first-run costs
-        for method, d in order:
-            runs[method] = sparrow.generate(target, d, inputs, max_new_tokens=a.max_new_tokens)
+        decode = {"sparrow": 0.0, "ar": 0.0}
+        for _ in range(a.repeats):  # timed, interleaved; the decode seconds add up over the repeats
+            for method, d in order:
+                runs[method] = sparrow.generate(target, d, inputs, max_new_tokens=a.max_new_tokens)
+                decode[method] += runs[method].stats.decode_s
         sp, ar = runs["sparrow"], runs["ar"]
         x = speedup(sp.stats, ar.stats)
+        x["dsr"] = decode["ar"] / decode["sparrow"]  # the same tokens (greedy): the ratio of decode times
         rows.append({"video": name, "codec": codec, "container": container, "seconds": seconds, "fps": rate,
                      "size": f"{width}x{height}", "frames": int(video.frames.shape[0]),
                      "sampled_fps": round(video.fps, 3), "visual_tokens": sp.stats.visual_tokens,

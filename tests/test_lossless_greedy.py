@@ -174,3 +174,23 @@ def test_no_deprecation_warning_reaches_the_user(ckpt_dir, family):
             sparrow.generate(target, draft if method != "ar" else None, inputs, max_new_tokens=8, method=method)
     bad = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     assert not bad, f"deprecation warnings: {bad}"
+
+
+def test_fused_projections_give_the_layers_own_states(ckpt_dir):
+    """At inference the draft layer runs q/k/v and gate/up as one matmul each: the same states as the separate
+    projections (fp32 tolerance), rebuilt after the weights change."""
+    import torch
+
+    target = get_target(ckpt_dir, "qwen2_5_vl", 0)
+    draft = sparrow.init_draft(target, seed=3)
+    x, pos = torch.randn(1, 5, draft.config.hidden_size), torch.arange(5).expand(3, 1, 5)
+    with torch.enable_grad():
+        separate = draft(x, pos)
+    with torch.no_grad():
+        fused = draft(x, pos)
+        assert torch.allclose(separate, fused, atol=1e-5)
+        draft.layer.k_proj.weight.mul_(2.0)  # an optimiser step: the fused weights follow
+        draft.layer.up_proj.weight.add_(0.1)
+        after = draft(x, pos)
+    with torch.enable_grad():
+        assert torch.allclose(draft(x, pos), after, atol=1e-5) and not torch.allclose(after, fused, atol=1e-3)

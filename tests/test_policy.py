@@ -48,11 +48,11 @@ def test_ranks_give_the_tree_of_each_smaller_size():
 def test_policy_prefers_plain_steps_when_drafts_fail_and_comes_back_when_they_pass():
     costs = {0: 0.010, 4: 0.012, 8: 0.014, 16: 0.018, 30: 0.026}
     p = TreePolicy(costs, (4, 8, 16, 30))
-    assert p.choose() == 30  # the first cycle explores the largest tree
-    p.observe(30, [0, 1, 2, 3, 5], draft_s=0.002, verify_s=0.026)  # 5 accepted: a 4-tree would have got 4 + bonus
-    assert p.tau == {4: 5, 8: 6, 16: 6, 30: 6}
+    assert p.choose() == 8  # the first cycle: a middle size
+    p.observe(8, [0, 1, 2, 3, 5], draft_s=0.002, verify_s=0.014)  # 5 accepted: a 4-tree would have got 4 + bonus
+    assert p.tau == {4: 5, 8: 6}
     n = p.choose()
-    assert n in (4, 8)  # 6 tokens for 16 ms beats 6 for 20 or 28 ms
+    assert n == 8  # 6 tokens for 16 ms beats 5 for 14 ms and 1 for 10 ms
     for _ in range(12):  # the drafts stop being accepted
         p.observe(n, [], draft_s=0.002, verify_s=costs[n])
         n = p.choose()
@@ -63,11 +63,16 @@ def test_policy_prefers_plain_steps_when_drafts_fail_and_comes_back_when_they_pa
     for _ in plain[1:]:
         p.plain(0.010)
     p.plain(0.010)
-    assert plain == [0, 0, 0, 0] and p.choose() == 30
+    assert plain == [0, 0, 0, 0] and p.choose() == 4  # the probe: the smallest tree, the cheapest test
+    p.observe(4, [], draft_s=0.002, verify_s=0.012)  # still rejected: 8 plain steps this time
+    assert [p.choose() for _ in range(8)] == [0] * 8
+    for _ in range(8):
+        p.plain(0.010)
+    assert p.choose() == 4
     for _ in range(15):  # accepted again: speculation again
-        p.observe(30, [0, 1, 2, 3], draft_s=0.002, verify_s=0.026)
+        p.observe(4, [0, 1, 2, 3], draft_s=0.002, verify_s=0.012)
     assert p.choose() > 0
-    assert p.summary()["choices"]["0"] == 4
+    assert p.summary()["choices"]["0"] == 12
 
 
 def test_verify_costs_are_measured_once_and_read_back(ckpt_dir, cost_dir, monkeypatch):

@@ -210,6 +210,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
                     root_logp = runner.catch_up(torch.tensor(behind_tokens, device=target.device),
                                                 torch.stack(behind_states), behind_at)
                     behind_tokens, behind_states, behind_at = [], [], 0
+                tb = clock.now()  # the catch-up on plain steps is their cost, not this cycle's
                 t: Tree = build_tree(root, root_logp, runner.expand, TreeConfig(shape.top_k, shape.depth, size))
                 tv = clock.now()
                 n = cache.length
@@ -233,7 +234,7 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
                 stats.verify_s += tc - tv
                 stats.draft_s += (tv - td) + (te - tc)
                 if policy is not None:
-                    policy.observe(size, path[1], (tv - td) + (te - tc), tc - tv)
+                    policy.observe(size, path[1], (tv - tb) + (te - tc), tc - tv)
             if policy is not None:
                 stats.policy = policy.summary()
     stats.decode_s = clock.now() - t1 - stats.calibration_s

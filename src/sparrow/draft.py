@@ -129,23 +129,49 @@ class DecoderLayer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Inference weights with one matmul where the layer has three or two: q/k/v (Hq*D + 2*Hkv*D, H) with its
+        bias, and gate/up (2*I, H). Built from the separate projections (the trained and saved parameters) and
+        rebuilt whenever one of them changes (an optimiser step, a dtype or device move)."""
+        parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight,
+                 self.up_proj.weight, *((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
+                                        if self.q_proj.bias is not None else ()))
+        key = tuple((p.data_ptr(), p._version) for p in parts)
+        if getattr(self, "_fused_key", None) != key:
+            with torch.no_grad():
+                qkv_b = torch.cat(parts[5:]) if len(parts) > 5 else None
+                self._fused = (torch.cat(parts[:3]), qkv_b, torch.cat(parts[3:5]))
+            self._fused_key = key
+        return self._fused
+
     def project_kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, q, H), pos (3, B, q) -> q (B, Hq, q, D), k, v (B, Hkv, q, D), RoPE applied."""
+        """x (B, q, H), pos (3, B, q) -> q (B, Hq, q, D), k, v (B, Hkv, q, D), RoPE applied. Without autograd the
+        three projections run as one matmul (`fused`), the same numbers up to float rounding."""
         b, q, _ = x.shape
-        d = self.c.head_dim
+        d, c = self.c.head_dim, self.c
         hn = self.input_layernorm(x)
-        qs = self.q_proj(hn).view(b, q, -1, d).transpose(1, 2)
-        ks = self.k_proj(hn).view(b, q, -1, d).transpose(1, 2)
-        vs = self.v_proj(hn).view(b, q, -1, d).transpose(1, 2)
+        if torch.is_grad_enabled():
+            qs, ks, vs = self.q_proj(hn), self.k_proj(hn), self.v_proj(hn)
+        else:
+            w, bias, _ = self.fused()
+            qs, ks, vs = F.linear(hn, w, bias).split(
+                (c.num_attention_heads * d, c.num_key_value_heads * d, c.num_key_value_heads * d), dim=-1)
+        qs = qs.reshape(b, q, -1, d).transpose(1, 2)
+        ks = ks.reshape(b, q, -1, d).transpose(1, 2)
+        vs = vs.reshape(b, q, -1, d).transpose(1, 2)
         cos, sin = self.rope(pos, x.dtype)
         return qs * cos + rotate_half(qs) * sin, ks * cos + rotate_half(ks) * sin, vs
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """x (B, q, H), attn (B, Hq, q, D) -> layer output (B, q, H)."""
+        """x (B, q, H), attn (B, Hq, q, D) -> layer output (B, q, H). Without autograd gate and up run as one
+        matmul (`fused`)."""
         b, _, q, _ = attn.shape
         x = x + self.o_proj(attn.transpose(1, 2).reshape(b, q, -1))
         hn = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(hn)) * self.up_proj(hn))
+        if torch.is_grad_enabled():
+            return x + self.down_proj(F.silu(self.gate_proj(hn)) * self.up_proj(hn))
+        gate, up = F.linear(hn, self.fused()[2]).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 class DraftCache:

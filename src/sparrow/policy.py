@@ -5,6 +5,8 @@ Expected speed of a cycle with a tree of N draft tokens (EAGLE-2's "auto" config
 
     rate(N) = tau(N) / (verify(N) + draft)      tokens per second;  rate(0) = 1 / decode   (a plain step)
 
+and each cycle takes the best N, or a plain step unless the best N is expected 10% faster (`MARGIN`).
+
 - verify(N): seconds of one target forward over N + 1 tokens at this context length, measured on the live cache
   right after the prefill (`measure_verify_costs`: sizes interleaved, medians of repeats, a monotone fit) and kept
   on disk per target, device, dtype, threads and context length (`cached_verify_costs`), so a later run pays
@@ -16,7 +18,7 @@ Expected speed of a cycle with a tree of N draft tokens (EAGLE-2's "auto" config
 - draft: the draft's seconds a cycle (tree expansion and catch-up), a moving average.
 
 When plain decoding wins, the policy takes plain steps (the draft catches up on them later) and tries one cycle
-at the largest size after 4, 8, 16... of them, so that it speculates again when the drafts are accepted again.
+with the smallest tree after 4, 8, 16... of them, so that it speculates again when the drafts are accepted again.
 Every token comes from the target either way: the output is the target's own decoding in every mode.
 """
 
@@ -33,7 +35,8 @@ from .timing import Clock
 SIZES = (4, 8, 16, 30)  # draft tokens a cycle that the policy chooses among (capped by the tree's `tokens`)
 EXPLORE_EVERY = 8  # speculative cycles between two at the largest size (which refresh the larger sizes' tau)
 ALPHA = 0.1  # weight of the newest cycle in the moving averages (a plain mean over the first 1 / ALPHA)
-FIRST_BACKOFF, MAX_BACKOFF = 4, 64  # plain steps before trying speculation again (doubling while it loses)
+FIRST_BACKOFF, MAX_BACKOFF = 4, 64
+MARGIN = 1.1  # speculate only where it is expected to be this much faster than plain steps  # plain steps before trying speculation again (doubling while it loses)
 
 
 def monotone(values: list[float]) -> list[float]:
@@ -119,16 +122,17 @@ class TreePolicy:
     nodes (`Tree.ranks` along the accepted path, root excluded) and the draft's and the verification's seconds in
     that cycle; `plain(seconds)` after a plain step. Measured times rescale the calibrated costs (moving averages
     of measured / calibrated, one for plain steps, one for verifications). `costs`: {N: seconds} with 0 (a decode step) and every size; `sizes`: the tree sizes to choose
-    among (the largest is tried first and every `EXPLORE_EVERY` cycles). `counts` records the choices made."""
+    among (the largest is tried first and every `EXPLORE_EVERY` cycles; the smallest after a run of plain steps).
+    `counts` records the choices made."""
 
     def __init__(self, costs: dict[int, float], sizes):
         self.costs, self.sizes = costs, sorted(sizes)
         self.tau: dict[int, float] = {}
         self.seen: dict[int, int] = {}  # cycles that measured tau[n]
         self.draft_s: float | None = None
-        self.since_largest = 0
+        self.since_largest = EXPLORE_EVERY - 3  # the largest size is first tried at the fourth cycle
         self.plain_left = 0
-        self.probe = False  # after a run of plain steps: one cycle at the largest size
+        self.probe = False  # after a run of plain steps: one cycle with the smallest tree
         self.backoff = FIRST_BACKOFF
         self.counts: dict[int, int] = {}
         # measured / calibrated time of plain steps and of verifications, moving averages: the calibration may be
@@ -145,13 +149,17 @@ class TreePolicy:
         largest = self.sizes[-1]
         if self.plain_left > 0:
             n = 0
-        elif not self.tau or self.probe or self.since_largest >= EXPLORE_EVERY:
-            n, self.probe = largest, False
+        elif self.probe:  # after plain steps: is the draft accepted again? The smallest tree tells, cheaply
+            n, self.probe = self.sizes[0], False
+        elif not self.tau:  # the first cycle: a middle size, which a draft that is not accepted makes cheap to learn
+            n = self.sizes[len(self.sizes) // 2 - 1] if len(self.sizes) > 2 else self.sizes[0]
         else:
-            n = max((0, *self.sizes), key=self.rate)
-            if n == 0:  # speculation does not pay now: plain steps, then one try at the largest size
-                self.plain_left = self.backoff
+            n = max((m for m in self.sizes if m in self.tau), key=self.rate)
+            if self.rate(n) < MARGIN * self.rate(0):  # speculation does not pay (near break-even, noise would
+                n, self.plain_left = 0, self.backoff  # cost): plain steps, then one try with the smallest tree
                 self.backoff = min(2 * self.backoff, MAX_BACKOFF)
+            elif self.since_largest >= EXPLORE_EVERY:  # while it pays, now and then the largest tree
+                n = largest
         self.counts[n] = self.counts.get(n, 0) + 1
         return n
 
@@ -169,7 +177,7 @@ class TreePolicy:
         self.draft_s = draft_s if self.draft_s is None else (1 - ALPHA) * self.draft_s + ALPHA * draft_s
         self._rescale(1, verify_s, self.costs[n])
         self.since_largest = 0 if n == self.sizes[-1] else self.since_largest + 1
-        if max(self.rate(m) for m in self.sizes if m in self.tau) > self.rate(0):
+        if max(self.rate(m) for m in self.sizes if m in self.tau) > MARGIN * self.rate(0):
             self.backoff = FIRST_BACKOFF  # speculation pays again
 
     def plain(self, seconds: float) -> None:
