@@ -177,13 +177,11 @@ fi
 # 4. measurements (the files the README quotes)
 $PY -m embedded evaluate --target "$T" --draft "$ASSETS/drafts/sparrow" --buckets 512,1536,3072,8192 \
   --clips 200,200,200,200 --long-buckets 25088 --long-clips 20 --blank-clips 50 --resume --out "$RESULTS/target_eval"
-B=(--target "$T" --drafts "$DRAFTS" --assistant "$ASSETS/assistant" --max-new-tokens 128)
-$SPARROW bench "${B[@]}" --visual-tokens 500,1500,3000,8000 --synthetic 10 \
-  --methods ar,sparrow,eagle,no_mtp,no_ivsb,sparrow:absolute,hf-assisted --out "$RESULTS/bench_cpu"
+B=(--target "$T" --drafts "$DRAFTS" --max-new-tokens 128)
+$SPARROW bench "${B[@]}" --visual-tokens 500,1500,3000,8000 --synthetic 5 --methods ar,sparrow,eagle,no_mtp,no_ivsb \
+  --out "$RESULTS/bench_cpu"
 $SPARROW bench "${B[@]}" --visual-tokens 25000 --synthetic 2 --methods ar,sparrow,eagle --out "$RESULTS/bench_cpu_25k"
-# tau of the four drafts on one fixed tree (30 tokens), 12 clips a bucket
-$SPARROW bench "${B[@]}" --visual-tokens 500,3000 --synthetic 12 --tree 8,5,30 \
-  --methods ar,sparrow,eagle,no_mtp,no_ivsb --out "$RESULTS/bench_tau_cpu"
+$PY benchmarks/own_video.py --out "$RESULTS/own_video" --videos "$RUN/own_videos"
 $SPARROW analyze --target "$T" --draft "$ASSETS/drafts/eagle" --visual-tokens 500,3000 --clips 2 --max-new-tokens 64 \
   --out "$RESULTS/analyze_cpu"
 exit

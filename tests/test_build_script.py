@@ -84,14 +84,23 @@ def parses(argv: list[str], monkeypatch) -> argparse.Namespace:
         raise Parsed(original(self, args, namespace))
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
-    if argv[0] == "-m":
-        module, fn, args = argv[1], "main", argv[2:]
-    elif argv[0].startswith("embedded-"):
-        module, fn, args = COMMANDS[argv[0][len("embedded-"):]], "main", argv[1:]
+    if argv[0].endswith(".py"):  # a script of the repository (benchmarks/...)
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("script", ROOT / argv[0])
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        run, args = script.main, argv[1:]
     else:
-        (module, fn), args = SCRIPTS[argv[0]], argv[1:]
+        if argv[0] == "-m":
+            module, fn, args = argv[1], "main", argv[2:]
+        elif argv[0].startswith("embedded-"):
+            module, fn, args = COMMANDS[argv[0][len("embedded-"):]], "main", argv[1:]
+        else:
+            (module, fn), args = SCRIPTS[argv[0]], argv[1:]
+        run = getattr(importlib.import_module(module), fn)
     with pytest.raises(Parsed) as parsed:
-        getattr(importlib.import_module(module), fn)(args)
+        run(args)
     monkeypatch.undo()
     return parsed.value.args[0]
 
@@ -103,7 +112,7 @@ def test_build_script_runs_dry_and_every_command_parses(tmp_path, monkeypatch):
     # the four parts: the target chain, the example clips, the drafts' data and drafts, the measurements
     assert kinds.count("embedded-train") == 23  # 1a-1x, 2dc, 2ec (stops included) and the assistant
     for kind in ("embedded-examples", "sparrow.synthetic.dataset", "regenerate", "train-draft",
-                 "embedded-evaluate", "bench", "analyze"):
+                 "embedded-evaluate", "bench", "analyze", "benchmarks/own_video.py"):
         assert kind in kinds, kind
     assert kinds.count("train-draft") == 4
     exported, outs = [], []
