@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "--help)", add_help=False)
     sub.add_parser("analyze", help="the paper's observations on a target: visual internalization, negative "
                                    "visual gain, attention dilution (see --help)", add_help=False)
-    d = sub.add_parser("demo", formatter_class=Help, help="the embedded target and drafts on an example clip: speculative decoding vs "
-                                     "plain decoding, identical output")
+    d = sub.add_parser("demo", formatter_class=Help,
+                       help="the embedded target and drafts on an example clip: speculative decoding vs "
+                            "plain decoding, identical output")
     d.add_argument("--clip", type=int, default=DEMO_CLIP,
                    help=f"which shipped example clip to describe (0-4; default {DEMO_CLIP}, one the target describes "
                         "right; 0 and 3 show what it gets wrong)")
@@ -136,8 +137,9 @@ def _sampled(target, video, inputs: dict, a) -> str:
     resizing, the visual tokens), and how it was chosen."""
     t, h, w = video.frames.shape[:3]
     rh, rw = target.resized_size(h, w, a.max_pixels, a.min_pixels)
+    d = target.sampling_defaults()
     how = ("--num-frames" if a.num_frames else "--fps" if a.fps else
-           "the checkpoint's defaults: {fps:g} fps, {min_frames}-{max_frames} frames".format(**target.sampling_defaults()))
+           f"the checkpoint's defaults: {d['fps']:g} fps, {d['min_frames']}-{d['max_frames']} frames")
     visual = int(target.visual_mask(inputs["input_ids"][0]).sum())
     return (f"video: {t} of {video.total_frames} frames ({video.fps:.2f} fps over {t / video.fps:.1f} s; {how}), "
             f"{w}x{h} -> {rw}x{rh}, {visual} visual tokens" + ("; prefilling..." if visual > 4000 else ""))

@@ -185,10 +185,10 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         else:
             policy = None
             if tree is None:  # a first run at this context length measures the verify cost (not decode time)
-                tc = clock.now()
+                tk = clock.now()
                 sizes = [n for n in SIZES if n <= shape.tokens] or [shape.tokens]
                 policy = TreePolicy(cached_verify_costs(target, cache, sizes), sizes)
-                stats.calibration_s = clock.now() - tc
+                stats.calibration_s = clock.now() - tk
             tp = clock.now()
             runner = DraftRunner(draft, target, pre, method, max_new_tokens, shape)
             root_logp = runner.prefill(input_ids[0], pre, first)

@@ -35,8 +35,8 @@ from .timing import Clock
 SIZES = (4, 8, 16, 30)  # draft tokens a cycle that the policy chooses among (capped by the tree's `tokens`)
 EXPLORE_EVERY = 8  # speculative cycles between two at the largest size (which refresh the larger sizes' tau)
 ALPHA = 0.1  # weight of the newest cycle in the moving averages (a plain mean over the first 1 / ALPHA)
-FIRST_BACKOFF, MAX_BACKOFF = 4, 64
-MARGIN = 1.1  # speculate only where it is expected to be this much faster than plain steps  # plain steps before trying speculation again (doubling while it loses)
+FIRST_BACKOFF, MAX_BACKOFF = 4, 64  # plain steps before trying speculation again (doubling while it loses)
+MARGIN = 1.1  # speculate only where it is expected to be this much faster than plain steps
 
 
 def monotone(values: list[float]) -> list[float]:
@@ -121,9 +121,10 @@ class TreePolicy:
     `observe(N, ranks, draft_s, verify_s)` after a speculative cycle, with the score ranks of the accepted draft
     nodes (`Tree.ranks` along the accepted path, root excluded) and the draft's and the verification's seconds in
     that cycle; `plain(seconds)` after a plain step. Measured times rescale the calibrated costs (moving averages
-    of measured / calibrated, one for plain steps, one for verifications). `costs`: {N: seconds} with 0 (a decode step) and every size; `sizes`: the tree sizes to choose
-    among (the largest is tried first and every `EXPLORE_EVERY` cycles; the smallest after a run of plain steps).
-    `counts` records the choices made."""
+    of measured / calibrated, one for plain steps, one for verifications). `costs`: {N: seconds} with 0 (a decode
+    step) and every size; `sizes`: the tree sizes to choose among (a middle one first, the largest every
+    `EXPLORE_EVERY` cycles while speculation pays, the smallest after a run of plain steps). `counts` records the
+    choices made."""
 
     def __init__(self, costs: dict[int, float], sizes):
         self.costs, self.sizes = costs, sorted(sizes)

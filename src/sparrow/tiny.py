@@ -127,7 +127,8 @@ def main(argv=None) -> int:
     """`sparrow make-tiny`: write a tiny random checkpoint of a family (tests, benchmarks, experiments)."""
     import argparse
 
-    ap = argparse.ArgumentParser(formatter_class=Help, prog="sparrow make-tiny", description="Write a tiny random checkpoint of a "
+    ap = argparse.ArgumentParser(formatter_class=Help, prog="sparrow make-tiny",
+                                 description="Write a tiny random checkpoint of a "
                                  "supported family (tests, benchmarks, experiments).")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_5_vl", help="model_type (default %(default)s)")
     ap.add_argument("--out", required=True, help="the checkpoint directory to write")

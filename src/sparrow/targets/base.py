@@ -24,13 +24,13 @@ from ..errors import SparrowError
 from ..video import Video, load_video, video_info
 
 
-# Settings of a checkpoint's generation_config that transformers' `generate` applies as logits processors even when
-# greedy, with their neutral values; Sparrow's decoding applies none of them (`Target.unapplied_settings`). It does
-# apply `repetition_penalty` (`Target.repetition_penalty`, `verify.RepetitionPenalty`).
 # frame sampling when the caller gives neither a count nor a rate and the checkpoint's config says nothing: the
 # conventions of HF's Qwen2-VL video processor (2 frames a second, 4 to 768 frames)
 DEFAULT_SAMPLING = {"fps": 2.0, "min_frames": 4, "max_frames": 768}
 CONTEXT_RESERVE = 1024  # context positions `sample_video` leaves for the prompt's text and the answer
+# Settings of a checkpoint's generation_config that transformers' `generate` applies as logits processors even when
+# greedy, with their neutral values; Sparrow's decoding applies none of them (`Target.unapplied_settings`). It does
+# apply `repetition_penalty` (`Target.repetition_penalty`, `verify.RepetitionPenalty`).
 UNAPPLIED = {"encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
              "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "min_length": 0, "min_new_tokens": 0,
              "suppress_tokens": [], "begin_suppress_tokens": [], "sequence_bias": {}, "forced_bos_token_id": None,

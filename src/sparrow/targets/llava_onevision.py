@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import SparrowError
 from ..video import Video
-from .base import Target, chatml_template, processor_settings, register_family
+from .base import Target, chatml_template, register_family
 
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -47,7 +47,7 @@ class LlavaOneVisionTarget(Target):
     def __init__(self, model, tokenizer, path=None):
         super().__init__(model, tokenizer, path)
         vc = self.config.vision_config
-        s = processor_settings(path)
+        s = self.processor
         self.size = int(vc.image_size)
         self.grid = vc.image_size // vc.patch_size
         self.mean = np.array(s.get("image_mean", SIGLIP_MEAN), dtype=np.float32)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..errors import SparrowError
 from ..video import Video
-from .base import Target, chatml_template, processor_settings, register_family
+from .base import Target, chatml_template, register_family
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,7 +84,7 @@ class QwenVLTarget(Target):
         super().__init__(model, tokenizer, path)
         self.family = self.config.model_type
         vc = self.config.vision_config
-        s = processor_settings(path)
+        s = self.processor
         self.patch = int(s.get("patch_size", vc.patch_size))
         self.temporal_patch = int(s.get("temporal_patch_size", vc.temporal_patch_size))
         self.merge = int(s.get("merge_size", vc.spatial_merge_size))

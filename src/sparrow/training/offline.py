@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     from .. import load_target
     from .data import read_jsonl
 
-    ap = argparse.ArgumentParser(formatter_class=Help, prog="sparrow capture", description="Capture the target's hidden states for "
+    ap = argparse.ArgumentParser(formatter_class=Help, prog="sparrow capture",
+                                 description="Capture the target's hidden states for "
                                  "offline draft training (resumable safetensors shards with a manifest).")
     ap.add_argument("--target", help="target checkpoint (default: the embedded one)")
     ap.add_argument("--data", required=True, help="JSONL (LLaVA-Video style), answers from `sparrow regenerate`")
