@@ -4,6 +4,7 @@ stage wrote. A misspelt flag or path fails here instead of hours into a rebuild.
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -85,8 +86,6 @@ def parses(argv: list[str], monkeypatch) -> argparse.Namespace:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     if argv[0].endswith(".py"):  # a script of the repository (benchmarks/...)
-        import importlib.util
-
         spec = importlib.util.spec_from_file_location("script", ROOT / argv[0])
         script = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(script)
