@@ -32,14 +32,16 @@ def test_greedy_equals_hf(ckpt_dir, family, seed, frames):
     taus = []
     for name, tree in TREES.items():
         for method, over in MODES:
-            for draft in (fitted, random_draft):
+            # the random draft is rejected at almost every node, one token a cycle: 16 tokens run its rejection
+            # paths through every tree and mode (and HF's greedy 16 are the first 16 of its 48)
+            for draft, n in ((fitted, 48), (random_draft, 16)):
                 for k, v in over.items():
                     setattr(draft.config, k, v)
-                out = sparrow.generate(target, draft, inputs, max_new_tokens=48, method=method, tree=tree)
+                out = sparrow.generate(target, draft, inputs, max_new_tokens=n, method=method, tree=tree)
                 for k in over:
                     setattr(draft.config, k, {"position_mode": "compact", "window": None}[k])
-                assert out.token_ids == ref, f"{name} {method} {over}: speculative output differs from HF greedy"
-                assert sum(out.stats.accept_lengths) == len(ref) - 1
+                assert out.token_ids == ref[:n], f"{name} {method} {over}: speculative output differs from HF greedy"
+                assert sum(out.stats.accept_lengths) == len(ref[:n]) - 1
                 if draft is fitted:
                     taus.append(out.stats.tau)
     ar = sparrow.generate(target, None, inputs, max_new_tokens=48, method="ar")

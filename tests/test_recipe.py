@@ -10,6 +10,23 @@ import pytest
 import sparrow
 from sparrow.errors import SparrowError
 
+_CORPUS: list = []
+
+
+@pytest.fixture(autouse=True)
+def corpus_once(monkeypatch):
+    """A new run builds its tokenizer from `corpus()` (about 10 s of text rendering): once per session here."""
+    from embedded import train_target
+
+    real = train_target.corpus
+
+    def once(n: int = 4000) -> list[str]:
+        if not _CORPUS:
+            _CORPUS.append(real(n))
+        return _CORPUS[0]
+
+    monkeypatch.setattr(train_target, "corpus", once)
+
 
 def test_train_target_stopped_by_a_signal_exits_nonzero_without_exporting(tmp_path, monkeypatch):
     import signal
