@@ -52,8 +52,12 @@ def test_policy_prefers_plain_steps_when_drafts_fail_and_comes_back_when_they_pa
     p.observe(8, [0, 1, 2, 3, 5], draft_s=0.002, verify_s=0.014)  # 5 accepted: a 4-tree would have got 4 + bonus
     assert p.tau == {4: 5, 8: 6}
     n = p.choose()
-    assert n == 8  # 6 tokens for 16 ms beats 5 for 14 ms and 1 for 10 ms
-    for _ in range(12):  # the drafts stop being accepted
+    assert n == 30  # speculation pays (6 tokens in 16 ms against 1 in 10): the largest tree, to measure every size
+    p.observe(30, [0, 1, 2, 3, 5, 9], draft_s=0.002, verify_s=0.026)
+    p.observe(30, [0, 1, 2, 3, 5, 9], draft_s=0.002, verify_s=0.026)
+    n = p.choose()
+    assert n == 8  # every size measured: 6 tokens in 16 ms beats 7 in 20 ms (16) or in 28 ms (30)
+    for _ in range(40):  # the drafts stop being accepted
         p.observe(n, [], draft_s=0.002, verify_s=costs[n])
         n = p.choose()
         if n == 0:

@@ -5,7 +5,8 @@ Expected speed of a cycle with a tree of N draft tokens (EAGLE-2's "auto" config
 
     rate(N) = tau(N) / (verify(N) + draft)      tokens per second;  rate(0) = 1 / decode   (a plain step)
 
-and each cycle takes the best N, or a plain step unless the best N is expected 10% faster (`MARGIN`).
+and each cycle takes a plain step unless the best N is expected 10% faster (`MARGIN`), else the N with the best
+rate when tau(N) is raised by 1 / sqrt(cycles that measured it) (`BONUS`: sizes seen rarely get tried).
 
 - verify(N): seconds of one target forward over N + 1 tokens at this context length, measured on the live cache
   right after the prefill (`measure_verify_costs`: sizes interleaved, medians of repeats, a monotone fit) and kept
@@ -37,6 +38,8 @@ EXPLORE_EVERY = 8  # speculative cycles between two at the largest size (which r
 ALPHA = 0.1  # weight of the newest cycle in the moving averages (a plain mean over the first 1 / ALPHA)
 FIRST_BACKOFF, MAX_BACKOFF = 4, 64  # plain steps before trying speculation again (doubling while it loses)
 MARGIN = 1.1  # speculate only where it is expected to be this much faster than plain steps
+MIN_SEEN = 2  # cycles at the largest size before the choice is left to the estimates (while speculation pays)
+BONUS = 1.0  # tokens of optimism for a size measured in one cycle (shrinking as 1 / sqrt(cycles))
 
 
 def monotone(values: list[float]) -> list[float]:
@@ -140,11 +143,13 @@ class TreePolicy:
         # old or taken while the machine was busy, and the machine's speed drifts
         self.scale = [1.0, 1.0]
 
-    def rate(self, n: int) -> float:
-        """Expected tokens per second of a cycle with a tree of n draft tokens (n = 0: a plain step)."""
+    def rate(self, n: int, optimistic: bool = False) -> float:
+        """Expected tokens per second of a cycle with a tree of n draft tokens (n = 0: a plain step); optimistic:
+        with tau raised by `BONUS` / sqrt(cycles that measured it)."""
         if n == 0:
             return 1.0 / (self.costs[0] * self.scale[0])
-        return self.tau[n] / (self.costs[n] * self.scale[1] + (self.draft_s or 0.0))
+        tau = self.tau[n] + (BONUS / math.sqrt(self.seen[n]) if optimistic else 0.0)
+        return tau / (self.costs[n] * self.scale[1] + (self.draft_s or 0.0))
 
     def choose(self) -> int:
         largest = self.sizes[-1]
@@ -155,12 +160,16 @@ class TreePolicy:
         elif not self.tau:  # the first cycle: a middle size, which a draft that is not accepted makes cheap to learn
             n = self.sizes[len(self.sizes) // 2 - 1] if len(self.sizes) > 2 else self.sizes[0]
         else:
-            n = max((m for m in self.sizes if m in self.tau), key=self.rate)
-            if self.rate(n) < MARGIN * self.rate(0):  # speculation does not pay (near break-even, noise would
+            known = [m for m in self.sizes if m in self.tau]
+            best = max(self.rate(m) for m in known)
+            # the size to try: the best rate with a bonus for sizes seen in few cycles (an upper confidence
+            # bound), since a cycle measures tau only for its own size and the smaller ones
+            n = max(known, key=lambda m: self.rate(m, optimistic=True))
+            if best < MARGIN * self.rate(0):  # speculation does not pay (near break-even, noise would
                 n, self.plain_left = 0, self.backoff  # cost): plain steps, then one try with the smallest tree
                 self.backoff = min(2 * self.backoff, MAX_BACKOFF)
-            elif self.since_largest >= EXPLORE_EVERY:  # while it pays, now and then the largest tree
-                n = largest
+            elif self.since_largest >= EXPLORE_EVERY or self.seen.get(largest, 0) < MIN_SEEN:
+                n = largest  # while speculation pays: the largest tree early and now and then (tau of every size)
         self.counts[n] = self.counts.get(n, 0) + 1
         return n
 
