@@ -134,7 +134,7 @@ class TreePolicy:
         self.tau: dict[int, float] = {}
         self.seen: dict[int, int] = {}  # cycles that measured tau[n]
         self.draft_s: float | None = None
-        self.since_largest = EXPLORE_EVERY - 3  # the largest size is first tried at the fourth cycle
+        self.since_largest = 0  # speculative cycles since the last at the largest size
         self.plain_left = 0
         self.probe = False  # after a run of plain steps: one cycle with the smallest tree
         self.backoff = FIRST_BACKOFF
