@@ -5,6 +5,7 @@ when a method's output differs from ar's."""
 import json
 import os
 
+import numpy as np
 import pytest
 
 import sparrow
@@ -59,7 +60,8 @@ def test_bench_writes_every_output(env):
             choices = {int(k): v for k, v in r["policy"]["choices"].items()}
             assert r["tree_tokens"] == max(choices, key=choices.get) and sum(choices.values()) >= 1
     table = open(os.path.join(out, "table.md")).read().splitlines()
-    assert len(table) == 2 + 2 * len(names) and table[0].startswith("| visual tokens | method | tau | DSR | ESR")
+    assert len(table) == 2 + 2 * len(names) and table[0].startswith(
+        "| visual tokens | method | samples | tau | DSR | bound | ESR")
 
 
 def test_bench_resume_skips_finished_samples(env, tmp_path):
@@ -106,7 +108,8 @@ def test_lossless_check_fails_loudly(env, tmp_path):
     (["--visual-tokens", "lots"], "--visual-tokens 'lots'"),
     (["--tree", "8,5"], "--tree '8,5'"),
     (["--temperature", "-1"], "temperature must be 0 (greedy) or more"),
-    (["--synthetic", "0"], "--synthetic 0: give 1 or more"),
+    (["--synthetic", "0"], "--synthetic '0': give positive whole numbers"),
+    (["--synthetic", "2,2,2"], "give one count, or one per bucket (2)"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0: give 1 or more"),
     (["--warmup", "-1"], "--warmup -1: give 0 or more"),
 ])
@@ -138,3 +141,56 @@ def test_warmup_runs_each_method_untimed_first(env, tmp_path):
         assert CountedMethod.runs == runs and res["meta"]["warmup"] == warmup
         rows = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
         assert len(rows) == 6 and all(r["lossless"] for r in rows if r["method"] != "ar")
+
+
+def test_paired_differences_and_bound():
+    from sparrow.bench import paired, summarise
+
+    rows = []
+    for i, (t_sp, t_x, d_sp, d_x) in enumerate([(4.0, 3.0, 1.0, 2.0), (5.0, 3.5, 1.0, 1.0), (3.0, 2.5, 2.0, 2.0)]):
+        base = {"bucket": 512, "sample": f"s{i}", "visual_tokens": 512, "new_tokens": 11, "prefill_s": 0.1,
+                "draft_ms_per_cycle": 1.0, "verify_ms_per_cycle": 3.0, "tree_tokens": 8, "peak_memory_mb": 0,
+                "lossless": True, "cycles": 3}
+        rows += [{**base, "method": "ar", "tau": 1.0, "decode_s": 0.2, "cycles": 10, "draft_ms_per_cycle": 0.0,
+                  "verify_ms_per_cycle": 20.0, "tree_tokens": 0, "lossless": None},
+                 {**base, "method": "sparrow", "tau": t_sp, "decode_s": 0.2 / d_sp},
+                 {**base, "method": "x", "tau": t_x, "decode_s": 0.2 / d_x}]
+    p = paired(rows, 512, "x", "sparrow")
+    assert p["n"] == 3 and p["tau_diff"] == -1.0 and p["dsr_diff"] == round(1 / 3, 3)
+    assert p["tau_se"] == round(float(np.std([-1.0, -1.5, -0.5], ddof=1) / np.sqrt(3)), 3)
+    s = summarise(rows, "sparrow")["512"]
+    assert s["x"]["vs_baseline"] == p and "vs_baseline" not in s["sparrow"] and "vs_baseline" not in s["ar"]
+    # ar takes 0.2 s for 10 tokens after the first: 20 ms a step; a 4 ms cycle at tau 10 / 3 allows 16.7x
+    assert s["x"]["tau"] == round(10 / 3, 3) and s["x"]["bound"] == round(10 / 3 * 20.0 / 4.0, 3)
+    assert paired(rows[:3], 512, "x", "sparrow") is None  # one sample: no standard error
+
+
+def test_one_prefill_serves_every_method(env):
+    """generate(prompt=) decodes exactly as a fresh prefill does, for every method in any order, and bench
+    prefills each sample once (per-bucket clip counts)."""
+    import sparrow
+    from sparrow.bench import build_inputs, frames_for
+
+    target = sparrow.load_target(env["target"])
+    draft = sparrow.load_draft(env["draft"], target)
+    eagle = sparrow.load_draft(env["eagle"], target)
+    inputs = build_inputs(target, synthetic_samples(1, frames_for(target, 128), 0)[0], frames_for(target, 128))
+    prompt = sparrow.prefill_prompt(target, inputs, 12)
+    for d, method in ((draft, "sparrow"), (None, "ar"), (eagle, "eagle"), (draft, "sparrow")):
+        fresh = sparrow.generate(target, d, inputs, max_new_tokens=12, method=method, tree=sparrow.TreeConfig(4, 3, 8))
+        shared = sparrow.generate(target, d, inputs, max_new_tokens=12, method=method, prompt=prompt,
+                                  tree=sparrow.TreeConfig(4, 3, 8))
+        assert shared.token_ids == fresh.token_ids and shared.stats.tau == fresh.stats.tau, method
+    with pytest.raises(sparrow.SparrowError, match="prefill_prompt"):
+        sparrow.generate(target, None, inputs, max_new_tokens=40, method="ar", prompt=prompt)
+    calls = []
+    real = target.prefill
+    target.prefill = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        methods = parse_methods("ar,sp,eg", {"sp": env["draft"], "eg": env["eagle"]}, target, None)
+        res = run_bench(target, methods, [64, 128], lambda n: synthetic_samples({2: 2, 4: 1}[n], n, 0),
+                        str(env["out"]) + "-shared", max_new_tokens=6, progress=False, baseline="sp")
+    finally:
+        target.prefill = real
+    assert len(calls) == 3  # 2 + 1 samples, one prefill each, whatever the number of methods
+    assert res["summary"]["64"]["eg"]["vs_baseline"]["n"] == 2 and res["summary"]["128"]["eg"]["vs_baseline"] is None

@@ -89,4 +89,37 @@ def test_train_draft_on_a_capture_with_held_out_tau(data, tmp_path, capsys):
     assert main(["train-draft", "--target", target.path, "--data", cap, "--out", str(tmp_path / "e"),
                  "--mode", "eagle", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "captured with mode=sparrow" in err[0]
+    assert len(err) == 1 and "lacks the top states at every position and the video features" in err[0], err
+
+
+def test_capture_with_answers_equals_regenerate_then_capture(data, tmp_path):
+    """`--answers` in two parts: the answers are `sparrow regenerate`'s, word for word, and the stored states give
+    the loss of capturing those tokens afterwards, for both configs the one capture was made for."""
+    from sparrow.training.losses import capture_ids
+    from sparrow.training.regenerate import regenerate
+
+    target, path, d = data
+    rows = open(path).read().splitlines()[:3]
+    part = str(d / "three.jsonl")
+    open(part, "w").write("\n".join(rows) + "\n")
+    cfgs = [TrainConfig(num_frames=8), TrainConfig(mode="eagle", ivsb=False, mtp_stages=1, num_frames=8)]
+    out = str(tmp_path / "cap")
+    for i in (0, 1):
+        run_capture(target, read_jsonl(part), out, cfgs, part, progress=False, answers=str(tmp_path / f"a{i}.jsonl"),
+                    max_new_tokens=12, part=(i, 2))
+    regenerate(target, part, str(tmp_path / "ref.jsonl"), max_new_tokens=12, num_frames=8)
+    ref = {s.id: s for s in read_jsonl(str(tmp_path / "ref.jsonl"))}
+    got = {s.id: s.answer for i in (0, 1) for s in read_jsonl(str(tmp_path / f"a{i}.jsonl"))}
+    assert got == {k: s.answer for k, s in ref.items()} and len(got) == 3
+    mid = target.default_mid_layer()
+    for cfg in cfgs:
+        off = OfflineData(out, target, cfg)
+        assert sorted(e["id"] for e in off.entries) == sorted(ref)
+        draft = sparrow.init_draft(target, seed=0, mode=cfg.mode)
+        for i, e in enumerate(off.entries):
+            c = off.get(i)
+            first = int(c.loss_mask.nonzero()[0]) + 1
+            inputs = target.prepare(load_video(ref[e["id"]].video, max_frames=8), ref[e["id"]].prompt)
+            online, _ = draft_loss(draft, target, capture_ids(target, inputs, c.ids[first:].tolist(), mid), cfg.loss())
+            offline, _ = draft_loss(draft, target, c, cfg.loss())
+            assert torch.allclose(online, offline, rtol=1e-4, atol=1e-5), (e["id"], online, offline)

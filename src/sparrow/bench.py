@@ -2,11 +2,12 @@
 
     sparrow bench [--target PATH] [--drafts sparrow=PATH,eagle=PATH,...] [--data clips.jsonl | --synthetic N]
                   [--visual-tokens 500,1500,3000,8000] [--methods ar,sparrow,eagle,...] [--max-new-tokens 256]
-                  [--temperature 0] [--tree auto] [--out results/bench] [--resume]
+                  [--temperature 0] [--tree auto] [--out results/bench] [--resume] [--baseline sparrow]
 
 For every bucket, frames are sampled so that the prompt holds about that many visual tokens (the frame area is
-fixed, the frame count sets the bucket). Every method answers the same samples in the same run, interleaved
-(the method order rotates from sample to sample). Per sample and method: prefill time, decode time, new tokens,
+fixed, the frame count sets the bucket); `--synthetic 5,5,5,5,4` gives each bucket its own clip count. Every method
+answers the same samples in the same run, interleaved (the method order rotates from sample to sample), from one
+prefill of each sample (`sparrow.prefill_prompt`: at 25k visual tokens the prefill is a minute on 2 CPU cores). Per sample and method: prefill time, decode time, new tokens,
 tau (bonus token included), draft and verify time per cycle, peak memory, and the lossless check (greedy: the
 output equals `ar`'s token for token, else the row is marked and the run fails after writing its results).
 
@@ -21,7 +22,9 @@ Methods:
 
 Metrics (Spec-Bench conventions): DSR = ar decode time / method decode time (after the first token); ESR = the
 same end to end (prefill included); DSR / tau = the share of the ideal speedup reached (drafting free and a
-verification as cheap as a decode step would give DSR = tau).
+verification as cheap as a decode step would give DSR = tau); bound = tau x the ar step / (verify + draft per
+cycle), what the measured cycle allows. Paired differences: per sample, each method's tau and DSR minus those of
+--baseline (default: sparrow) on the same sample, mean +- standard error over the bucket's samples.
 
 Tree: `--tree auto` (the default) runs each speculative method as `sparrow generate` does: every cycle's tree
 size chosen by `sparrow.policy.TreePolicy` from the verify cost measured on this machine at the bucket's context
@@ -46,7 +49,7 @@ import numpy as np
 import torch
 
 from .cli import Help
-from .decode import GenerateOutput, generate
+from .decode import GenerateOutput, Prompt, generate, prefill_prompt
 from .errors import SparrowError, at_least, positive_list
 from .timing import Clock, Stats
 from .tree import TreeConfig
@@ -70,11 +73,11 @@ class Method:
     tree: TreeConfig | None = None  # None: the run's tree (auto: the policy's choice each cycle)
 
     def run(self, target, inputs: dict, max_new_tokens: int, temperature: float, seed: int,
-            tree: TreeConfig | None) -> GenerateOutput:
+            tree: TreeConfig | None, prompt: Prompt | None = None) -> GenerateOutput:
         if self.kind == "hf-assisted":
             return hf_assisted(target, self.assistant, inputs, max_new_tokens, temperature, seed)
         return generate(target, self.draft, inputs, max_new_tokens=max_new_tokens, method=self.mode,
-                        temperature=temperature, seed=seed, tree=tree)
+                        temperature=temperature, seed=seed, tree=tree, prompt=prompt)
 
 
 def hf_assisted(target, assistant, inputs: dict, max_new_tokens: int, temperature: float, seed: int) -> GenerateOutput:
@@ -277,13 +280,41 @@ def row_for(bucket: int, sample: Sample, method: Method, out: GenerateOutput, re
             "lossless": lossless, "stop_reason": s.stop_reason, "text": out.text}
 
 
-def summarise(rows: list[dict]) -> dict:
-    """Aggregates per bucket and method: sums of times over the bucket's samples, tau over all cycles."""
+def _sample_dsr(r: dict, ar: dict | None) -> float:
+    """One sample's DSR: ar's time per token after the first over the method's (nan without an ar row)."""
+    if ar is None or r["new_tokens"] < 2 or ar["new_tokens"] < 2 or r["decode_s"] <= 0:
+        return float("nan")
+    return (ar["decode_s"] / (ar["new_tokens"] - 1)) / (r["decode_s"] / (r["new_tokens"] - 1))
+
+
+def paired(rows: list[dict], bucket, name: str, baseline: str) -> dict | None:
+    """Per-sample differences method - baseline in tau and DSR over the samples both ran in `bucket`: {"n",
+    "tau_diff", "tau_se", "dsr_diff", "dsr_se"} (mean and standard error of the mean), or None with fewer than 2."""
+    per = {}
+    for r in rows:
+        if r["bucket"] == bucket:
+            per.setdefault(r["sample"], {})[r["method"]] = r
+    pairs = [(x[name], x[baseline], x.get("ar")) for x in per.values() if name in x and baseline in x]
+    if len(pairs) < 2:
+        return None
+    out = {"n": len(pairs)}
+    for key, fn in (("tau", lambda r, ar: r["tau"]), ("dsr", _sample_dsr)):
+        d = np.array([fn(m, ar) - fn(b, ar) for m, b, ar in pairs], dtype=float)
+        d = d[np.isfinite(d)]
+        out[f"{key}_diff"] = round(float(d.mean()), 3) if len(d) else float("nan")
+        out[f"{key}_se"] = round(float(d.std(ddof=1) / np.sqrt(len(d))), 3) if len(d) > 1 else float("nan")
+    return out
+
+
+def summarise(rows: list[dict], baseline: str | None = "sparrow") -> dict:
+    """Aggregates per bucket and method: sums of times over the bucket's samples, tau over all cycles, the bound
+    tau x ar step / (verify + draft per cycle), and the paired differences to `baseline` (`paired`)."""
     out = {}
     for b in sorted({r["bucket"] for r in rows}):
         ar = [r for r in rows if r["bucket"] == b and r["method"] == "ar"]
         ar_dec = sum(r["decode_s"] for r in ar)
         ar_all = sum(r["decode_s"] + r["prefill_s"] for r in ar)
+        ar_step_ms = 1e3 * ar_dec / max(1, sum(r["new_tokens"] - 1 for r in ar))
         for name in dict.fromkeys(r["method"] for r in rows if r["bucket"] == b):
             rs = [r for r in rows if r["bucket"] == b and r["method"] == name]
             dec, cycles = sum(r["decode_s"] for r in rs), sum(r["cycles"] for r in rs)
@@ -304,6 +335,11 @@ def summarise(rows: list[dict]) -> dict:
                 "tree_tokens": max(r["tree_tokens"] for r in rs),
                 "peak_memory_mb": max(r["peak_memory_mb"] for r in rs),
                 "lossless": all(checks) if checks else None}
+            s = out[str(b)][name]
+            cycle_ms = s["draft_ms_per_cycle"] + s["verify_ms_per_cycle"]
+            s["bound"] = round(tau * ar_step_ms / cycle_ms, 3) if ar and cycle_ms and name != "ar" else float("nan")
+            if baseline and name not in ("ar", baseline):
+                s["vs_baseline"] = paired(rows, b, name, baseline)
     return out
 
 
@@ -311,17 +347,21 @@ def write_table(summary: dict, path: str) -> str:
     """Write the per-bucket, per-method summary as a Markdown table (tau, DSR, ESR, ms per cycle, lossless) to
     `path` and return it."""
     methods = list(dict.fromkeys(m for b in summary.values() for m in b))
-    lines = ["| visual tokens | method | tau | DSR | ESR | DSR/tau | draft ms/cycle | verify ms/cycle | tree | lossless |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| visual tokens | method | samples | tau | DSR | bound | ESR | DSR/tau | draft ms/cycle | verify ms/cycle | "
+             "tree | lossless | tau, DSR - baseline (paired, +- SE) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b, per in summary.items():
         for m in methods:
             if m not in per:
                 continue
             s = per[m]
             ok = {True: "yes", False: "NO", None: "n/a"}[s["lossless"]]
-            lines.append(f"| {s['visual_tokens']} | {m} | {s['tau']:.2f} | {s['dsr']:.2f}x | {s['esr']:.2f}x | "
-                         f"{s['dsr_over_tau']:.2f} | {s['draft_ms_per_cycle']:.1f} | {s['verify_ms_per_cycle']:.1f} | "
-                         f"{s['tree_tokens'] or '-'} | {ok} |")
+            p = s.get("vs_baseline")
+            diff = f"{p['tau_diff']:+.2f} +- {p['tau_se']:.2f}, {p['dsr_diff']:+.2f} +- {p['dsr_se']:.2f}" if p else ""
+            bound = f"{s['bound']:.2f}x" if np.isfinite(s.get("bound", float("nan"))) else "-"
+            lines.append(f"| {s['visual_tokens']} | {m} | {s['samples']} | {s['tau']:.2f} | {s['dsr']:.2f}x | {bound} | "
+                         f"{s['esr']:.2f}x | {s['dsr_over_tau']:.2f} | {s['draft_ms_per_cycle']:.1f} | "
+                         f"{s['verify_ms_per_cycle']:.1f} | {s['tree_tokens'] or '-'} | {ok} | {diff} |")
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:
         f.write(text)
@@ -377,7 +417,8 @@ def write_plots(summary: dict, out: str) -> list[str]:
 
 def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max_new_tokens: int = 256,
               temperature: float = 0.0, tree: TreeConfig | str = "auto", seed: int = 0, resume: bool = False,
-              meta: dict | None = None, progress: bool = True, warmup: int = 0) -> dict:
+              meta: dict | None = None, progress: bool = True, warmup: int = 0,
+              baseline: str | None = "sparrow") -> dict:
     """Run every method on every bucket's samples; write samples.jsonl, summary.json, table.md and the plots.
 
     Args:
@@ -386,6 +427,7 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
         tree: "auto" or a fixed `TreeConfig`.
         warmup: untimed runs of each method on each input before its timed run (0: none). On an H200 the first
             runs on a new input took 2-10x the steady state's time a token (README, "On a GPU").
+        baseline: the method the paired differences are taken against (`paired`), or None for none.
     Returns: the summary dict. Raises SparrowError (after writing everything) when a greedy speculative output
     differs from ar's.
     """
@@ -416,17 +458,19 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
                 if all((b, sample.id, n) in done for n in names):
                     continue
                 inputs = build_inputs(target, sample, frames)
+                trees = [m.tree or (tree if isinstance(tree, TreeConfig) else TreeConfig()) for m in methods]
+                prompt = prefill_prompt(target, inputs, max_new_tokens, max(t.tokens for t in trees))
                 if i == 0:
-                    generate(target, None, inputs, max_new_tokens=2, method="ar")  # warm-up
+                    generate(target, None, inputs, max_new_tokens=2, method="ar", prompt=prompt)  # warm-up
                 order = methods[i % len(methods):] + methods[: i % len(methods)]
                 outs = {}
                 for m in order:
                     t = m.tree or (tree if isinstance(tree, TreeConfig) else None)
                     for _ in range(warmup):
-                        m.run(target, inputs, max_new_tokens, temperature, seed + i, t)
+                        m.run(target, inputs, max_new_tokens, temperature, seed + i, t, prompt)
                     if target.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(target.device)
-                    outs[m.name] = (m, m.run(target, inputs, max_new_tokens, temperature, seed + i, t), t,
+                    outs[m.name] = (m, m.run(target, inputs, max_new_tokens, temperature, seed + i, t, prompt), t,
                                     _peak_memory_mb(target.device))
                 ref = outs["ar"][1]
                 for name in names:
@@ -440,14 +484,14 @@ def run_bench(target, methods: list[Method], buckets, samples_for, out: str, max
                     bar.update(1)
                     bar.set_postfix_str(f"{b} tok {name} tau {row['tau']:.2f}")
     bar.close()
-    summary = summarise(rows)
+    summary = summarise(rows, baseline)
     meta = {**(meta or {}), "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
             "dtype": str(target.dtype).replace("torch.", ""), "device": str(target.device), "seed": seed,
             "max_new_tokens": max_new_tokens, "temperature": temperature,
             "repetition_penalty": target.repetition_penalty, "buckets": list(buckets),
             "frames": {str(b): n for b, n in plan}, "methods": names,
-            "tree": "auto" if tree == "auto" else asdict(tree), "warmup": warmup}
+            "tree": "auto" if tree == "auto" else asdict(tree), "warmup": warmup, "baseline": baseline}
     try:
         import transformers
 
@@ -479,7 +523,8 @@ def main(argv=None) -> int:
     ap.add_argument("--assistant", help="checkpoint for hf-assisted (default: the embedded assistant)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", help="LLaVA-Video style JSONL of videos and prompts")
-    src.add_argument("--synthetic", type=int, help="N synthetic clips per bucket (default 3 without --data)")
+    src.add_argument("--synthetic", help="N synthetic clips per bucket, or one count per bucket (5,5,4) (default 3 "
+                                          "without --data)")
     ap.add_argument("--samples", type=int, help="with --data: use the first N samples")
     ap.add_argument("--visual-tokens", default=",".join(map(str, DEFAULT_BUCKETS)), help="buckets, e.g. 500,8000")
     ap.add_argument("--methods", help="comma list (default: ar, every draft, hf-assisted when an assistant is "
@@ -492,13 +537,19 @@ def main(argv=None) -> int:
     ap.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     ap.add_argument("--out", default="results/bench", help="directory of samples.jsonl, summary.json, table.md, plots")
     ap.add_argument("--resume", action="store_true", help="skip samples already in OUT/samples.jsonl")
+    ap.add_argument("--baseline", help="the method paired differences are taken against (default: sparrow when it "
+                                       "runs, else none)")
     ap.add_argument("--warmup", type=int, default=0,
                     help="untimed runs of each method on each input before its timed run (default 0; on a GPU, "
                          "where first runs on an input are slow, 1 measures the steady state)")
     a = ap.parse_args(argv)
     buckets = parse_visual_tokens(a.visual_tokens)
     Sampling(temperature=a.temperature)  # a negative temperature fails here, before the target loads
-    at_least(1, ("--synthetic", a.synthetic), ("--samples", a.samples), ("--max-new-tokens", a.max_new_tokens))
+    counts = positive_list("--synthetic", a.synthetic or "3", "5 or 5,5,4")
+    if len(counts) not in (1, len(buckets)):
+        raise SparrowError(f"--synthetic {a.synthetic}: give one count, or one per bucket ({len(buckets)})")
+    counts = dict(zip(buckets, counts * len(buckets) if len(counts) == 1 else counts))
+    at_least(1, ("--samples", a.samples), ("--max-new-tokens", a.max_new_tokens))
     at_least(0, ("--warmup", a.warmup))
     tree = "auto"
     if a.tree != "auto":
@@ -516,11 +567,16 @@ def main(argv=None) -> int:
         rows = data_samples(a.data, a.samples)
         samples_for = lambda frames: rows  # noqa: E731 (frames are sampled per bucket when loading)
     else:
-        n = a.synthetic or 3
-        samples_for = lambda frames: synthetic_samples(n, frames, a.seed)  # noqa: E731
+        per_frames = {frames_for(target, b): counts[b] for b in buckets}
+        samples_for = lambda frames: synthetic_samples(per_frames[frames], frames, a.seed)  # noqa: E731
+    names = [m.name for m in methods]
+    if a.baseline and a.baseline not in names:
+        raise SparrowError(f"--baseline {a.baseline}: not among the methods ({', '.join(names)})")
+    baseline = a.baseline or ("sparrow" if "sparrow" in names else None)
     run_bench(target, methods, buckets, samples_for, a.out, a.max_new_tokens, a.temperature, tree, a.seed,
-                       a.resume, meta={"target": target.path, "drafts": drafts, "assistant": assistant,
-                                       "data": a.data or f"synthetic x{a.synthetic or 3}"}, warmup=a.warmup)
+              a.resume, meta={"target": target.path, "drafts": drafts, "assistant": assistant,
+                              "data": a.data or f"synthetic x{a.synthetic or 3}"}, warmup=a.warmup,
+              baseline=baseline)
     print(open(os.path.join(a.out, "table.md")).read())
     print(f"wrote {a.out}/samples.jsonl, summary.json, table.md, tau.png, dsr.png, cycle.png")
     return 0

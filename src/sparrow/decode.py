@@ -92,11 +92,39 @@ class _Emitter:
         return any(text.find(s, max(0, len(head) - len(s) + 1)) >= 0 for s in self.stop)
 
 
+@dataclass
+class Prompt:
+    """A prompt prefilled once and decoded several times (`sparrow bench` runs its methods on one prefill: at 25k
+    visual tokens the prefill takes a minute on 2 CPU cores). Decoding only writes the cache after the prompt, and
+    each `generate(..., prompt=)` cuts it back to the prompt first. Made by `prefill_prompt`.
+
+    cache: the target's `KVCache` holding the prompt (capacity for the longest decode); pre: its `Prefill` (with the
+    input embeddings the eagle draft reads); rope_delta: the target's after this prefill; prefill_s: seconds."""
+
+    cache: object
+    pre: object
+    rope_delta: object
+    prefill_s: float
+    length: int
+
+
+def prefill_prompt(target: Target, inputs: dict, max_new_tokens: int, tree_tokens: int = 30) -> Prompt:
+    """Prefill `inputs` (from `target.prepare`) once for decodes of up to `max_new_tokens` new tokens with trees of
+    up to `tree_tokens` nodes. Raises SparrowError for a prompt that does not fit the context."""
+    L = inputs["input_ids"].shape[1]
+    target.check_length(L, max_new_tokens, int(target.visual_mask(inputs["input_ids"][0]).sum()))
+    clock = Clock(target.device)
+    t0 = clock.now()
+    cache = target.new_cache(L + max_new_tokens + tree_tokens + 2)
+    pre = target.prefill(inputs, cache, capture_embeds=True)
+    return Prompt(cache=cache, pre=pre, rope_delta=target.rope_delta, prefill_s=clock.now() - t0, length=L)
+
+
 def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_tokens: int = 128,
              method: str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              tree: TreeConfig | None = None, stop: list[str] | None = None, seed: int | None = None,
              on_tokens: Callable[[list[int]], None] | None = None,
-             repetition_penalty: float | None = None) -> GenerateOutput:
+             repetition_penalty: float | None = None, prompt: Prompt | None = None) -> GenerateOutput:
     """Generate with lossless speculative decoding (or plain decoding with method="ar").
 
     Args:
@@ -116,9 +144,12 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         on_tokens: called with each batch of newly emitted token ids (streaming).
         repetition_penalty: HF's repetition penalty (1.0 = off); None = the checkpoint's generation_config value,
             as `model.generate` takes it (Qwen2.5-VL Instruct: 1.05). Applied to every tree node along its own path.
+        prompt: `prefill_prompt(target, inputs, ...)` of these same inputs: its prefill is used instead of a new
+            one (stats.prefill_s reports the shared prefill's seconds).
     Returns: `GenerateOutput` (token_ids, text, stats).
     Raises: SparrowError for an unknown method, a missing draft, a tree that is not a TreeConfig, bad sampling
-    settings or repetition penalty, or a prompt that does not fit the context.
+    settings or repetition penalty, a prompt that does not fit the context, or a `prompt` of other inputs or with too
+    little room.
     Source: EAGLE-2 loop (dynamic tree, one verification per cycle); Sparrow VATA (docs/method.md section 2a).
     """
     if method is None:
@@ -160,11 +191,21 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
     emitter = _Emitter(target, max_new_tokens, stop, on_tokens, input_ids[0])
 
     t0 = clock.now()
-    cache = target.new_cache(L + max_new_tokens + shape.tokens + 2)
-    pre = target.prefill(inputs, cache, capture_embeds=(method == "eagle"))
+    room = L + max_new_tokens + (shape.tokens if method != "ar" else 0) + 2  # cache positions the decode may use
+    if prompt is None:
+        cache = target.new_cache(room)
+        pre = target.prefill(inputs, cache, capture_embeds=(method == "eagle"))
+    else:
+        if prompt.length != L or prompt.cache.capacity < room:
+            raise SparrowError(f"prompt: prefilled for {prompt.length} prompt tokens and {prompt.cache.capacity} "
+                               f"positions; these inputs need {L} and {room}: call prefill_prompt with these "
+                               "inputs, max_new_tokens and tree size")
+        cache, pre = prompt.cache, prompt.pre
+        cache.truncate(L)
+        target.rope_delta = prompt.rope_delta
     first = choose(pre.logits)
     t1 = clock.now()
-    stats.prefill_s = t1 - t0
+    stats.prefill_s = t1 - t0 if prompt is None else prompt.prefill_s + (t1 - t0)
     emit([first])
     root = first  # the newest token: emitted, not yet in the target's cache
 

@@ -247,15 +247,32 @@ class SparrowDraft(nn.Module):
         return self.fc(torch.cat((self.embed_norm(embeds), hidden), dim=-1))
 
     # ---- training forward (full sequence, causal) ----
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
         """Training / full-sequence forward. x (B, q, H) draft inputs (fused text z and projected visual states),
-        pos (3, B, q) positions, attn_mask None (causal) or (B, 1, q, q) bool. Returns states (B, q, H)."""
-        qs, ks, vs = self.layer.project_kv(x, pos)
-        if attn_mask is None:
-            attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        else:
-            attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, enable_gqa=True)
-        return self.norm(self.layer.finish(x, attn))
+        pos (3, B, q) positions, attn_mask None (causal) or (B, 1, q, q) bool. Returns states (B, q, H).
+
+        queries: None (every position) or (n,) int64 ascending indices: only those positions' states are computed
+        (B, n, H), each attending causally to every position up to itself. One layer's keys and values depend on its
+        inputs alone, so these states equal the full forward's rows; with n text queries over V visual entries the
+        attention costs n x (V + n) instead of (V + n)^2 (IVSB at 25k visual tokens, docs/method.md section 2b).
+        Not combinable with attn_mask (ValueError)."""
+        if queries is None:
+            qs, ks, vs = self.layer.project_kv(x, pos)
+            if attn_mask is None:
+                attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:
+                attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, enable_gqa=True)
+            return self.norm(self.layer.finish(x, attn))
+        if attn_mask is not None:
+            raise ValueError("forward: give attn_mask or queries, not both")
+        _, ks, vs = self.layer.project_kv(x, pos)
+        xq = x[:, queries]
+        qs, _, _ = self.layer.project_kv(xq, pos[:, :, queries])
+        causal = torch.arange(x.shape[1], device=x.device) <= queries.unsqueeze(1)  # (n, q)
+        attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal.view(1, 1, *causal.shape),
+                                              enable_gqa=True)
+        return self.norm(self.layer.finish(xq, attn))
 
     # ---- inference step over the cache ----
     def step(self, x: torch.Tensor, pos: torch.Tensor, cache: DraftCache, tree_mask: torch.Tensor | None,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from ..draft import MODES, POSITION_MODES
 from ..errors import SparrowError
-from .losses import VISUAL_STATES, LossConfig, capture
+from .losses import VISUAL_STATES, LossConfig, capture, capture_greedy
 
 
 def _opt(default, help: str):
@@ -114,14 +114,18 @@ def load_config(path: str | None, overrides: dict) -> TrainConfig:
     return TrainConfig(**raw)
 
 
-def online_capture(target, s, cfg: TrainConfig, mid: int, log=None):
+def online_capture(target, s, cfg: TrainConfig, mid: int, log=None, max_new_tokens: int | None = None):
     """Run the target over one JSONL sample -> `Captured`, or None (reported; raised with strict_data) for a
-    sample that cannot be used: a missing or corrupt video, or a prompt the target cannot take."""
+    sample that cannot be used: a missing or corrupt video, or a prompt the target cannot take. With
+    `max_new_tokens` the sample's answer is ignored: the target answers greedily as it is captured
+    (`losses.capture_greedy`)."""
     from ..video import load_video
 
     try:
         video = load_video(s.video, max_frames=cfg.num_frames) if s.video else None
         inputs = target.prepare(video, s.prompt, max_pixels=cfg.max_pixels)
+        if max_new_tokens:
+            return capture_greedy(target, inputs, max_new_tokens, mid)[0]
         return capture(target, inputs, s.answer, mid)
     except SparrowError as e:
         if cfg.strict_data:

@@ -8,7 +8,9 @@ target positions, the visual mask and the loss mask (positions whose NEXT token 
 
     sparrow mode   [visual_proj(h^m_v) for v in visual (IVSB) ; FC(e_t ; h_{t-1}) for text t >= 1]
     eagle mode     [FC(e_t ; h_{t-1}) for every t >= 1]   (e_t = the video features at visual positions)
-    stage k >= 2   the text inputs use the draft's own stage k-1 states, shifted by one text entry
+    stage k >= 2   the text inputs use the draft's own stage k-1 states, shifted by one text entry (in eagle mode
+                   a text entry after a visual one keeps the target's state, as at inference)
+    only text entries are queried: visual entries are keys and values, so the cost is text x (visual + text)
     loss_k         SmoothL1(s_t, h_t) + ce_weight * CE(softmax(lm_head(h_t)), lm_head(s_t)) on masked entries
 """
 
@@ -68,11 +70,17 @@ def capture_ids(target, inputs: dict, ids: list[int], mid_layer: int | None) -> 
     """`capture` for answer token ids: the prompt is prefilled (with its video), then the answer runs as a chain
     after it, exactly as generated tokens do (positions continue from the prompt; any token id is text)."""
     L0 = inputs["input_ids"].shape[1]
-    answer = torch.tensor(ids, device=inputs["input_ids"].device)
     cache = target.new_cache(L0 + len(ids))
     pre = target.prefill(inputs, cache, mid_layer=mid_layer, capture_embeds=True)
-    _, h_answer = target.forward(answer, None, None, cache)
-    n = answer.shape[0]
+    _, h_answer = target.forward(torch.tensor(ids, device=target.device), None, None, cache)
+    return _assemble(target, inputs, pre, ids, h_answer)
+
+
+def _assemble(target, inputs: dict, pre, ids: list[int], h_answer: torch.Tensor) -> Captured:
+    """A `Captured` from the prompt's `Prefill` (with mid states and embeddings) and the answer's ids and top
+    states (n, H)."""
+    L0, n = inputs["input_ids"].shape[1], len(ids)
+    answer = torch.tensor(ids, device=target.device, dtype=torch.long)
     own = lambda x: None if x is None else x.clone()  # noqa: E731  (inference tensors -> ordinary tensors)
     mid = None if pre.hidden_mid is None else torch.cat((pre.hidden_mid, pre.hidden_mid.new_zeros(n, pre.hidden_mid.shape[1])))
     positions = (torch.arange(L0, L0 + n, device=answer.device) + target.rope_delta).expand(3, -1)
@@ -82,6 +90,37 @@ def capture_ids(target, inputs: dict, ids: list[int], mid_layer: int | None) -> 
                     positions=own(torch.cat((pre.positions, positions), dim=1)),
                     visual_mask=own(torch.cat((pre.visual_mask, torch.zeros(n, dtype=torch.bool, device=answer.device)))),
                     loss_mask=loss_mask_for(L0, L0 + n, answer.device))
+
+
+@torch.no_grad()
+def capture_greedy(target, inputs: dict, max_new_tokens: int, mid_layer: int | None) -> tuple[Captured, list[int]]:
+    """Answer and capture in one pass: prefill the prompt once, decode greedily (the checkpoint's repetition penalty
+    applied, as `generate` and `sparrow regenerate` do) until EOS or `max_new_tokens`, and keep the states of the
+    decoded tokens. Returns (the `Captured` that `capture_ids(target, inputs, ids, mid_layer)` gives up to float
+    rounding, the answer's token ids). On long videos the prefill is nearly all of the cost (about 1 minute at 25k
+    visual tokens on 2 CPU cores), so this halves the target's time of `regenerate` followed by `capture`."""
+    from ..verify import RepetitionPenalty
+
+    L0 = inputs["input_ids"].shape[1]
+    cache = target.new_cache(L0 + max_new_tokens + 1)
+    pre = target.prefill(inputs, cache, mid_layer=mid_layer, capture_embeds=True)
+    rp = target.repetition_penalty
+    penalty = RepetitionPenalty(rp, inputs["input_ids"][0], pre.logits.shape[-1]) if rp != 1.0 else None
+    eos, ids, states, logits = set(target.eos_token_ids), [], [], pre.logits
+    while True:
+        if penalty is not None:
+            logits = penalty(logits.view(1, -1))[0]
+        token = int(logits.view(-1).argmax())
+        ids.append(token)
+        if token in eos or len(ids) >= max_new_tokens:
+            break
+        if penalty is not None:
+            penalty.add([token])
+        logits, h = target.forward(torch.tensor([token], device=target.device), None, None, cache)
+        states.append(h)
+    # the last token's state (after EOS, or the cut-off) is never read by the loss (loss_mask ends before it)
+    states.append(target.forward(torch.tensor([ids[-1]], device=target.device), None, None, cache)[1])
+    return _assemble(target, inputs, pre, ids, torch.cat(states)), ids
 
 
 VISUAL_STATES = ("mid", "top", "none")  # which target states IVSB feeds the draft in training
@@ -127,16 +166,26 @@ def draft_loss(draft, target, c: Captured, cfg: LossConfig) -> tuple[torch.Tenso
         pos = tpos if vis is None else torch.cat((c.positions[:, v_idx], tpos), dim=1)
     else:
         pos = torch.arange(n_vis + t_idx.shape[0], device=c.ids.device).expand(3, -1)
-    mask = c.loss_mask[t_idx]
+    # only text entries' states are read (the loss, the next MTP stage): the others are keys and values alone
+    text_q = (~c.visual_mask[t_idx]).nonzero(as_tuple=True)[0]  # (n,) entries of t_idx that are text
+    queries = None if n_vis == 0 and text_q.shape[0] == t_idx.shape[0] else text_q + n_vis
+    mask = c.loss_mask[t_idx][text_q]
+    h_tgt = h_tgt[text_q]
     with torch.no_grad():
         p_tgt = torch.softmax(target.lm_head(h_tgt[mask]).float(), dim=-1)
+    # stage k+1 reads, at text entry i, the draft's own stage-k state at entry i - 1 when that entry is text too
+    follows = torch.zeros_like(text_q, dtype=torch.bool)
+    follows[1:] = text_q[1:] == text_q[:-1] + 1
+    into, src = text_q[follows], follows.nonzero(as_tuple=True)[0] - 1
     weights = cfg.stage_weights or (1.0,) * cfg.mtp_stages
     total, stats, h_in = 0.0, [], h_prev
     for k in range(cfg.mtp_stages):
         x = draft.fuse(emb, h_in)
         if vis is not None:
             x = torch.cat((vis, x), dim=0)
-        states = draft(x.unsqueeze(0), pos.unsqueeze(1))[0][n_vis:]
+        states = draft(x.unsqueeze(0), pos.unsqueeze(1), queries=queries)[0]
+        if queries is None:
+            states = states[n_vis:]
         s = states[mask]
         logits = draft.logits(s).float()
         l1 = F.smooth_l1_loss(s.float(), h_tgt[mask].float())
@@ -146,5 +195,5 @@ def draft_loss(draft, target, c: Captured, cfg: LossConfig) -> tuple[torch.Tenso
         with torch.no_grad():
             acc = (logits.argmax(-1) == p_tgt.argmax(-1)).float().mean()
         stats.append({"loss": loss_k.item(), "acc": float(acc), "n": int(mask.sum())})
-        h_in = torch.cat((h_prev[:1], states[:-1]), dim=0)  # stage k+1 reads the draft's own previous state
+        h_in = h_prev.index_copy(0, into, states[src])
     return total, stats

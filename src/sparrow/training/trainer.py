@@ -109,8 +109,8 @@ def split_eval(samples, cfg: TrainConfig):
         return samples, []
     if cfg.eval_data:
         return samples, read_jsonl(cfg.eval_data)[: cfg.eval_samples]
-    if hasattr(samples, "get"):  # offline capture
-        src = samples.manifest.get("data")
+    if hasattr(samples, "get"):  # offline capture: its answers (made while capturing) or its source JSONL
+        src = samples.manifest.get("answers") or samples.manifest.get("data")
         if not src or not os.path.isfile(src):
             print(f"sparrow: no held-out evaluation ({src} is gone); pass --eval-data JSONL", file=sys.stderr)
             return samples, []
@@ -118,8 +118,8 @@ def split_eval(samples, cfg: TrainConfig):
         if len(rows) < 2 * cfg.eval_samples:
             return samples, []
         held = rows[-cfg.eval_samples:]
-        lines = {s.line for s in held}
-        samples.entries = [e for e in samples.entries if e["line"] not in lines]
+        ids = {s.id for s in held}
+        samples.entries = [e for e in samples.entries if e["id"] not in ids]
         return samples, held
     if len(samples) < 2 * cfg.eval_samples:
         return samples, []
