@@ -182,7 +182,7 @@ def test_one_prefill_serves_every_method(env):
                                   tree=sparrow.TreeConfig(4, 3, 8))
         assert shared.token_ids == fresh.token_ids and shared.stats.tau == fresh.stats.tau, method
     with pytest.raises(sparrow.SparrowError, match="prefill_prompt"):
-        sparrow.generate(target, None, inputs, max_new_tokens=40, method="ar", prompt=prompt)
+        sparrow.generate(target, None, inputs, max_new_tokens=60, method="ar", prompt=prompt)
     calls = []
     real = target.prefill
     target.prefill = lambda *a, **k: calls.append(1) or real(*a, **k)
