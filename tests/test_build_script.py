@@ -19,7 +19,7 @@ from sparrow.cli import SCRIPTS
 ROOT = Path(__file__).resolve().parents[1]
 
 # Stands in for `sparrow` and `python`: appends its argv to CALLS and writes the files the script reads afterwards
-# (a stage's export, a draft's weights, a regenerated shard), so that bash runs on through `cp` and `cat`.
+# (a stage's export, a draft's weights, a capture's answers), so that bash runs on through `cp`.
 RECORDER = r"""
 import json, os, sys
 argv = sys.argv[1:]
@@ -34,8 +34,9 @@ for d in (flag("--export"), flag("--out") if argv[0] in ("train-draft", "embedde
         os.makedirs(d, exist_ok=True)
         for name in ("config.json", "model.safetensors"):
             open(os.path.join(d, name), "a").close()
-if argv[0] == "regenerate":
-    open(flag("--out"), "a").close()
+if argv[0] == "capture":
+    os.makedirs(flag("--out"), exist_ok=True)
+    open(flag("--answers"), "a").close()
 if argv[:2] == ["-m", "sparrow.synthetic.dataset"]:
     os.makedirs(flag("--out"), exist_ok=True)
     open(os.path.join(flag("--out"), "train.jsonl"), "a").close()
@@ -110,13 +111,18 @@ def test_build_script_runs_dry_and_every_command_parses(tmp_path, monkeypatch):
     kinds = [c[0] if c[0] != "-m" else c[1] for c in calls]
     # the four parts: the target chain, the example clips, the drafts' data and drafts, the measurements
     assert kinds.count("embedded-train") == 23  # 1a-1x, 2dc, 2ec (stops included) and the assistant
-    for kind in ("embedded-examples", "sparrow.synthetic.dataset", "regenerate", "train-draft",
+    for kind in ("embedded-examples", "sparrow.synthetic.dataset", "capture", "train-draft",
                  "embedded-evaluate", "bench", "analyze", "benchmarks/own_video.py"):
         assert kind in kinds, kind
     assert kinds.count("train-draft") == 4
-    exported, outs = [], []
+    exported, outs, captured = [], [], []
     for argv in calls:
         a = parses(argv, monkeypatch)
+        if argv[0] == "capture":  # the two parts of one capture, with every draft's config and their own answers
+            assert len(a.config) == 4 and a.answers and a.part in ("0/2", "1/2"), argv
+            captured.append(a.out)
+        if argv[0] == "train-draft":  # each draft trains from that capture, resumable
+            assert a.data in captured and a.resume, argv
         if argv[0] != "embedded-train":
             continue
         # a stage starts from an export (and probes) written before it, never from a path nothing writes
@@ -142,11 +148,11 @@ def test_build_script_dry_run_catches_a_bad_flag(tmp_path, monkeypatch):
 
 
 def test_build_script_stops_when_a_background_job_fails(tmp_path):
-    """The regenerating processes run in the background: one failing must stop the script before the drafts train
+    """The capturing processes run in the background: one failing must stop the script before the drafts train
     on half the data."""
-    calls = dry_run(tmp_path, fail="regenerate")
+    calls = dry_run(tmp_path, fail="capture")
     kinds = [c[0] for c in calls]
-    assert kinds.count("regenerate") == 2 and "train-draft" not in kinds
+    assert kinds.count("capture") == 2 and "train-draft" not in kinds
 
 
 def test_build_script_runs_as_it_was_when_it_started(tmp_path):
@@ -169,7 +175,7 @@ def test_build_script_to_stops_after_that_stage(tmp_path):
     done = run_script(tmp_path / "to2", TO="2", FROM="2")  # the drafts' data, then stop before the drafts
     assert done.returncode == 0, done.stderr
     kinds = [json.loads(line)[0] for line in (tmp_path / "to2" / "calls.jsonl").read_text().splitlines()]
-    assert kinds.count("regenerate") == 2 and "train-draft" not in kinds and "embedded-evaluate" not in kinds
+    assert kinds.count("capture") == 2 and "train-draft" not in kinds and "embedded-evaluate" not in kinds
 
 
 def test_build_script_stage_args_reach_every_stage_of_the_target(tmp_path, monkeypatch):

@@ -67,8 +67,12 @@ def test_example_clips_ship_with_truth():
 def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsys):
     from sparrow.cli import main
 
-    assert main(["demo", "--clip", "1", "--max-new-tokens", "80"]) == 0
+    assert main(["demo", "--clip", "1", "--max-new-tokens", "80", "--long", "1024"]) == 0
     out = capsys.readouterr().out
+    assert "long video: a synthetic clip of 32 frames at 224x224 (1024 visual tokens)" in out
+    for method, reads in (("sparrow", "the text only"), ("eagle", "every position")):
+        assert re.search(rf"{method}: the draft reads {reads}: its prefill \d+ ms, \d+\.\d ms a cycle; tau ", out), out
+    assert "lossless: identical output for sparrow, eagle and ar (" in out
     truth = json.load(open(defaults.example_clip(1).replace(".mp4", ".json")))
     assert f"truth: {truth['reference_description']}\n" in out
     assert "lossless: identical output for sparrow, eagle, ar and transformers' generate (" in out
@@ -80,7 +84,8 @@ def test_demo_checks_lossless_output_and_scores_it_against_the_clips_truth(capsy
                          r"end \d+\.\d\dx \(ESR\), -?\d+\.\d\d s saved", out), out
     assert main(["demo", "--clip", "9"]) == 2
     assert "--clip 9: the shipped example clips are 0 to 4" in capsys.readouterr().err
-    # the README's first command: the default clip, which the shipped target describes right
-    assert main(["demo"]) == 0
+    # the README's first command: the default clip, which the shipped target describes right (the long clip, its
+    # 8k-token prefill alone 10-20 s, is checked above at 1k)
+    assert main(["demo", "--long", "0"]) == 0
     out = capsys.readouterr().out
     assert "clip2.mp4" in out and "attribute accuracy 1.00 " in out and "identical output" in out
