@@ -1,5 +1,6 @@
 """The preallocated KV cache: appends without copies, and accept keeps exactly the accepted tree entries."""
 
+import pytest
 import torch
 
 from sparrow.cache import KVCache, folded_sdpa
@@ -38,3 +39,28 @@ def test_folded_attention_equals_repeated_kv():
     ref1 = torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k.repeat_interleave(4, 1),
                                                             v.repeat_interleave(4, 1))
     assert torch.allclose(folded_sdpa(q[:, :, :1], k, v, None, None), ref1, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 37, 3000, 30_000])
+def test_split_tree_attention_equals_dense_masked_attention(prefix):
+    """The cache attended without a mask and the tree block with its ancestor mask, merged by log-sum-exp, equal
+    one dense masked attention (fp32, grouped-query heads, a random tree, cache lengths 0 to 30k)."""
+    from sparrow.cache import split_tree_attention
+    from sparrow.tree import tree_from_parents
+
+    g = torch.Generator().manual_seed(prefix)
+    q, hq, hkv, d = 13, 8, 2, 32
+    parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, q)])
+    tree = tree_from_parents(torch.zeros(q, dtype=torch.long), parents)
+    query = torch.randn(1, hq, q, d, generator=g)
+    key, value = torch.randn(2, 1, hkv, prefix + q, d, generator=g)
+    mask = torch.ones(1, 1, q, prefix + q, dtype=torch.bool)
+    mask[0, 0, :, prefix:] = tree.mask
+    dense = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+    split = split_tree_attention(query, key, value, prefix, tree.mask)
+    assert torch.allclose(split, dense, atol=1e-5, rtol=1e-4), (split - dense).abs().max()
+    causal = split_tree_attention(query, key, value, prefix, None)  # a chain: causal among the new entries
+    mask[0, 0, :, prefix:] = torch.ones(q, q, dtype=torch.bool).tril()
+    dense = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+    assert torch.allclose(causal, dense, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(split, causal, atol=1e-3)  # the tree's mask is not the chain's

@@ -196,3 +196,24 @@ def test_fused_projections_give_the_layers_own_states(ckpt_dir):
         after = draft(x, pos)
     with torch.enable_grad():
         assert torch.allclose(draft(x, pos), after, atol=1e-5) and not torch.allclose(after, fused, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_split_tree_attention_path_is_lossless(ckpt_dir, family, monkeypatch):
+    """The split path (the cache unmasked by the fused kernel, the tree block by its mask, merged by log-sum-exp),
+    which GPUs take, run on the CPU for the target's verification and the draft's tree steps: greedy = HF."""
+    import sparrow.cache
+
+    monkeypatch.setattr(sparrow.cache, "SPLIT_TREE", {"cpu"})
+    target = get_target(ckpt_dir, family, 1)
+    inputs = prepare(target, clip(16, seed=1))
+    ref = hf_greedy(target, inputs, 40)
+    fitted = fit_draft(target, inputs, ref, seed=1)
+    for method, over in MODES:
+        for k, v in over.items():
+            setattr(fitted.config, k, v)
+        out = sparrow.generate(target, fitted, inputs, max_new_tokens=40, method=method, tree=TREES["wide"])
+        for k in over:
+            setattr(fitted.config, k, {"position_mode": "compact", "window": None}[k])
+        assert out.token_ids == ref, f"{method} {over}"
+        assert out.stats.tau > 2.0, "the draft was hardly accepted: the split path's accept paths went untested"

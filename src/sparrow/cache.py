@@ -9,7 +9,9 @@ tree several times slower than one decode step. Here:
 - `KVCache.accept(start, keep)` keeps the accepted tree positions by one gather per layer (no re-forward);
 - `sparrow_attention` (the attention implementation "sparrow", registered with transformers by
   `register_attention`, which `load_target` calls) folds the query heads of each KV
-  group into the query-length axis, so the masked verification forward reads every key once.
+  group into the query-length axis, so the masked verification forward reads every key once; given the tree's own
+  q x q mask (`sparrow_tree`), it attends the cache by the fused kernel without a mask and the tree block by its
+  mask, merged by their log-sum-exp (`split_tree_attention`; `SPLIT_TREE` says where that path is taken).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_IMPLEMENTATION = "sparrow"
 FOLD_MAX_QUERY = 256  # above this query length (prefill) the plain sdpa kernel with is_causal is faster
+# Devices whose tree verification and draft tree steps use `split_tree_attention` instead of one masked kernel call:
+# on GPUs a mask drives attention off the fused kernels (at 25k, 31 tree tokens cost 2.2x a decode step on an H200).
+SPLIT_TREE = {"cuda"}
 
 
 class PreallocLayer(CacheLayerMixin):
@@ -129,6 +134,56 @@ def folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mas
     return out.reshape(b, hq, q, value.shape[-1])
 
 
+def attend_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention with its log-sum-exp, on the fused kernel where torch exposes one: query (B, H, q, D),
+    key/value (B, H, k, D) (the same head count) -> out (B, H, q, D) in the input dtype, lse (B, H, q) float32 (natural
+    log of the softmax's denominator over the scaled scores)."""
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                               scale=scale)
+        return out, lse.float()
+    if query.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, True,
+                                                                           scale=scale)[:2]
+        return out, lse[..., : query.shape[2]].float()  # the kernel may pad the query axis of lse
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    lse = scores.logsumexp(-1)
+    return (torch.exp(scores - lse.unsqueeze(-1)) @ value.float()).to(query.dtype), lse
+
+
+def split_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, prefix: int,
+                         tree_mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """Tree attention split in two and merged by log-sum-exp: the `prefix` cache entries, which every query sees, by
+    the fused kernel without a mask; the t entries after them (the tree) by the tree mask, a q x t block.
+
+    query (B, Hq, q, D); key/value (B, Hkv, prefix + t, D) (grouped-query: Hq a multiple of Hkv; the g query heads of
+    a KV group are folded into the query axis, so every key is read once); tree_mask (q, t) bool (True = attend;
+    every row attends somewhere) or None (t = q, causal among the q). Returns (B, Hq, q, D), equal to dense masked
+    attention up to float rounding. Used by the target's verification (`sparrow_attention` with `sparrow_tree`) and
+    the draft's tree steps. Source: FlashInfer's cascade attention (`merge_state`), LongSpec's hybrid tree
+    attention.
+    """
+    b, hq, q, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    qf = query.reshape(b, hkv, g * q, d)
+    kt, vt = key[:, :, prefix:], value[:, :, prefix:]
+    if tree_mask is None:
+        tree_mask = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
+    scores = (qf.float() @ kt.float().transpose(-1, -2)) * scale  # (B, Hkv, g*q, q)
+    scores = scores.masked_fill(~tree_mask.repeat(g, 1), float("-inf"))  # (g*q, t): row i*q + j is query j
+    lse_t = scores.logsumexp(-1)
+    out = torch.exp(scores - lse_t.unsqueeze(-1)) @ vt.float()
+    if prefix > 0:
+        out_p, lse_p = attend_with_lse(qf, key[:, :, :prefix], value[:, :, :prefix], scale)
+        m = torch.maximum(lse_p, lse_t)
+        wp, wt = torch.exp(lse_p - m).unsqueeze(-1), torch.exp(lse_t - m).unsqueeze(-1)
+        out = (out_p.float() * wp + out * wt) / (wp + wt)
+    return out.to(query.dtype).reshape(b, hq, q, value.shape[-1])
+
+
 def sparrow_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                       **kwargs):
     """Attention function for transformers' `AttentionInterface` ("sparrow").
@@ -137,6 +192,10 @@ def sparrow_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     else fall back to transformers' own sdpa function. Returns (B, q, Hq, D), None, as HF attention functions do.
     """
     q = query.shape[2]
+    tree = kwargs.pop("sparrow_tree", None)  # (q, q) from Target.forward: the tree block's mask, the cache unmasked
+    if tree is not None and tree.shape[0] == q and dropout == 0.0:
+        out = split_tree_attention(query, key, value, key.shape[2] - q, tree, scaling)
+        return out.transpose(1, 2).contiguous(), None
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1 and q <= FOLD_MAX_QUERY and (q == 1 or attention_mask is not None) and dropout == 0.0 \
             and kwargs.get("position_bias") is None:

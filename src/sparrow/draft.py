@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cache as kv
 from .cache import folded_sdpa
 from .errors import SparrowError
 
@@ -305,10 +306,14 @@ class SparrowDraft(nn.Module):
                 mask = allowed.view(1, 1, q, -1) if q > 1 or w is not None else None
             else:
                 n_old = cache.committed - start
-                mask = torch.ones(1, 1, q, n_old + tree_mask.shape[1], dtype=torch.bool, device=dev)
-                mask[0, 0, :, n_old:] = tree_mask
-            attn = folded_sdpa(qs, cache.k[:, :, start : cache.length], cache.v[:, :, start : cache.length], mask,
-                               None)
+                if dev.type not in kv.SPLIT_TREE:
+                    mask = torch.ones(1, 1, q, n_old + tree_mask.shape[1], dtype=torch.bool, device=dev)
+                    mask[0, 0, :, n_old:] = tree_mask
+            k, v = cache.k[:, :, start: cache.length], cache.v[:, :, start: cache.length]
+            if tree_mask is not None and dev.type in kv.SPLIT_TREE:  # committed entries unmasked, tree ones by theirs
+                attn = kv.split_tree_attention(qs, k, v, n_old, tree_mask)
+            else:
+                attn = folded_sdpa(qs, k, v, mask, None)
         if commit:
             cache.committed = cache.length
         return self.norm(self.layer.finish(x.unsqueeze(0), attn))[0]

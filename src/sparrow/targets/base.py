@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import cache as kv
 from ..cache import KVCache, register_attention
 from ..errors import SparrowError
 from ..video import Video, load_video, video_info
@@ -399,12 +400,15 @@ class Target:
         if depths is None:
             depths = torch.arange(q, device=tokens.device)
         pos = n + self.rope_delta + depths
-        mask = None
+        mask, split = None, {}
         if tree_mask is not None and q > 1:
-            mask = torch.ones(1, 1, q, n + q, dtype=torch.bool, device=tokens.device)
-            mask[0, 0, :, n:] = tree_mask
+            if tokens.device.type in kv.SPLIT_TREE:  # the cache without a mask, the tree block by its own
+                split = {"sparrow_tree": tree_mask}
+            else:
+                mask = torch.ones(1, 1, q, n + q, dtype=torch.bool, device=tokens.device)
+                mask[0, 0, :, n:] = tree_mask
         out = self.model.model(input_ids=tokens.view(1, q), position_ids=self.position_ids(pos),
-                               attention_mask=mask, **{self._cache_kw: cache}, use_cache=True)
+                               attention_mask=mask, **{self._cache_kw: cache}, use_cache=True, **split)
         hidden = out.last_hidden_state[0]
         return self.lm_head(hidden).float(), hidden
 
