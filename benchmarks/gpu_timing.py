@@ -5,7 +5,9 @@
 
 For each context length (visual tokens + ~80 text tokens in the KV cache), through sparrow's own code paths
 (KVCache + the GQA-folded "sparrow" attention for the target; DraftRunner + build_tree for the draft), bf16:
-- the target's decode step (1 token) and tree verification (N + 1 tokens, tree mask) in ms;
+- the target's decode step (1 token) and tree verification (N + 1 tokens) in ms, with one dense tree mask and
+  split (`sparrow.cache.split_tree_attention`: the cache by the fused kernel unmasked, the tree block by its mask),
+  and the largest difference between the two paths' top states;
 - the draft's time per cycle (EAGLE-2 tree of top-k 8, depth 5, N tokens, plus the catch-up on 4 accepted
   tokens) in `sparrow` mode (text-only cache) and `eagle` mode (every visual position cached);
 - the projected DSR for tau = 3, 4, 5: tau x decode step / (draft cycle + verify).
@@ -127,18 +129,24 @@ def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype)
     cache = random_prompt_cache(model, L, max(tree_sizes) + 16, device, dtype)
     n = cache.length
 
-    def forward(q: int, mask):
+    def forward(q: int, mask, **split):
         p = torch.arange(n, n + q, device=device).view(1, 1, q).expand(3, 1, q)
-        out = lm(input_ids=torch.zeros(1, q, dtype=torch.long, device=device), position_ids=p, attention_mask=mask,
-                 **{CACHE_KW: cache}, use_cache=True)
+        ids = torch.arange(1, q + 1, device=device).view(1, q)  # distinct tokens: the mask changes the states
+        out = lm(input_ids=ids, position_ids=p, attention_mask=mask,
+                 **{CACHE_KW: cache}, use_cache=True, **split)
         model.lm_head(out.last_hidden_state)
         cache.truncate(n)
+        return out.last_hidden_state
 
     row = {"context": L, "visual_tokens": visual, "decode_ms": timed(lambda: forward(1, None), device, repeats)}
     g = torch.Generator().manual_seed(0)
     for N in tree_sizes:
         mask = random_tree_mask(N, n, g, device)
+        block = mask[0, 0, :, n:].contiguous()
         row[f"verify_{N}_ms"] = timed(lambda: forward(N + 1, mask), device, repeats)
+        row[f"verify_{N}_split_ms"] = timed(lambda: forward(N + 1, None, sparrow_tree=block), device, repeats)
+        row[f"split_max_diff_{N}"] = float((forward(N + 1, mask).float()
+                                            - forward(N + 1, None, sparrow_tree=block).float()).abs().max())
 
     # the draft, through DraftRunner and build_tree as in generation
     tc = model.config.text_config
@@ -201,10 +209,11 @@ def main():
     json.dump({"meta": meta, "rows": rows}, open(a.out + ".json", "w"), indent=1)
     N = 30 if 30 in sizes else sizes[len(sizes) // 2]
     lines = [f"{meta['device']}, {a.shape} target, {dtype}; ms (medians of {a.repeats})", "",
-             f"| visual tokens | decode | verify {N}+1 | draft sparrow | draft eagle | DSR sparrow tau 3/4/5 | "
-             "DSR eagle tau 3/4/5 |", "|---|---|---|---|---|---|---|"]
+             f"| visual tokens | decode | verify {N}+1 | verify {N}+1 split | draft sparrow | draft eagle | "
+             "DSR sparrow tau 3/4/5 | DSR eagle tau 3/4/5 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['visual_tokens']} | {r['decode_ms']:.2f} | {r[f'verify_{N}_ms']:.2f} | "
+                     f"{r[f'verify_{N}_split_ms']:.2f} | "
                      f"{r[f'draft_sparrow_{N}_ms']:.2f} | {r[f'draft_eagle_{N}_ms']:.2f} | "
                      + "/".join(f"{r[f'dsr_sparrow_tau{t}']:.2f}" for t in (3, 4, 5)) + " | "
                      + "/".join(f"{r[f'dsr_eagle_tau{t}']:.2f}" for t in (3, 4, 5)) + " |")

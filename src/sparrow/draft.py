@@ -133,11 +133,12 @@ class DecoderLayer(nn.Module):
     def fused(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Inference weights with one matmul where the layer has three or two: q/k/v (Hq*D + 2*Hkv*D, H) with its
         bias, and gate/up (2*I, H). Built from the separate projections (the trained and saved parameters) and
-        rebuilt whenever one of them changes (an optimiser step, a dtype or device move)."""
+        rebuilt whenever one of them changes (an optimiser step, a dtype or device move; parameters made under
+        `torch.inference_mode` have no version counter: only a new tensor is seen there)."""
         parts = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, self.gate_proj.weight,
                  self.up_proj.weight, *((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias)
                                         if self.q_proj.bias is not None else ()))
-        key = tuple((p.data_ptr(), p._version) for p in parts)
+        key = tuple((p.data_ptr(), p._version if not p.is_inference() else -1) for p in parts)
         if getattr(self, "_fused_key", None) != key:
             with torch.no_grad():
                 qkv_b = torch.cat(parts[5:]) if len(parts) > 5 else None
