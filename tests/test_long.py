@@ -1,6 +1,7 @@
 """Long contexts: the draft's training forward with text queries only equals the full forward; the draft's positions
-have no limit (RoPE sees differences: the same states 30,000 positions later); greedy speculative decoding past
-30,000 positions, in every draft mode and position numbering, equals HF `generate` token for token."""
+have no limit (RoPE sees differences: the same states 30,000 positions later); a long prompt in a text window is read
+by chunks with the same states; greedy speculative decoding past 30,000 positions, in every draft mode and position
+numbering, equals HF `generate` token for token."""
 
 import pytest
 import torch
@@ -45,9 +46,28 @@ def test_lossless_past_30000_positions(target):
     if "mm_token_type_ids" in target.prepare(None, "x"):
         inputs["mm_token_type_ids"] = torch.zeros_like(ids)
     ref = hf_greedy(target, inputs, 6)
+    prompt = sparrow.prefill_prompt(target, inputs, 6, 8)  # one prefill of the target for the three drafts
     for mode, position_mode, window in (("sparrow", "absolute", None), ("sparrow", "compact", 64),
                                         ("eagle", "compact", None)):
         draft = sparrow.init_draft(target, seed=3, mode=mode, position_mode=position_mode, window=window)
-        out = sparrow.generate(target, draft, inputs, max_new_tokens=6, tree=sparrow.TreeConfig(4, 3, 8))
+        out = sparrow.generate(target, draft, inputs, max_new_tokens=6, tree=sparrow.TreeConfig(4, 3, 8),
+                               prompt=prompt)
         assert out.token_ids == ref, (mode, position_mode, window)
         assert out.stats.prompt_tokens == 30_100
+
+
+def test_a_long_prompt_in_a_window_is_read_by_chunks_with_the_same_states(target, monkeypatch):
+    import sparrow.draft as d
+
+    draft = sparrow.init_draft(target, seed=4, window=48)
+    torch.manual_seed(0)
+    x = torch.randn(700, draft.config.hidden_size)
+    pos = torch.arange(700).expand(3, -1)
+    states = {}
+    for chunk in (10**9, 256, 100):
+        monkeypatch.setattr(d, "WINDOW_CHUNK", chunk)
+        cache = d.DraftCache(draft.config, 800, "cpu", torch.float32)
+        with torch.no_grad():
+            states[chunk] = draft.step(x, pos, cache, None, commit=True)
+    assert torch.allclose(states[256], states[10**9], atol=1e-5)
+    assert torch.allclose(states[100], states[10**9], atol=1e-5)

@@ -30,6 +30,7 @@ DRAFT_CONFIG = "config.json"
 DRAFT_WEIGHTS = "model.safetensors"
 
 
+WINDOW_CHUNK = 256  # queries per chunk of a long catch-up (the prompt pass) when the draft has a text window
 MODES = ("sparrow", "eagle")  # text-only draft cache (VATA) | every position (the EAGLE baseline)
 POSITION_MODES = ("compact", "absolute")
 
@@ -296,6 +297,9 @@ class SparrowDraft(nn.Module):
         if tree_mask is None and c0 == 0 and w is None and q > 1:  # the prompt pass: plain causal attention
             attn = F.scaled_dot_product_attention(qs, cache.k[:, :, :q], cache.v[:, :, :q], is_causal=True,
                                                   enable_gqa=True)
+        elif tree_mask is None and w is not None and q > WINDOW_CHUNK:  # a long catch-up in a window: by chunks,
+            attn = torch.cat([self._window_chunk(qs[:, :, i: i + WINDOW_CHUNK], cache, c0 + i, w)  # each one's band
+                              for i in range(0, q, WINDOW_CHUNK)], dim=2)
         else:
             start = 0 if w is None else max(0, cache.committed - w)
             if tree_mask is None:  # catch-up: causal over the new entries (and a sliding band with a window)
@@ -318,6 +322,17 @@ class SparrowDraft(nn.Module):
         if commit:
             cache.committed = cache.length
         return self.norm(self.layer.finish(x.unsqueeze(0), attn))[0]
+
+    @staticmethod
+    def _window_chunk(qs: torch.Tensor, cache: DraftCache, r0: int, w: int) -> torch.Tensor:
+        """Attention of the catch-up queries qs (1, Hq, c, D) at cache rows r0.. over the `w` entries up to each:
+        only the band [r0 - w + 1, r0 + c) is read, so a long prompt in a window costs q x (chunk + w), not q^2."""
+        c = qs.shape[2]
+        lo = max(0, r0 - w + 1)
+        cols = torch.arange(lo, r0 + c, device=qs.device)
+        rows = torch.arange(r0, r0 + c, device=qs.device).unsqueeze(1)
+        mask = ((cols <= rows) & (cols > rows - w)).view(1, 1, c, -1)
+        return folded_sdpa(qs, cache.k[:, :, lo: r0 + c], cache.v[:, :, lo: r0 + c], mask, None)
 
     # ---- persistence ----
     def save(self, path: str) -> None:
