@@ -61,7 +61,7 @@ def test_bench_writes_every_output(env):
             assert r["tree_tokens"] == max(choices, key=choices.get) and sum(choices.values()) >= 1
     table = open(os.path.join(out, "table.md")).read().splitlines()
     assert len(table) == 2 + 2 * len(names) and table[0].startswith(
-        "| visual tokens | method | samples | tau | DSR | bound | ESR")
+        "| visual tokens | method | samples | tau | tau/cycle | DSR | bound | ESR")
 
 
 def test_bench_resume_skips_finished_samples(env, tmp_path):
@@ -160,6 +160,9 @@ def test_paired_differences_and_bound():
     assert p["tau_se"] == round(float(np.std([-1.0, -1.5, -0.5], ddof=1) / np.sqrt(3)), 3)
     s = summarise(rows, "sparrow")["512"]
     assert s["x"]["vs_baseline"] == p and "vs_baseline" not in s["sparrow"] and "vs_baseline" not in s["ar"]
+    rows[2] = {**rows[2], "spec_cycles": 2, "spec_tokens": 9}  # 2 cycles of 4.5 tokens and 1 plain step
+    rows[5] = {**rows[5], "spec_cycles": 1, "spec_tokens": 4}
+    assert summarise(rows, "sparrow")["512"]["x"]["tau_spec"] == round(13 / 3, 3)
     # ar takes 0.2 s for 10 tokens after the first: 20 ms a step; a 4 ms cycle at tau 10 / 3 allows 16.7x
     assert s["x"]["tau"] == round(10 / 3, 3) and s["x"]["bound"] == round(10 / 3 * 20.0 / 4.0, 3)
     assert paired(rows[:3], 512, "x", "sparrow") is None  # one sample: no standard error

@@ -20,7 +20,9 @@ Methods:
     NAME:eagle / :sparrow   the same draft run in the other mode
     hf-assisted          transformers' own `generate(assistant_model=...)` with the --assistant checkpoint
 
-Metrics (Spec-Bench conventions): DSR = ar decode time / method decode time (after the first token); ESR = the
+Metrics (Spec-Bench conventions): tau = tokens per target forward after the prefill (plain decode steps the tree
+policy takes count 1); tau/cycle = tokens per speculative cycle (the draft's acceptance, plain steps left out);
+DSR = ar decode time / method decode time (after the first token); ESR = the
 same end to end (prefill included); DSR / tau = the share of the ideal speedup reached (drafting free and a
 verification as cheap as a decode step would give DSR = tau); bound = tau x the ar step / (verify + draft per
 cycle), what the measured cycle allows. Paired differences: per sample, each method's tau and DSR minus those of
@@ -273,6 +275,7 @@ def row_for(bucket: int, sample: Sample, method: Method, out: GenerateOutput, re
     return {"bucket": bucket, "sample": sample.id, "method": method.name, "visual_tokens": s.visual_tokens,
             "prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "tau": round(s.tau, 4),
             "prefill_s": s.prefill_s, "decode_s": s.decode_s, "cycles": len(s.accept_lengths),
+            "spec_cycles": len(s.accept_lengths) - s.plain_steps, "spec_tokens": sum(s.accept_lengths) - s.plain_steps,
             "draft_ms_per_cycle": 1e3 * (s.draft_s - s.draft_prefill_s) / cycles if method.kind == "spec" else 0.0,
             "verify_ms_per_cycle": 1e3 * s.verify_s / cycles, "draft_prefill_s": s.draft_prefill_s,
             "tree_tokens": _tree_size(s, tree) if method.kind == "spec" else 0,
@@ -325,6 +328,8 @@ def summarise(rows: list[dict], baseline: str | None = "sparrow") -> dict:
             out.setdefault(str(b), {})[name] = {
                 "visual_tokens": int(np.mean([r["visual_tokens"] for r in rs])), "samples": len(rs),
                 "tau": round(tau, 3), "dsr": round(dsr, 3),
+                "tau_spec": round(sum(r.get("spec_tokens", 0) for r in rs) / max(1, sum(r.get("spec_cycles", 0)
+                                                                                         for r in rs)), 3),
                 "esr": round(ar_all / sum(r["decode_s"] + r["prefill_s"] for r in rs), 3) if ar else float("nan"),
                 "dsr_over_tau": round(dsr / tau, 3) if tau else float("nan"),
                 "prefill_s": round(float(np.mean([r["prefill_s"] for r in rs])), 4),
@@ -347,9 +352,9 @@ def write_table(summary: dict, path: str) -> str:
     """Write the per-bucket, per-method summary as a Markdown table (tau, DSR, ESR, ms per cycle, lossless) to
     `path` and return it."""
     methods = list(dict.fromkeys(m for b in summary.values() for m in b))
-    lines = ["| visual tokens | method | samples | tau | DSR | bound | ESR | DSR/tau | draft ms/cycle | verify ms/cycle | "
-             "tree | lossless | tau, DSR - baseline (paired, +- SE) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| visual tokens | method | samples | tau | tau/cycle | DSR | bound | ESR | DSR/tau | draft ms/cycle | "
+             "verify ms/cycle | tree | lossless | tau, DSR - baseline (paired, +- SE) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for b, per in summary.items():
         for m in methods:
             if m not in per:
@@ -359,7 +364,8 @@ def write_table(summary: dict, path: str) -> str:
             p = s.get("vs_baseline")
             diff = f"{p['tau_diff']:+.2f} +- {p['tau_se']:.2f}, {p['dsr_diff']:+.2f} +- {p['dsr_se']:.2f}" if p else ""
             bound = f"{s['bound']:.2f}x" if np.isfinite(s.get("bound", float("nan"))) else "-"
-            lines.append(f"| {s['visual_tokens']} | {m} | {s['samples']} | {s['tau']:.2f} | {s['dsr']:.2f}x | {bound} | "
+            spec = f"{s['tau_spec']:.2f}" if s.get("tau_spec") else "-"
+            lines.append(f"| {s['visual_tokens']} | {m} | {s['samples']} | {s['tau']:.2f} | {spec} | {s['dsr']:.2f}x | {bound} | "
                          f"{s['esr']:.2f}x | {s['dsr_over_tau']:.2f} | {s['draft_ms_per_cycle']:.1f} | "
                          f"{s['verify_ms_per_cycle']:.1f} | {s['tree_tokens'] or '-'} | {ok} | {diff} |")
     text = "\n".join(lines) + "\n"
