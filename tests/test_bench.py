@@ -184,8 +184,12 @@ def test_one_prefill_serves_every_method(env):
         shared = sparrow.generate(target, d, inputs, max_new_tokens=12, method=method, prompt=prompt,
                                   tree=sparrow.TreeConfig(4, 3, 8))
         assert shared.token_ids == fresh.token_ids and shared.stats.tau == fresh.stats.tau, method
-    with pytest.raises(sparrow.SparrowError, match="prefill_prompt"):
+    with pytest.raises(sparrow.SparrowError, match="room for .* call prefill_prompt"):
         sparrow.generate(target, None, inputs, max_new_tokens=60, method="ar", prompt=prompt)
+    other = build_inputs(target, synthetic_samples(2, frames_for(target, 128), 0)[1], frames_for(target, 128))
+    assert other["input_ids"].shape == inputs["input_ids"].shape  # the same length, another video
+    with pytest.raises(sparrow.SparrowError, match="prefilled for other inputs"):
+        sparrow.generate(target, None, other, max_new_tokens=6, method="ar", prompt=prompt)
     calls = []
     real = target.prefill
     target.prefill = lambda *a, **k: calls.append(1) or real(*a, **k)

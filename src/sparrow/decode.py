@@ -28,7 +28,8 @@ import torch
 from .draft import DraftRunner, SparrowDraft
 from .errors import SparrowError
 from .policy import SIZES, TreePolicy, cached_verify_costs
-from .targets.base import Target
+from .cache import KVCache
+from .targets.base import Prefill, Target
 from .timing import Clock, Stats
 from .tree import Tree, TreeConfig, build_tree
 from .verify import RepetitionPenalty, Sampling, accept_greedy, accept_sampling, sample, warp_probs
@@ -98,14 +99,27 @@ class Prompt:
     visual tokens the prefill takes a minute on 2 CPU cores). Decoding only writes the cache after the prompt, and
     each `generate(..., prompt=)` cuts it back to the prompt first. Made by `prefill_prompt`.
 
-    cache: the target's `KVCache` holding the prompt (capacity for the longest decode); pre: its `Prefill` (with the
-    input embeddings the eagle draft reads); rope_delta: the target's after this prefill; prefill_s: seconds."""
+    inputs: what was prefilled (`target.prepare`'s dict); cache: the target's `KVCache` holding the prompt (capacity
+    for the longest decode); pre: its `Prefill` (with the input embeddings the eagle draft reads); rope_delta: the
+    target's after this prefill (int, or a (1, 1) tensor for Qwen mRoPE); prefill_s: seconds; length: prompt tokens."""
 
-    cache: object
-    pre: object
-    rope_delta: object
+    inputs: dict
+    cache: KVCache
+    pre: Prefill
+    rope_delta: torch.Tensor | int
     prefill_s: float
     length: int
+
+    def serves(self, inputs: dict) -> bool:
+        """Whether `inputs` are the prefilled ones (the same tensors, or equal ones)."""
+        def same(a, b) -> bool:
+            if a is b:
+                return True
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                return a.shape == b.shape and bool(torch.equal(a, b))
+            return not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b
+
+        return inputs.keys() == self.inputs.keys() and all(same(inputs[k], self.inputs[k]) for k in inputs)
 
 
 def prefill_prompt(target: Target, inputs: dict, max_new_tokens: int, tree_tokens: int = 30) -> Prompt:
@@ -117,7 +131,8 @@ def prefill_prompt(target: Target, inputs: dict, max_new_tokens: int, tree_token
     t0 = clock.now()
     cache = target.new_cache(L + max_new_tokens + tree_tokens + 2)
     pre = target.prefill(inputs, cache, capture_embeds=True)
-    return Prompt(cache=cache, pre=pre, rope_delta=target.rope_delta, prefill_s=clock.now() - t0, length=L)
+    return Prompt(inputs=dict(inputs), cache=cache, pre=pre, rope_delta=target.rope_delta,
+                  prefill_s=clock.now() - t0, length=L)
 
 
 def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_tokens: int = 128,
@@ -196,10 +211,11 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         cache = target.new_cache(room)
         pre = target.prefill(inputs, cache, capture_embeds=(method == "eagle"))
     else:
-        if prompt.length != L or prompt.cache.capacity < room:
-            raise SparrowError(f"prompt: prefilled for {prompt.length} prompt tokens and {prompt.cache.capacity} "
-                               f"positions; these inputs need {L} and {room}: call prefill_prompt with these "
-                               "inputs, max_new_tokens and tree size")
+        if not prompt.serves(inputs):
+            raise SparrowError("prompt: prefilled for other inputs; call prefill_prompt with these inputs")
+        if prompt.cache.capacity < room:
+            raise SparrowError(f"prompt: prefilled with room for {prompt.cache.capacity} positions; this decode needs "
+                               f"{room}: call prefill_prompt with these max_new_tokens and tree size")
         cache, pre = prompt.cache, prompt.pre
         cache.truncate(L)
         target.rope_delta = prompt.rope_delta
