@@ -7,9 +7,10 @@
 For every bucket, frames are sampled so that the prompt holds about that many visual tokens (the frame area is
 fixed, the frame count sets the bucket); `--synthetic 5,5,5,5,4` gives each bucket its own clip count. Every method
 answers the same samples in the same run, interleaved (the method order rotates from sample to sample), from one
-prefill of each sample (`sparrow.prefill_prompt`: at 25k visual tokens the prefill is a minute on 2 CPU cores). Per sample and method: prefill time, decode time, new tokens,
-tau (bonus token included), draft and verify time per cycle, peak memory, and the lossless check (greedy: the
-output equals `ar`'s token for token, else the row is marked and the run fails after writing its results).
+prefill of each sample (`sparrow.prefill_prompt`: at 25k visual tokens the prefill is a minute on 2 CPU cores).
+Per sample and method: prefill time, decode time, new tokens, tau (bonus token included), draft and verify time per
+cycle, peak memory, and the lossless check (greedy: the output equals `ar`'s token for token, else the row is
+marked and the run fails after writing its results).
 
 Methods:
     ar                   plain decoding through the same cache and timing code (the baseline of DSR / ESR)
@@ -365,8 +366,8 @@ def write_table(summary: dict, path: str) -> str:
             diff = f"{p['tau_diff']:+.2f} +- {p['tau_se']:.2f}, {p['dsr_diff']:+.2f} +- {p['dsr_se']:.2f}" if p else ""
             bound = f"{s['bound']:.2f}x" if np.isfinite(s.get("bound", float("nan"))) else "-"
             spec = f"{s['tau_spec']:.2f}" if s.get("tau_spec") else "-"
-            lines.append(f"| {s['visual_tokens']} | {m} | {s['samples']} | {s['tau']:.2f} | {spec} | {s['dsr']:.2f}x | {bound} | "
-                         f"{s['esr']:.2f}x | {s['dsr_over_tau']:.2f} | {s['draft_ms_per_cycle']:.1f} | "
+            lines.append(f"| {s['visual_tokens']} | {m} | {s['samples']} | {s['tau']:.2f} | {spec} | {s['dsr']:.2f}x | "
+                         f"{bound} | {s['esr']:.2f}x | {s['dsr_over_tau']:.2f} | {s['draft_ms_per_cycle']:.1f} | "
                          f"{s['verify_ms_per_cycle']:.1f} | {s['tree_tokens'] or '-'} | {ok} | {diff} |")
     text = "\n".join(lines) + "\n"
     with open(path, "w") as f:

@@ -343,16 +343,11 @@ def _demo_long(target, drafts: dict, visual_tokens: int, max_new_tokens: int) ->
     """The demo's second part: a synthetic clip of about `visual_tokens` visual tokens, prefilled once
     (`prefill_prompt`) and decoded with sparrow, eagle and ar; prints each one's draft cost a cycle and speedup.
     Returns whether the three outputs are identical."""
-    import numpy as np
-
     from . import generate, prefill_prompt
-    from .bench import SIDE, frames_for, synthetic_samples
-    from .video import Video
+    from .bench import SIDE, build_inputs, frames_for, synthetic_samples
 
     n = frames_for(target, visual_tokens)
-    frames = synthetic_samples(1, n, 0)[0].frames
-    inputs = target.prepare(Video(frames=frames, fps=4.0, indices=np.arange(n), total_frames=n),
-                            "Describe the video.", max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+    inputs = build_inputs(target, synthetic_samples(1, n, 0)[0], n)
     visual = int(target.visual_mask(inputs["input_ids"][0]).sum())
     print(f"\nlong video: a synthetic clip of {n} frames at {SIDE}x{SIDE} ({visual} visual tokens), prefilled once for "
           "all three methods")

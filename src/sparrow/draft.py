@@ -260,22 +260,18 @@ class SparrowDraft(nn.Module):
         inputs alone, so these states equal the full forward's rows; with n text queries over V visual entries the
         attention costs n x (V + n) instead of (V + n)^2 (IVSB at 25k visual tokens, docs/method.md section 2b).
         Not combinable with attn_mask (ValueError)."""
-        if queries is None:
-            qs, ks, vs = self.layer.project_kv(x, pos)
-            if attn_mask is None:
-                attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-            else:
-                attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, enable_gqa=True)
-            return self.norm(self.layer.finish(x, attn))
-        if attn_mask is not None:
+        if queries is not None and attn_mask is not None:
             raise ValueError("forward: give attn_mask or queries, not both")
-        _, ks, vs = self.layer.project_kv(x, pos)
-        xq = x[:, queries]
-        qs, _, _ = self.layer.project_kv(xq, pos[:, :, queries])
-        causal = torch.arange(x.shape[1], device=x.device) <= queries.unsqueeze(1)  # (n, q)
-        attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal.view(1, 1, *causal.shape),
-                                              enable_gqa=True)
-        return self.norm(self.layer.finish(xq, attn))
+        qs, ks, vs = self.layer.project_kv(x, pos)
+        if queries is not None:  # those rows only, each causal up to its own position
+            x, qs = x[:, queries], qs[:, :, queries]
+            causal = torch.arange(ks.shape[2], device=x.device) <= queries.unsqueeze(1)  # (n, q)
+            attn_mask = causal.view(1, 1, *causal.shape)
+        if attn_mask is None:
+            attn = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        else:
+            attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, enable_gqa=True)
+        return self.norm(self.layer.finish(x, attn))
 
     # ---- inference step over the cache ----
     def step(self, x: torch.Tensor, pos: torch.Tensor, cache: DraftCache, tree_mask: torch.Tensor | None,

@@ -168,7 +168,7 @@ def draft_loss(draft, target, c: Captured, cfg: LossConfig) -> tuple[torch.Tenso
         pos = torch.arange(n_vis + t_idx.shape[0], device=c.ids.device).expand(3, -1)
     # only text entries' states are read (the loss, the next MTP stage): the others are keys and values alone
     text_q = (~c.visual_mask[t_idx]).nonzero(as_tuple=True)[0]  # (n,) entries of t_idx that are text
-    queries = None if n_vis == 0 and text_q.shape[0] == t_idx.shape[0] else text_q + n_vis
+    queries = None if n_vis == 0 and text_q.shape[0] == t_idx.shape[0] else text_q + n_vis  # None: every entry
     mask = c.loss_mask[t_idx][text_q]
     h_tgt = h_tgt[text_q]
     with torch.no_grad():
@@ -183,9 +183,7 @@ def draft_loss(draft, target, c: Captured, cfg: LossConfig) -> tuple[torch.Tenso
         x = draft.fuse(emb, h_in)
         if vis is not None:
             x = torch.cat((vis, x), dim=0)
-        states = draft(x.unsqueeze(0), pos.unsqueeze(1), queries=queries)[0]
-        if queries is None:
-            states = states[n_vis:]
+        states = draft(x.unsqueeze(0), pos.unsqueeze(1), queries=queries)[0]  # (text entries, H)
         s = states[mask]
         logits = draft.logits(s).float()
         l1 = F.smooth_l1_loss(s.float(), h_tgt[mask].float())

@@ -167,8 +167,8 @@ def run_capture(target, samples, out: str, cfg, data_path: str, shard_size: int 
             k = len(entries)
             for name, tensor in pack(c, settings).items():
                 pending[f"{k}.{name}"] = tensor
-            entries.append({"id": s.id, "line": s.line, "shard": shard_no, "file": f"{prefix}{shard_no:05d}.safetensors",
-                            "key": k, "length": int(c.ids.shape[0])})
+            entries.append({"id": s.id, "line": s.line, "shard": shard_no, "key": k, "length": int(c.ids.shape[0]),
+                            "file": f"{prefix}{shard_no:05d}.safetensors"})
             if answers:
                 first = int(c.loss_mask.nonzero()[0]) + 1  # the answer's first token
                 texts.append((s, target.tokenizer.decode(c.ids[first:].tolist(), skip_special_tokens=True)))
