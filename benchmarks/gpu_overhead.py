@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from sparrow import defaults, generate, load_draft, load_target
+from sparrow import defaults, generate, load_draft, load_target, warm_up
 from sparrow.bench import build_inputs, frames_for, synthetic_samples
 
 from gpu_timing import once_ms  # benchmarks/, the script's own folder
@@ -41,10 +41,16 @@ def main():
     ap.add_argument("--out", default="runs/gpu/overhead")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the profiled first and second runs (OUT_profile.txt)")
+    ap.add_argument("--warm-up", action="store_true",
+                    help="call sparrow.warm_up with each draft after loading, as `sparrow generate` does on CUDA: "
+                         "repeat 0 should then decode within 20%% of the later repeats")
     a = ap.parse_args()
     target = load_target(dtype=a.dtype, device=a.device)
     dev = target.device
     res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(target.dtype)}
+    if a.warm_up:
+        res["warm_up_s"] = round(sum(warm_up(target, load_draft(defaults.draft_path(m), target), m)
+                                     for m in ("sparrow", "eagle")), 3)
 
     x = torch.ones((), device=dev)
     for _ in range(10):

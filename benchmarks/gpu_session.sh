@@ -7,8 +7,8 @@
 #                        bfloat16, sparrow / eagle / ar (benchmarks/gpu_lossless.py)
 #   overhead.json        where a generation's time goes on the GPU (benchmarks/gpu_overhead.py), and
 #   overhead_profile.txt torch's profiler tables of a first and a second run on a new clip
-#   overhead_eager.json  the same with CUDA_MODULE_LOADING=EAGER (every kernel loaded at start-up): whether lazy
-#                        loading, a kernel loaded on its first use, is what makes first runs slow
+#   overhead_warm.json   the same after `sparrow.warm_up` (what `sparrow generate` does on CUDA): repeat 0 against
+#                        the later repeats is the first run's cost that is left
 #   bench.tgz            `sparrow bench` on CUDA with the embedded target and drafts
 #   session.log          everything printed
 # Run from the repository root with the package importable (PYTHONPATH=src where it is not installed).
@@ -35,9 +35,9 @@ timeout 150 $PY benchmarks/gpu_lossless.py --device cuda --clips 3 --visual-toke
 step "where the time goes"
 timeout 150 $PY benchmarks/gpu_overhead.py --device cuda --visual-tokens 3072 --repeats 4 --out "$OUT/overhead"
 
-step "where the time goes, kernels loaded at start-up"
-CUDA_MODULE_LOADING=EAGER timeout 150 $PY benchmarks/gpu_overhead.py --device cuda --visual-tokens 3072 --repeats 4 \
-  --no-profile --out "$OUT/overhead_eager"
+step "where the time goes, after sparrow.warm_up"
+timeout 150 $PY benchmarks/gpu_overhead.py --device cuda --visual-tokens 3072 --repeats 4 --warm-up \
+  --no-profile --out "$OUT/overhead_warm"
 
 T=$(mktemp -d)
 step "bench on CUDA"

@@ -217,3 +217,32 @@ def test_split_tree_attention_path_is_lossless(ckpt_dir, family, monkeypatch):
             setattr(fitted.config, k, {"position_mode": "compact", "window": None}[k])
         assert out.token_ids == ref, f"{method} {over}"
         assert out.stats.tau > 2.0, "the draft was hardly accepted: the split path's accept paths went untested"
+
+
+def test_draft_rms_norm_is_torchs():
+    """The draft's RMSNorm (four elementwise ops, float32 inside) gives nn.RMSNorm's output for the same weight."""
+    import torch
+
+    from sparrow.draft import RMSNorm
+
+    ours, theirs = RMSNorm(64, eps=1e-6), torch.nn.RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(3, 7, 64) * 5
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    half = ours.to(torch.bfloat16)(x.bfloat16())  # a draft in bf16: float32 inside, bf16 out
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.float(), theirs(x), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_warm_up_leaves_generation_lossless(ckpt_dir, family):
+    """`sparrow.warm_up` (one short plain and speculative generation at load) runs on each family and what
+    follows is still HF's greedy output, for both draft modes."""
+    target = get_target(ckpt_dir, family, 0)
+    inputs = prepare(target, clip(2))
+    ref = hf_greedy(target, inputs, 12)
+    for mode in ("sparrow", "eagle"):
+        draft = sparrow.init_draft(target, seed=1, mode=mode)
+        assert sparrow.warm_up(target, draft) > 0
+        assert sparrow.generate(target, draft, inputs, max_new_tokens=12).token_ids == ref

@@ -18,6 +18,7 @@ _EXPORTS = {
     "DraftConfig": "draft", "SparrowDraft": "draft", "init_draft": "draft", "load_draft": "draft",
     "SparrowError": "errors",
     "GenerateOutput": "decode", "generate": "decode", "Prompt": "decode", "prefill_prompt": "decode",
+    "warm_up": "decode",
     "Stats": "timing",
     "Target": "targets", "load_target": "targets", "wrap_model": "targets",
     "TreeConfig": "tree",

@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check-hf", action="store_true",
                    help="greedy only: also decode with transformers' own model.generate and check that the tokens "
                         "are identical (exit code 1 if not)")
+    g.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                   help="hf: this package's loop on transformers (trees, the tree policy); vllm: vLLM with the draft "
+                        "as its EAGLE proposer (chains of --num-speculative-tokens; needs an environment from "
+                        "scripts/install-vllm.sh)")
+    g.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="--engine vllm: draft tokens a step (vLLM drafts chains, not trees)")
 
     i = sub.add_parser("init-draft", formatter_class=Help, help="write an untrained draft for a target")
     i.add_argument("--target", help="target checkpoint (default: the embedded one)")
@@ -107,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train-draft", help="train a Sparrow / EAGLE draft with IVSB + MTP (see --help)", add_help=False)
     sub.add_parser("bench", help="benchmark methods per visual-token bucket: tau, DSR, ESR, tables, plots (see "
                                  "--help)", add_help=False)
+    sub.add_parser("serve", help="an OpenAI-compatible vLLM server with the Sparrow draft (see --help)",
+                   add_help=False)
     sub.add_parser("analyze", help="the paper's observations on a target: visual internalization, negative "
                                    "visual gain, attention dilution (see --help)", add_help=False)
     d = sub.add_parser("demo", formatter_class=Help,
@@ -181,7 +189,7 @@ def _speedup_line(spec, base) -> str:
 
 
 def cmd_generate(a) -> int:
-    from . import TreeConfig, defaults, generate, load_draft, load_target
+    from . import TreeConfig, defaults, generate, load_draft, load_target, warm_up
     from .verify import Sampling, check_repetition_penalty
 
     if a.prompt_file:
@@ -193,6 +201,10 @@ def cmd_generate(a) -> int:
                                "text file") from None
     if not a.prompt.strip():
         raise SparrowError('--prompt is empty; give the question about the video (e.g. --prompt "Describe the video.")')
+    if a.engine == "vllm":
+        from .serving import cmd_generate_vllm
+
+        return cmd_generate_vllm(a)
     sampling = Sampling(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k)  # bad settings fail before loading
     if a.repetition_penalty is not None:
         check_repetition_penalty(a.repetition_penalty)  # before loading
@@ -214,6 +226,8 @@ def cmd_generate(a) -> int:
             raise SparrowError(f"--method {a.method} needs --draft PATH (or use --method ar)")
         overrides = {k: v for k, v in (("position_mode", a.position_mode), ("window", a.window)) if v is not None}
         draft = load_draft(a.draft, target, **overrides)
+    if target.device.type == "cuda":  # a first CUDA generation runs 3-10x slower: pay that here, not in the answer
+        warm_up(target, draft, None if a.method == "ar" else a.method)
     video = None
     if a.video:
         video = target.sample_video(a.video, a.num_frames, a.fps, a.max_pixels, a.min_pixels)
@@ -375,6 +389,7 @@ SCRIPTS = {  # subcommands with their own argument parsers: module, function
     "capture": ("sparrow.training.offline", "main"),
     "bench": ("sparrow.bench", "main"),
     "analyze": ("sparrow.analyze", "main"),
+    "serve": ("sparrow.serving", "serve_main"),
 }
 
 

@@ -303,3 +303,29 @@ def generate(target: Target, draft: SparrowDraft | None, inputs: dict, max_new_t
         stats.tokens_per_s = (stats.new_tokens - 1) / stats.decode_s
     text = target.tokenizer.decode(emitter.ids, skip_special_tokens=True)
     return GenerateOutput(token_ids=list(emitter.ids), text=text, stats=stats)
+
+
+def warm_up(target: Target, draft: SparrowDraft | None = None, method: str | None = None) -> float:
+    """Pay a first call's one-off costs at load instead of in the first answer: one short generation (a 2-frame
+    black video, 4 new tokens) plainly and, with a draft, speculatively with a fixed tree, through every kernel a
+    generation uses (vision tower, prefill, decode step, draft prefill, tree steps, verification). On CUDA a first
+    generation otherwise runs 3-10x slower than later ones (module loading, cuBLAS handles, the allocator's first
+    blocks); on a CPU the first run is within 10% of later ones and this costs about 0.3 s. Nothing is kept but
+    what the process caches. Returns the seconds taken. Source: issue 59 ("no slow first run")."""
+    import time
+
+    import numpy as np
+
+    from .video import Video
+
+    t0 = time.perf_counter()
+    side = 2 * 28  # two merged patches a side on Qwen-VL; the family resizes it to its own grid
+    video = Video(frames=np.zeros((2, side, side, 3), dtype=np.uint8), fps=2.0, indices=np.arange(2),
+                  total_frames=2)
+    inputs = target.prepare(video, "Hi", max_pixels=side * side, min_pixels=side * side)
+    generate(target, None, inputs, max_new_tokens=4, method="ar")
+    if draft is not None:
+        generate(target, draft, inputs, max_new_tokens=4, method=method, tree=TreeConfig(8, 5, 30))
+    if target.device.type == "cuda":
+        torch.cuda.synchronize(target.device)
+    return time.perf_counter() - t0
