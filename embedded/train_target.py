@@ -714,9 +714,17 @@ def video_preprocessor_config() -> dict:
             "do_normalize": True, **sampling}
 
 
+def image_preprocessor_config() -> dict:
+    """The same sizes and normalisation as an image processor config (preprocessor_config.json, which real Qwen-VL
+    checkpoints ship and vLLM requires)."""
+    skip = ("video_processor_type", "fps", "min_frames", "max_frames")
+    return {"image_processor_type": "Qwen2VLImageProcessor",
+            **{k: v for k, v in video_preprocessor_config().items() if k not in skip}}
+
+
 def export(model, tokenizer, out: str) -> None:
-    """save_pretrained in bf16 (the shipped default stays small), with the tokenizer and the video preprocessor
-    config (`video_preprocessor_config`), written atomically; loads back in fp32 on CPU."""
+    """save_pretrained in bf16 (the shipped default stays small), with the tokenizer and the video and image
+    preprocessor configs (`video_preprocessor_config`, `image_preprocessor_config`), written atomically; loads back in fp32 on CPU."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(tmp)
@@ -724,6 +732,8 @@ def export(model, tokenizer, out: str) -> None:
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "video_preprocessor_config.json"), "w") as f:
         json.dump(video_preprocessor_config(), f, indent=2)
+    with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:  # vLLM reads the image processor's
+        json.dump(image_preprocessor_config(), f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 

