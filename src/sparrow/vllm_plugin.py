@@ -11,8 +11,8 @@ through the target's LM head; e from the target's embedding (both shared by vLLM
 entry i with the token at i + 1 and the target's top state at i (EAGLE's shift), the pairing our DraftRunner
 uses one index later. In sparrow mode (VATA) the first pass of each step drops every entry whose token is a visual
 placeholder of the prompt and renumbers the rest compactly: entry i of request r goes to draft position
-i - V_r(i + 1) (V_r(k): the visual placeholders among the prompt's first k + 1 tokens), its KV to that position's
-slot of the request's blocks, and the draft's sequence length is the target's minus V_r. RoPE is relative, so
+i - V_r(i) (V_r(i): the visual placeholders among the prompt's tokens 0..i), its KV to that position's slot of the
+request's blocks, and the draft's sequence length is the target's minus the placeholders it has passed. RoPE is relative, so
 positions that differ from `DraftRunner`'s by a constant give the same draft. The rest of vLLM's loop (its chain
 of draft steps, +1 a step) runs unchanged on these compact positions.
 Source: vLLM `SpecDecodeBaseProposer.set_inputs_first_pass` / `prepare_inputs` (v0.32); Sparrow VATA.
@@ -211,7 +211,7 @@ class SparrowProposer(EagleProposer):
         new_cad = replace(cad, query_start_loc=new_qsl_cpu.to(dev), query_start_loc_cpu=new_qsl_cpu,
                           seq_lens=lens_cpu.to(dev), seq_lens_cpu_upper_bound=lens_cpu, num_actual_tokens=n,
                           max_query_len=int(kept_per_req.max()), max_seq_len=int(new_lens.max()),
-                          slot_mapping=slots, positions=None)
+                          slot_mapping=slots, positions=None if cad.positions is None else pos)
         kept_ids = self.input_ids[:n].cpu().numpy()
         self._pass.update(kept=n, visual_kept=int(np.isin(kept_ids, self.visual_ids).sum()))
         return n, new_qsl_cpu[1:].to(dev).long() - 1, new_cad
