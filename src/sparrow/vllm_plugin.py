@@ -119,7 +119,8 @@ class SparrowProposer(EagleProposer):
     `SparrowProposer.passes` (class-wide, the last 4096, for tests and `sparrow.serving.proposer_passes`) records
     each call of `propose` in this process: {"mode", "entries" (the target's tokens handed to the draft's first
     pass), "kept" (the draft's first-pass entries), "visual_kept" (kept entries whose token is a visual
-    placeholder), "seconds" (the whole proposal: first pass and draft steps)}."""
+    placeholder, besides the last entry of a prefill chunk that ends inside a video), "seconds" (the whole proposal:
+    first pass and draft steps)}."""
 
     passes: deque = deque(maxlen=4096)
 
@@ -176,7 +177,7 @@ class SparrowProposer(EagleProposer):
         qsl = cad.query_start_loc_cpu.numpy().astype(np.int64)                    # (B + 1,)
         seq_lens = cad.seq_lens.cpu().numpy().astype(np.int64)                  # (B,) the target's, after this step
         B = len(seq_lens)
-        keep_parts, pos_parts, new_lens = [], [], np.zeros(B, dtype=np.int64)
+        keep_parts, pos_parts, new_lens, forced = [], [], np.zeros(B, dtype=np.int64), 0
         for r in range(B):
             q, S = qsl[r + 1] - qsl[r], seq_lens[r]
             c = self._visual_counts(r)
@@ -186,7 +187,8 @@ class SparrowProposer(EagleProposer):
             inside = i + 1 < Lp                                                 # visual placeholder of the prompt
             visual[inside] = c[i[inside] + 2] > c[i[inside] + 1]
             keep = ~visual
-            keep[-1] = True                                                     # the sampled token: text
+            forced += int(visual[-1])  # a prefill chunk that ends inside the video: its last entry stays (its slot
+            keep[-1] = True            # is the next kept entry's, which overwrites it); otherwise the sampled token
             keep_parts.append(keep)
             pos_parts.append((i - c[np.minimum(i + 1, Lp)])[keep])              # compact draft positions
             new_lens[r] = S - c[min(S + 1, Lp)]
@@ -213,7 +215,8 @@ class SparrowProposer(EagleProposer):
                           max_query_len=int(kept_per_req.max()), max_seq_len=int(new_lens.max()),
                           slot_mapping=slots, positions=None if cad.positions is None else pos)
         kept_ids = self.input_ids[:n].cpu().numpy()
-        self._pass.update(kept=n, visual_kept=int(np.isin(kept_ids, self.visual_ids).sum()))
+        self._pass.update(kept=n, visual_kept=int(np.isin(kept_ids, self.visual_ids).sum()) - forced,
+                          chunk_ends=forced)
         return n, new_qsl_cpu[1:].to(dev).long() - 1, new_cad
 
 
