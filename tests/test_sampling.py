@@ -86,10 +86,11 @@ def test_speculative_sampling_matches_target(setup, method, temperature, top_p, 
     V = pair_probs.shape[0]
     pair_counts, triple_counts = np.zeros((V, V)), np.zeros((len(pairs), V))
     deep = 0
+    prompt = sparrow.prefill_prompt(target, inputs, max_new_tokens=3, tree_tokens=10)  # one prefill for N runs
     for i in range(N):
         out = sparrow.generate(target, draft, inputs, max_new_tokens=3, method=method, temperature=temperature,
                                top_p=top_p, top_k=top_k, seed=i, repetition_penalty=penalty,
-                               tree=sparrow.TreeConfig(top_k=4, depth=3, tokens=10))
+                               tree=sparrow.TreeConfig(top_k=4, depth=3, tokens=10), prompt=prompt)
         a, b, c = out.token_ids
         pair_counts[a, b] += 1
         if (a, b) in pairs:
