@@ -724,7 +724,8 @@ def image_preprocessor_config() -> dict:
 
 def export(model, tokenizer, out: str) -> None:
     """save_pretrained in bf16 (the shipped default stays small), with the tokenizer and the video and image
-    preprocessor configs (`video_preprocessor_config`, `image_preprocessor_config`), written atomically; loads back in fp32 on CPU."""
+    preprocessor configs (`video_preprocessor_config`, `image_preprocessor_config`), written atomically; loads back
+    in fp32 on CPU."""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.to(torch.bfloat16).save_pretrained(tmp)

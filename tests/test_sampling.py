@@ -15,7 +15,7 @@ from conftest import clip, fit_draft, get_target, hf_greedy, prepare
 from sparrow.verify import Sampling, warp_probs
 
 ALPHA = 1e-3
-N = 1200
+N = 800
 
 
 def exact_pair_distribution(target, inputs, s: Sampling) -> np.ndarray:

@@ -311,7 +311,8 @@ def warm_up(target: Target, draft: SparrowDraft | None = None, method: str | Non
     generation uses (vision tower, prefill, decode step, draft prefill, tree steps, verification). On CUDA a first
     generation otherwise runs 3-10x slower than later ones (module loading, cuBLAS handles, the allocator's first
     blocks); on a CPU the first run is within 10% of later ones and this costs about 0.3 s. Nothing is kept but
-    what the process caches. Returns the seconds taken. Source: issue 59 ("no slow first run")."""
+    what the process caches. Returns the seconds taken. Raises SparrowError where `generate` would (a draft made
+    for another target, an unknown method)."""
     import time
 
     import numpy as np

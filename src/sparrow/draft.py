@@ -287,10 +287,10 @@ class SparrowDraft(nn.Module):
              commit: bool) -> torch.Tensor:
         """Run q new entries after the cache.
 
-        x: (q, H) fused inputs; pos: (3, q) positions (or (3, 1): one for all q); tree_mask: (q, length - committed + q) bool mask over the
-        uncommitted (tree) entries and the new ones, or None for a catch-up (causal among the new ones, no
-        uncommitted entries); commit: keep the new entries (catch-up on accepted tokens) or hold them as
-        temporary tree entries. Returns states (q, H).
+        x: (q, H) fused inputs; pos: (3, q) positions (or (3, 1): one for all q); tree_mask: (q, length -
+        committed + q) bool mask over the uncommitted (tree) entries and the new ones, or None for a catch-up (causal
+        among the new ones, no uncommitted entries); commit: keep the new entries (catch-up on accepted tokens) or
+        hold them as temporary tree entries. Returns states (q, H).
         Window: a catch-up entry sees the `window` most recent entries up to itself; a tree node sees the last
         `window` committed entries and its ancestors. Without a window everything committed is visible.
         """

@@ -210,9 +210,10 @@ def generate_vllm(llm, target, requests: list[Request], max_new_tokens: int = 12
                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
                   repetition_penalty: float = 1.0, method: str = "sparrow") -> list[dict]:
     """Run `requests` through `llm` as one batch. Returns one dict a request, with the keys of `sparrow generate
-    --json` for the HF engine: text, token_ids, prompt_token_ids, method, new_tokens, prompt_tokens, visual_tokens, tau (mean tokens a
-    target step: 1 + accepted draft tokens / drafts, from vLLM's counters over the batch), decode_s / prefill_s
-    (vLLM's per-request first-token and finish times), tokens_per_s, stop_reason, and engine "vllm"."""
+    --json` for the HF engine: text, token_ids, method, new_tokens, prompt_tokens, visual_tokens, tau (mean tokens
+    a target step: 1 + accepted draft tokens / drafts, from vLLM's counters over the batch), decode_s / prefill_s
+    (vLLM's per-request first-token and finish times), tokens_per_s, stop_reason; and prompt_token_ids, wall_s (the
+    batch's seconds), engine "vllm"."""
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1, seed=seed,
@@ -358,8 +359,8 @@ def cmd_generate_vllm(a) -> int:
 
 
 def serve_main(argv=None) -> int:
-    """`sparrow serve`: vLLM's OpenAI-compatible server (what `vllm serve` runs) for the target with the Sparrow draft as its
-    EAGLE proposer. Arguments after `--` go to `vllm serve` unchanged."""
+    """`sparrow serve`: vLLM's OpenAI-compatible server (what `vllm serve` runs) for the target with the Sparrow draft
+    as its EAGLE proposer. Arguments after `--` go to `vllm serve` unchanged."""
     import argparse
     import sys
 

@@ -12,9 +12,9 @@ entry i with the token at i + 1 and the target's top state at i (EAGLE's shift),
 uses one index later. In sparrow mode (VATA) the first pass of each step drops every entry whose token is a visual
 placeholder of the prompt and renumbers the rest compactly: entry i of request r goes to draft position
 i - V_r(i) (V_r(i): the visual placeholders among the prompt's tokens 0..i), its KV to that position's slot of the
-request's blocks, and the draft's sequence length is the target's minus the placeholders it has passed. RoPE is relative, so
-positions that differ from `DraftRunner`'s by a constant give the same draft. The rest of vLLM's loop (its chain
-of draft steps, +1 a step) runs unchanged on these compact positions.
+request's blocks, and the draft's sequence length is the target's minus the placeholders it has passed. RoPE is
+relative, so positions that differ from `DraftRunner`'s by a constant give the same draft. The rest of vLLM's loop
+(its chain of draft steps, +1 a step) runs unchanged on these compact positions.
 Source: vLLM `SpecDecodeBaseProposer.set_inputs_first_pass` / `prepare_inputs` (v0.32); Sparrow VATA.
 """
 
