@@ -50,3 +50,4 @@ def test_engine_vllm_errors_are_one_line(capsys):
         assert "scripts/install-vllm.sh" in capsys.readouterr().err
         assert main(["serve"]) == 2
         assert "scripts/install-vllm.sh" in capsys.readouterr().err
+

@@ -101,6 +101,13 @@ def test_vllm_agrees_with_the_hf_engine(target, requests, outputs):
     assert compared >= 2
 
 
+def test_make_engine_refuses_bad_drafts_in_one_line(tmp_path):
+    with pytest.raises(sparrow.SparrowError, match="not a Sparrow draft"):
+        serving.make_engine(defaults.TARGET, str(tmp_path), method="sparrow")
+    with pytest.raises(sparrow.SparrowError, match="eagle draft"):
+        serving.make_engine(defaults.TARGET, defaults.draft_path("eagle"), method="sparrow")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -123,7 +123,8 @@ def make_engine(target_path: str, draft_dir: str | None = None, method: str = "s
     the draft at `draft_dir` (our layout; exported for vLLM on first use) for method "sparrow" or "eagle", or
     plain decoding for "ar". The whole prompt is prefilled in one step (`max_num_batched_tokens` = max_model_len, as
     the sparrow proposer needs), prefix caching off. On a CPU: float32, eager mode, the engine in this process,
-    `VLLM_CPU_KVCACHE_SPACE` 2 GiB unless set. Raises SparrowError without vLLM or for an unknown method."""
+    `VLLM_CPU_KVCACHE_SPACE` 2 GiB unless set. Raises SparrowError without vLLM, for an unknown method, a target
+    without preprocessor_config.json, or a draft directory that is not a draft of `method`'s mode."""
     if method not in ("sparrow", "eagle", "ar"):
         raise SparrowError(f"--engine vllm: unknown method {method!r}; choose sparrow, eagle or ar")
     if method != "ar" and not draft_dir:
@@ -146,8 +147,12 @@ def make_engine(target_path: str, draft_dir: str | None = None, method: str = "s
     if cpu:
         kw["enforce_eager"] = True
     if method != "ar":
-        with open(os.path.join(draft_dir, "config.json")) as f:
-            mode = json.load(f).get("mode")
+        try:
+            with open(os.path.join(draft_dir, "config.json")) as f:
+                mode = json.load(f).get("mode")
+        except (OSError, ValueError):
+            raise SparrowError(f"{draft_dir}: not a Sparrow draft (no readable config.json); give a directory from "
+                               "sparrow train-draft or init-draft") from None
         if mode != method:
             raise SparrowError(f"--method {method} with a {mode} draft ({draft_dir}); give the {method} draft")
         kw["speculative_config"] = {"method": "eagle", "model": exported_draft(draft_dir),
