@@ -23,11 +23,8 @@ import platform
 import statistics
 import time
 
-import numpy as np
-
 import sparrow
 from sparrow import bench, defaults, serving
-from sparrow.video import Video
 
 METHODS = ("ar", "eagle", "sparrow")
 
@@ -37,8 +34,7 @@ def requests_for(target, visual_tokens: int, n: int, seed: int) -> list:
     side = bench.SIDE * bench.SIDE
     out = []
     for s in bench.synthetic_samples(n, frames, seed=seed):
-        video = Video(frames=s.frames, fps=4.0, indices=np.arange(len(s.frames)), total_frames=len(s.frames))
-        out.append(serving.request(target, video, s.prompt, max_pixels=side, min_pixels=side))
+        out.append(serving.request(target, bench.sample_video(s, frames), s.prompt, max_pixels=side, min_pixels=side))
     return out
 
 

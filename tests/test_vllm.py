@@ -22,9 +22,6 @@ vllm = pytest.importorskip("vllm")
 
 import sparrow  # noqa: E402
 from sparrow import bench, defaults, serving  # noqa: E402
-from sparrow.video import Video  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 NEW = 48
 LENGTHS = (512, 2048)  # visual tokens
@@ -42,7 +39,7 @@ def requests(target):
     for vt in LENGTHS:
         frames = bench.frames_for(target, vt)
         for s in bench.synthetic_samples(CLIPS, frames, seed=3):
-            video = Video(frames=s.frames, fps=4.0, indices=np.arange(len(s.frames)), total_frames=len(s.frames))
+            video = bench.sample_video(s, frames)
             side = bench.SIDE * bench.SIDE
             out.append((serving.request(target, video, s.prompt, max_pixels=side, min_pixels=side),
                         target.prepare(video, s.prompt, max_pixels=side, min_pixels=side)))

@@ -231,17 +231,19 @@ def data_samples(path: str, n: int | None) -> list[Sample]:
     return [Sample(id=s.id, prompt=s.prompt, path=s.video) for s in rows[: n or len(rows)]]
 
 
-def build_inputs(target, sample: Sample, frames: int) -> dict:
-    """`target.prepare` inputs for a sample: its in-memory frames, or `frames` frames sampled from its file, at the
-    bench's fixed frame size (SIDE x SIDE pixels)."""
+def sample_video(sample: Sample, frames: int):
+    """A sample's `Video`: its in-memory frames, or `frames` frames sampled from its file."""
     from .video import Video, load_video
 
     if sample.frames is not None:
-        video = Video(frames=sample.frames, fps=sample.fps, indices=np.arange(len(sample.frames)),
-                      total_frames=len(sample.frames))
-    else:
-        video = load_video(sample.path, num_frames=frames)
-    return target.prepare(video, sample.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
+        return Video(frames=sample.frames, fps=sample.fps, indices=np.arange(len(sample.frames)),
+                     total_frames=len(sample.frames))
+    return load_video(sample.path, num_frames=frames)
+
+
+def build_inputs(target, sample: Sample, frames: int) -> dict:
+    """`target.prepare` inputs for a sample (`sample_video`) at the bench's fixed frame size (SIDE x SIDE pixels)."""
+    return target.prepare(sample_video(sample, frames), sample.prompt, max_pixels=SIDE * SIDE, min_pixels=SIDE * SIDE)
 
 
 # ---------------------------------------------------------------- helpers

@@ -116,6 +116,29 @@ def exported_draft(draft_dir: str) -> str:
 
 
 # ---------------------------------------------------------------- the engine
+def default_draft(a) -> str | None:
+    """The draft a command line means: --draft, else the embedded target's shipped draft of --method (none for a
+    --target of the user's own)."""
+    from . import defaults
+
+    return a.draft or (None if a.target else defaults.draft_path(a.method))
+
+
+def speculative_config(draft_dir: str, method: str, num_speculative_tokens: int) -> dict:
+    """vLLM's speculative_config for our draft at `draft_dir` (exported on first use) run as `method`. Raises
+    SparrowError for a directory that is not a draft, or a draft of the other mode."""
+    try:
+        with open(os.path.join(draft_dir, "config.json")) as f:
+            mode = json.load(f).get("mode")
+    except (OSError, ValueError):
+        raise SparrowError(f"{draft_dir}: not a Sparrow draft (no readable config.json); give a directory from "
+                           "sparrow train-draft or init-draft") from None
+    if mode != method:
+        raise SparrowError(f"--method {method} with a {mode} draft ({draft_dir}); give the {method} draft")
+    return {"method": "eagle", "model": exported_draft(draft_dir), "num_speculative_tokens": num_speculative_tokens,
+            "disable_padded_drafter_batch": True}
+
+
 def make_engine(target_path: str, draft_dir: str | None = None, method: str = "sparrow",
                 num_speculative_tokens: int = 4, max_model_len: int = 32768, dtype: str | None = None,
                 max_num_seqs: int = 16, seed: int = 0, **engine_kwargs):
@@ -147,17 +170,7 @@ def make_engine(target_path: str, draft_dir: str | None = None, method: str = "s
     if cpu:
         kw["enforce_eager"] = True
     if method != "ar":
-        try:
-            with open(os.path.join(draft_dir, "config.json")) as f:
-                mode = json.load(f).get("mode")
-        except (OSError, ValueError):
-            raise SparrowError(f"{draft_dir}: not a Sparrow draft (no readable config.json); give a directory from "
-                               "sparrow train-draft or init-draft") from None
-        if mode != method:
-            raise SparrowError(f"--method {method} with a {mode} draft ({draft_dir}); give the {method} draft")
-        kw["speculative_config"] = {"method": "eagle", "model": exported_draft(draft_dir),
-                                    "num_speculative_tokens": num_speculative_tokens,
-                                    "disable_padded_drafter_batch": True}
+        kw["speculative_config"] = speculative_config(draft_dir, method, num_speculative_tokens)
     kw.update(engine_kwargs)
     return LLM(**kw)
 
@@ -305,7 +318,7 @@ def cmd_generate_vllm(a) -> int:
     target_path = a.target or defaults.target_path()
     draft = None
     if a.method != "ar":
-        draft = a.draft or (None if a.target else defaults.draft_path(a.method))
+        draft = default_draft(a)
         if not draft:
             raise SparrowError(f"--method {a.method} needs --draft PATH (or use --method ar)")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -411,12 +424,10 @@ def serve_main(argv=None) -> int:
     cpu = not torch.cuda.is_available()
     cmd += ["--dtype", a.dtype or ("float32" if cpu else "auto")] + (["--enforce-eager"] if cpu else [])
     if a.method != "ar":
-        draft = a.draft or (None if a.target else defaults.draft_path(a.method))
+        draft = default_draft(a)
         if not draft:
             raise SparrowError(f"--method {a.method} needs --draft PATH (or use --method ar)")
-        cmd += ["--speculative-config", json.dumps({"method": "eagle", "model": exported_draft(draft),
-                                                    "num_speculative_tokens": a.num_speculative_tokens,
-                                                    "disable_padded_drafter_batch": True})]
+        cmd += ["--speculative-config", json.dumps(speculative_config(draft, a.method, a.num_speculative_tokens))]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     print("sparrow serve: " + " ".join(cmd + extra), file=sys.stderr, flush=True)
     os.execv(cmd[0], cmd + extra)
