@@ -99,8 +99,13 @@ class RMSNorm(nn.RMSNorm):
     in four elementwise ops: torch's fused CPU kernel costs 20-50 us on a draft's few rows, 10x these."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self)
+
+
+def rms_norm(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """`norm`'s RMSNorm of x (..., H) without a module call (the draft's inference step calls it four times)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype) * norm.weight
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -247,16 +252,17 @@ class SparrowDraft(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (...,) -> the target's input embeddings (..., hidden); needs `attach`."""
-        return self._frozen[0](ids)
+        return F.embedding(ids, self._frozen[0].weight)
 
     def logits(self, states: torch.Tensor) -> torch.Tensor:
         """Draft states (..., hidden) -> logits (..., V) through the target's LM head; needs `attach`."""
-        return self._frozen[1](states)
+        head = self._frozen[1]
+        return F.linear(states, head.weight, head.bias)
 
     # ---- inputs ----
     def fuse(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """z = FC([norm(e) ; h]): embeds (..., H), hidden (..., H) -> (..., H)."""
-        return self.fc(torch.cat((self.embed_norm(embeds), hidden), dim=-1))
+        return F.linear(torch.cat((rms_norm(embeds, self.embed_norm), hidden), dim=-1), self.fc.weight, self.fc.bias)
 
     # ---- training forward (full sequence, causal) ----
     def forward(self, x: torch.Tensor, pos: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -284,21 +290,29 @@ class SparrowDraft(nn.Module):
 
     # ---- inference step over the cache ----
     def step(self, x: torch.Tensor, pos: torch.Tensor, cache: DraftCache, tree_mask: torch.Tensor | None,
-             commit: bool) -> torch.Tensor:
-        """Run q new entries after the cache.
+             commit: bool, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run q new entries after the cache (inference: no autograd, no module calls, q/k/v and gate/up fused).
 
         x: (q, H) fused inputs; pos: (3, q) positions (or (3, 1): one for all q); tree_mask: (q, length -
         committed + q) bool mask over the uncommitted (tree) entries and the new ones, or None for a catch-up (causal
         among the new ones, no uncommitted entries); commit: keep the new entries (catch-up on accepted tokens) or
-        hold them as temporary tree entries. Returns states (q, H).
+        hold them as temporary tree entries; rope: `self.rope(pos)` when the caller has it already. Returns states
+        (q, H).
         Window: a catch-up entry sees the `window` most recent entries up to itself; a tree node sees the last
         `window` committed entries and its ancestors. Without a window everything committed is visible.
         """
-        q, dev = x.shape[0], x.device
-        qs, ks, vs = self.layer.project_kv(x.unsqueeze(0), pos.unsqueeze(1))
+        q, dev, c, lay = x.shape[0], x.device, self.config, self.layer
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        w_qkv, b_qkv, w_gu = lay.fused()
+        qkv = F.linear(rms_norm(x, lay.input_layernorm), w_qkv, b_qkv)  # (q, (Hq + 2 Hkv) D)
+        cos, sin = rope if rope is not None else self.rope(pos)
+        qk = qkv[:, : (hq + hkv) * d].view(q, hq + hkv, d)  # queries and keys rotated together
+        qk = qk * cos + rotate_half(qk) * sin
+        qs = qk[:, :hq].transpose(0, 1).unsqueeze(0)  # (1, Hq, q, D)
         c0 = cache.length  # cache index of the first new entry
-        cache.append(ks, vs)
-        w = self.config.window
+        cache.append(qk[:, hq:].transpose(0, 1).unsqueeze(0), qkv[:, (hq + hkv) * d:].view(q, hkv, d).transpose(0, 1)
+                     .unsqueeze(0))
+        w = c.window
         if tree_mask is None and c0 == 0 and w is None and q > 1:  # the prompt pass: plain causal attention
             attn = F.scaled_dot_product_attention(qs, cache.k[:, :, :q], cache.v[:, :, :q], is_causal=True,
                                                   enable_gqa=True)
@@ -307,13 +321,15 @@ class SparrowDraft(nn.Module):
                               for i in range(0, q, WINDOW_CHUNK)], dim=2)
         else:
             start = 0 if w is None else max(0, cache.committed - w)
+            mask = None
             if tree_mask is None:  # catch-up: causal over the new entries (and a sliding band with a window)
-                cols = torch.arange(start, cache.length, device=dev)
-                rows = torch.arange(c0, c0 + q, device=dev).unsqueeze(1)
-                allowed = cols <= rows
-                if w is not None:
-                    allowed &= cols > rows - w
-                mask = allowed.view(1, 1, q, -1) if q > 1 or w is not None else None
+                if q > 1 or w is not None:
+                    cols = torch.arange(start, cache.length, device=dev)
+                    rows = torch.arange(c0, c0 + q, device=dev).unsqueeze(1)
+                    allowed = cols <= rows
+                    if w is not None:
+                        allowed &= cols > rows - w
+                    mask = allowed.view(1, 1, q, -1)
             else:
                 n_old = cache.committed - start
                 if dev.type not in kv.SPLIT_TREE:
@@ -326,7 +342,14 @@ class SparrowDraft(nn.Module):
                 attn = folded_sdpa(qs, k, v, mask, None)
         if commit:
             cache.committed = cache.length
-        return self.norm(self.layer.finish(x.unsqueeze(0), attn))[0]
+        x = x + F.linear(attn[0].transpose(0, 1).reshape(q, hq * d), lay.o_proj.weight, lay.o_proj.bias)
+        gate, up = F.linear(rms_norm(x, lay.post_attention_layernorm), w_gu).chunk(2, dim=-1)
+        return rms_norm(x + F.linear(F.silu(gate) * up, lay.down_proj.weight, lay.down_proj.bias), self.norm)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (3, q) draft positions -> cos, sin (q, 1, head_dim) for `step` (mRoPE sections as the layer's)."""
+        cos, sin = self.layer.rope(pos.unsqueeze(1), self.fc.weight.dtype)  # (1, 1, q, D)
+        return cos[0].transpose(0, 1), sin[0].transpose(0, 1)
 
     @staticmethod
     def _window_chunk(qs: torch.Tensor, cache: DraftCache, r0: int, w: int) -> torch.Tensor:
@@ -430,6 +453,7 @@ class DraftRunner:
         capacity = int(keep.sum()) + 1 + capacity_new + tree.top_k * tree.depth + 8
         self.cache = DraftCache(draft.config, capacity, target.device, target.dtype)
         self.tree_depth, self.anc, self.eye = tree.depth, None, None  # ancestry buffer of the tree entries
+        self.tree_rope = None  # cos, sin of the tree levels' positions (levels, 1, head_dim), made at each tree's root
 
     def _positions(self, target_pos: torch.Tensor) -> torch.Tensor:
         """Draft positions (3, q) of new entries whose target positions are target_pos (3, q)."""
@@ -492,9 +516,12 @@ class DraftRunner:
             parent_states = self.front_states[parent_slot]
             rows[:, : k * d] = self.anc[k * (d - 1) + parent_slot, : k * d]
         rows[:, k * d:] = self.eye
+        if d == 0 or d >= self.tree_rope[0].shape[0]:  # a level's nodes share one position: all levels' at once
+            levels = torch.arange(1, max(self.tree_depth, d + 2), device=tokens.device)
+            self.tree_rope = self.draft.rope(self.root_pos + levels)  # cos, sin (levels, 1, D)
         self.depth = d + 1
         x = self.draft.fuse(self.draft.embed(tokens), parent_states)
-        # every node of a level sits at the same position: one (3, 1) column, broadcast over the k queries
-        states = self.draft.step(x, self.root_pos + self.depth, self.cache, rows, commit=False)
+        cos, sin = self.tree_rope
+        states = self.draft.step(x, None, self.cache, rows, commit=False, rope=(cos[d: d + 1], sin[d: d + 1]))
         self.front_states = states
         return torch.log_softmax(self.draft.logits(states).float(), dim=-1)
