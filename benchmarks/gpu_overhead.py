@@ -1,7 +1,7 @@
 """Where the time of one generation goes on a GPU, for the embedded (tiny) target: a diagnostic.
 
     python benchmarks/gpu_overhead.py [--device cuda] [--visual-tokens 3072] [--repeats 5] [--out runs/gpu/overhead]
-        [--no-profile]
+        [--no-profile] [--warm-up] [--compile-draft MODE]
 
 Prints and writes (OUT.json):
 - the cost of one host-device synchronisation (`.item()` of a scalar on the device), in microseconds;
@@ -44,13 +44,20 @@ def main():
     ap.add_argument("--warm-up", action="store_true",
                     help="call sparrow.warm_up with each draft after loading, as `sparrow generate` does on CUDA: "
                          "repeat 0 should then decode within 20%% of the later repeats")
+    ap.add_argument("--compile-draft", metavar="MODE",
+                    help="compile each draft's tree step (SparrowDraft.compile_tree) in this torch.compile mode, e.g. "
+                         "default or reduce-overhead (CUDA graphs); implies --warm-up")
     a = ap.parse_args()
     target = load_target(dtype=a.dtype, device=a.device)
     dev = target.device
-    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(target.dtype)}
-    if a.warm_up:
-        res["warm_up_s"] = round(sum(warm_up(target, load_draft(defaults.draft_path(m), target), m)
-                                     for m in ("sparrow", "eagle")), 3)
+    res = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "dtype": str(target.dtype),
+           "compile_draft": a.compile_draft}
+    drafts = {m: load_draft(defaults.draft_path(m), target) for m in ("sparrow", "eagle")}
+    if a.compile_draft:
+        for d in drafts.values():
+            d.compile_tree(a.compile_draft)
+    if a.warm_up or a.compile_draft:
+        res["warm_up_s"] = round(sum(warm_up(target, d, m) for m, d in drafts.items()), 3)
 
     x = torch.ones((), device=dev)
     for _ in range(10):
@@ -78,7 +85,6 @@ def main():
                              "p90": round(times[int(0.9 * len(times))], 3)}
     print(json.dumps({"decode_step_ms": res["decode_step_ms"]}), flush=True)
 
-    drafts = {m: load_draft(defaults.draft_path(m), target) for m in ("sparrow", "eagle")}
     runs = []
     for r in range(a.repeats):
         t = once_ms(lambda: target.hf_greedy(inputs, a.max_new_tokens, None), dev)

@@ -9,7 +9,8 @@
 #   overhead_profile.txt torch's profiler tables of a first and a second run on a new clip
 #   overhead_warm.json   the same after `sparrow.warm_up` (what `sparrow generate` does on CUDA): repeat 0 against
 #                        the later repeats is the first run's cost that is left
-#   bench.tgz            `sparrow bench` on CUDA with the embedded target and drafts
+#   bench.tgz            `sparrow bench` on CUDA with the embedded target and drafts, and overhead_compiled.json:
+#                        gpu_overhead.py with the drafts' tree step compiled in mode reduce-overhead (CUDA graphs)
 #   session.log          everything printed
 # Run from the repository root with the package importable (PYTHONPATH=src where it is not installed).
 set -uo pipefail
@@ -40,6 +41,10 @@ timeout 150 $PY benchmarks/gpu_overhead.py --device cuda --visual-tokens 3072 --
   --no-profile --out "$OUT/overhead_warm"
 
 T=$(mktemp -d)
+step "where the time goes, the drafts' tree step compiled as CUDA graphs"
+timeout 150 $PY benchmarks/gpu_overhead.py --device cuda --visual-tokens 3072 --repeats 3 \
+  --compile-draft reduce-overhead --no-profile --out "$T/bench/overhead_compiled"
+
 step "bench on CUDA"
 timeout 180 $PY -m sparrow.cli bench --device cuda --visual-tokens 512,3072,25088 --synthetic 2 --warmup 1 \
   --methods ar,sparrow,eagle --out "$T/bench"

@@ -68,6 +68,6 @@ def test_a_long_prompt_in_a_window_is_read_by_chunks_with_the_same_states(target
         monkeypatch.setattr(d, "WINDOW_CHUNK", chunk)
         cache = d.DraftCache(draft.config, 800, "cpu", torch.float32)
         with torch.no_grad():
-            states[chunk] = draft.step(x, pos, cache, None, commit=True)
+            states[chunk] = draft.step(x, pos, cache)
     assert torch.allclose(states[256], states[10**9], atol=1e-5)
     assert torch.allclose(states[100], states[10**9], atol=1e-5)

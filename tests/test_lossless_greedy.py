@@ -201,7 +201,7 @@ def test_fused_projections_give_the_layers_own_states(ckpt_dir):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])  # both language models (Qwen2 is shared)
 def test_split_tree_attention_path_is_lossless(ckpt_dir, family, monkeypatch):
     """The split path (the cache unmasked by the fused kernel, the tree block by its mask, merged by log-sum-exp),
-    which GPUs take, run on the CPU for the target's verification and the draft's tree steps: greedy = HF."""
+    which GPUs take for the target's tree verification, run on the CPU: greedy = HF."""
     import sparrow.cache
 
     monkeypatch.setattr(sparrow.cache, "SPLIT_TREE", {"cpu"})
@@ -246,3 +246,63 @@ def test_warm_up_leaves_generation_lossless(ckpt_dir, family):
         draft = sparrow.init_draft(target, seed=1, mode=mode)
         assert sparrow.warm_up(target, draft) > 0
         assert sparrow.generate(target, draft, inputs, max_new_tokens=12).token_ids == ref
+
+
+@pytest.mark.parametrize("mode,over", [("sparrow", {}), ("sparrow", {"window": 5}),
+                                       ("sparrow", {"position_mode": "absolute"}), ("eagle", {})])
+def test_tree_levels_equal_the_drafts_own_forward(ckpt_dir, mode, over):
+    """Each tree node's draft state, as `DraftRunner.expand` computes it (slots after the committed entries, one
+    visibility row over the whole cache, one rotation a level), equals the draft's full forward over the committed
+    entries and the node's own path (with a window: the last `window` committed entries and the path)."""
+    import torch
+
+    from sparrow.draft import DraftRunner
+
+    target = get_target(ckpt_dir, "qwen2_5_vl", 0)
+    inputs = prepare(target, clip(4))
+    ids = inputs["input_ids"][0]
+    pre = target.prefill(inputs, target.new_cache(ids.shape[0] + 8), capture_embeds=True)
+    draft = sparrow.init_draft(target, seed=2, mode=mode, **over)
+    k, w = 3, over.get("window")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        runner = DraftRunner(draft, target, pre, mode, 8, sparrow.TreeConfig(top_k=k, depth=4, tokens=12))
+        x, pos, _ = runner.prompt_inputs(ids, pre, 5)
+        runner.prefill(ids, pre, 5)
+        c = x.shape[0]
+        paths = [[] for _ in range(k)]  # each frontier node's path: its entries' inputs (H,) and positions (3,)
+        parent_states, parent_slot = runner.root_state.expand(k, -1), None
+        for level in range(3):
+            tokens = torch.randint(0, target.vocab_size, (k,), generator=gen)
+            runner.expand(tokens, parent_slot)
+            node_pos = (runner.root_pos + level + 1)[:, 0]
+            if parent_slot is not None:
+                paths = [paths[int(p)] for p in parent_slot]
+            paths = [path + [(draft.fuse(draft.embed(t), s), node_pos)] for path, t, s in
+                     zip(paths, tokens, parent_states)]
+            want = []
+            for path in paths:
+                seq = torch.cat((x, torch.stack([e for e, _ in path])))
+                seq_pos = torch.cat((pos, torch.stack([q for _, q in path], dim=1)), dim=1)
+                n = seq.shape[0]
+                mask = torch.ones(n, n, dtype=torch.bool).tril()
+                if w is not None:
+                    mask[-1, : c - w] = False
+                want.append(draft(seq[None], seq_pos[:, None], attn_mask=mask[None, None])[0, -1])
+            want = torch.stack(want)
+            assert torch.allclose(runner.front_states, want, atol=1e-4), (level, mode, over)
+            parent_slot = torch.tensor([2, 0, 0])  # the next level's nodes hang from these nodes of this one
+            parent_states = want[parent_slot]
+
+
+def test_compiled_tree_step_drafts_the_same_trees(ckpt_dir):
+    """`SparrowDraft.compile_tree` (torch.compile of the tree level, whole graph): the same answers as HF and the
+    same accepted lengths as the eager draft, cycle by cycle."""
+    target = get_target(ckpt_dir, "qwen2_5_vl", 1)
+    inputs = prepare(target, clip(16, seed=1))
+    ref = hf_greedy(target, inputs, 24)
+    fitted = fit_draft(target, inputs, ref, seed=1)
+    eager = sparrow.generate(target, fitted, inputs, max_new_tokens=24, tree=TREES["wide"])
+    compiled = sparrow.generate(target, fitted.compile_tree(), inputs, max_new_tokens=24, tree=TREES["wide"])
+    assert compiled.token_ids == eager.token_ids == ref
+    assert compiled.stats.accept_lengths == eager.stats.accept_lengths and eager.stats.tau > 2.0

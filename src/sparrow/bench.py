@@ -548,6 +548,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="skip samples already in OUT/samples.jsonl")
     ap.add_argument("--baseline", help="the method paired differences are taken against (default: sparrow when it "
                                        "runs, else none)")
+    ap.add_argument("--compile-draft", action="store_true",
+                    help="run every draft's tree step compiled (torch.compile, paid before the first sample)")
     ap.add_argument("--warmup", type=int, default=0,
                     help="untimed runs of each method on each input before its timed run (default 0; on a GPU, "
                          "where first runs on an input are slow, 1 measures the steady state)")
@@ -572,6 +574,12 @@ def main(argv=None) -> int:
     assistant = a.assistant or (defaults.assistant_path() if a.target is None else None)
     spec = a.methods or ",".join(["ar", *drafts] + (["hf-assisted"] if assistant else []))
     methods = parse_methods(spec, drafts, target, assistant)
+    if a.compile_draft:
+        from .decode import warm_up
+
+        for m in methods:
+            if m.draft is not None:
+                warm_up(target, m.draft.compile_tree(), m.mode)
     if a.data:
         rows = data_samples(a.data, a.samples)
         samples_for = lambda frames: rows  # noqa: E731 (frames are sampled per bucket when loading)
@@ -584,7 +592,8 @@ def main(argv=None) -> int:
     baseline = a.baseline or ("sparrow" if "sparrow" in names else None)
     run_bench(target, methods, buckets, samples_for, a.out, a.max_new_tokens, a.temperature, tree, a.seed,
               a.resume, meta={"target": target.path, "drafts": drafts, "assistant": assistant,
-                              "data": a.data or f"synthetic x{a.synthetic or 3}"}, warmup=a.warmup,
+                              "data": a.data or f"synthetic x{a.synthetic or 3}",
+                              "compile_draft": a.compile_draft}, warmup=a.warmup,
               baseline=baseline)
     print(open(os.path.join(a.out, "table.md")).read())
     print(f"wrote {a.out}/samples.jsonl, summary.json, table.md, tau.png, dsr.png, cycle.png")

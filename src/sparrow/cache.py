@@ -25,8 +25,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_IMPLEMENTATION = "sparrow"
 FOLD_MAX_QUERY = 256  # above this query length (prefill) the plain sdpa kernel with is_causal is faster
-# Devices whose tree verification and draft tree steps use `split_tree_attention` instead of one masked kernel call:
-# on GPUs a mask drives attention off the fused kernels (at 25k, 31 tree tokens cost 2.2x a decode step on an H200).
+# Devices whose tree verification uses `split_tree_attention` instead of one masked kernel call: on GPUs a mask
+# drives attention off the fused kernels (at 25k, 31 tree tokens cost 2.2x a decode step on an H200). The draft's
+# tree levels keep one masked call over their whole (text-only in sparrow mode, so short) cache: static shapes.
 SPLIT_TREE = {"cuda"}
 
 
@@ -160,8 +161,8 @@ def split_tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     query (B, Hq, q, D); key/value (B, Hkv, prefix + t, D) (grouped-query: Hq a multiple of Hkv; the g query heads of
     a KV group are folded into the query axis, so every key is read once); tree_mask (q, t) bool (True = attend;
     every row attends somewhere) or None (t = q, causal among the q). Returns (B, Hq, q, D), equal to dense masked
-    attention up to float rounding. Used by the target's verification (`sparrow_attention` with `sparrow_tree`) and
-    the draft's tree steps. Source: FlashInfer's cascade attention (`merge_state`), LongSpec's hybrid tree
+    attention up to float rounding. Used by the target's verification (`sparrow_attention` with `sparrow_tree`).
+    Source: FlashInfer's cascade attention (`merge_state`), LongSpec's hybrid tree
     attention.
     """
     b, hq, q, d = query.shape

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cache as kv
 from .cache import folded_sdpa
 from .errors import SparrowError
 
@@ -232,6 +231,7 @@ class SparrowDraft(nn.Module):
         self.layer = DecoderLayer(config)
         self.norm = RMSNorm(h, eps=config.rms_norm_eps)
         self._frozen = None  # (embed_tokens, lm_head) of the target
+        self.tree_fn = self.tree_step  # what DraftRunner calls for a tree level: tree_step, or its compiled form
         self.visual_keep: torch.Tensor | None = None
         with torch.no_grad():
             self.visual_proj.weight.copy_(torch.eye(h))
@@ -288,63 +288,92 @@ class SparrowDraft(nn.Module):
             attn = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=attn_mask, enable_gqa=True)
         return self.norm(self.layer.finish(x, attn))
 
-    # ---- inference step over the cache ----
-    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: DraftCache, tree_mask: torch.Tensor | None,
-             commit: bool, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Run q new entries after the cache (inference: no autograd, no module calls, q/k/v and gate/up fused).
-
-        x: (q, H) fused inputs; pos: (3, q) positions (or (3, 1): one for all q); tree_mask: (q, length -
-        committed + q) bool mask over the uncommitted (tree) entries and the new ones, or None for a catch-up (causal
-        among the new ones, no uncommitted entries); commit: keep the new entries (catch-up on accepted tokens) or
-        hold them as temporary tree entries; rope: `self.rope(pos)` when the caller has it already. Returns states
-        (q, H).
-        Window: a catch-up entry sees the `window` most recent entries up to itself; a tree node sees the last
-        `window` committed entries and its ancestors. Without a window everything committed is visible.
-        """
-        q, dev, c, lay = x.shape[0], x.device, self.config, self.layer
+    # ---- inference steps over the cache (no autograd, no module calls, q/k/v and gate/up fused) ----
+    def _attend_inputs(self, fused, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """fused: `layer.fused()`; x (q, H), cos/sin (q|1, 1, D) -> queries (1, Hq, q, D), keys and values
+        (1, Hkv, q, D), RoPE applied to queries and keys together."""
+        q, c, lay = x.shape[0], self.config, self.layer
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        w_qkv, b_qkv, w_gu = lay.fused()
+        w_qkv, b_qkv, _ = fused
         qkv = F.linear(rms_norm(x, lay.input_layernorm), w_qkv, b_qkv)  # (q, (Hq + 2 Hkv) D)
-        cos, sin = rope if rope is not None else self.rope(pos)
-        qk = qkv[:, : (hq + hkv) * d].view(q, hq + hkv, d)  # queries and keys rotated together
+        qk = qkv[:, : (hq + hkv) * d].view(q, hq + hkv, d)
         qk = qk * cos + rotate_half(qk) * sin
-        qs = qk[:, :hq].transpose(0, 1).unsqueeze(0)  # (1, Hq, q, D)
+        return (qk[:, :hq].transpose(0, 1).unsqueeze(0), qk[:, hq:].transpose(0, 1).unsqueeze(0),
+                qkv[:, (hq + hkv) * d:].view(q, hkv, d).transpose(0, 1).unsqueeze(0))
+
+    def _finish(self, fused, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """fused: `layer.fused()`; x (q, H), attn (1, Hq, q, D) -> the draft's states (q, H): output projection,
+        MLP, final norm."""
+        q, lay = x.shape[0], self.layer
+        x = x + F.linear(attn[0].transpose(0, 1).reshape(q, -1), lay.o_proj.weight, lay.o_proj.bias)
+        gate, up = F.linear(rms_norm(x, lay.post_attention_layernorm), fused[2]).chunk(2, dim=-1)
+        return rms_norm(x + F.linear(F.silu(gate) * up, lay.down_proj.weight, lay.down_proj.bias), self.norm)
+
+    def step(self, x: torch.Tensor, pos: torch.Tensor, cache: DraftCache,
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Commit q new entries after the cache's committed ones (the prompt pass, a catch-up on accepted tokens),
+        each attending causally: every committed entry (with a window, the `window` most recent entries up to
+        itself) and the new ones up to itself.
+
+        x: (q, H) fused inputs; pos: (3, q) positions; rope: `self.rope(pos)` when the caller has it. Returns states
+        (q, H). RuntimeError past the cache's capacity.
+        """
+        q, dev, w = x.shape[0], x.device, self.config.window
+        cache.rollback()
+        fused = self.layer.fused()
+        qs, ks, vs = self._attend_inputs(fused, x, *(rope if rope is not None else self.rope(pos)))
         c0 = cache.length  # cache index of the first new entry
-        cache.append(qk[:, hq:].transpose(0, 1).unsqueeze(0), qkv[:, (hq + hkv) * d:].view(q, hkv, d).transpose(0, 1)
-                     .unsqueeze(0))
-        w = c.window
-        if tree_mask is None and c0 == 0 and w is None and q > 1:  # the prompt pass: plain causal attention
+        cache.append(ks, vs)
+        if c0 == 0 and w is None and q > 1:  # the prompt pass: plain causal attention
             attn = F.scaled_dot_product_attention(qs, cache.k[:, :, :q], cache.v[:, :, :q], is_causal=True,
                                                   enable_gqa=True)
-        elif tree_mask is None and w is not None and q > WINDOW_CHUNK:  # a long catch-up in a window: by chunks,
-            attn = torch.cat([self._window_chunk(qs[:, :, i: i + WINDOW_CHUNK], cache, c0 + i, w)  # each one's band
+        elif w is not None and q > WINDOW_CHUNK:  # a long catch-up in a window: by chunks, each one's band
+            attn = torch.cat([self._window_chunk(qs[:, :, i: i + WINDOW_CHUNK], cache, c0 + i, w)
                               for i in range(0, q, WINDOW_CHUNK)], dim=2)
         else:
-            start = 0 if w is None else max(0, cache.committed - w)
-            mask = None
-            if tree_mask is None:  # catch-up: causal over the new entries (and a sliding band with a window)
-                if q > 1 or w is not None:
-                    cols = torch.arange(start, cache.length, device=dev)
-                    rows = torch.arange(c0, c0 + q, device=dev).unsqueeze(1)
-                    allowed = cols <= rows
-                    if w is not None:
-                        allowed &= cols > rows - w
-                    mask = allowed.view(1, 1, q, -1)
-            else:
-                n_old = cache.committed - start
-                if dev.type not in kv.SPLIT_TREE:
-                    mask = torch.ones(1, 1, q, n_old + tree_mask.shape[1], dtype=torch.bool, device=dev)
-                    mask[0, 0, :, n_old:] = tree_mask
-            k, v = cache.k[:, :, start: cache.length], cache.v[:, :, start: cache.length]
-            if tree_mask is not None and dev.type in kv.SPLIT_TREE:  # committed entries unmasked, tree ones by theirs
-                attn = kv.split_tree_attention(qs, k, v, n_old, tree_mask)
-            else:
-                attn = folded_sdpa(qs, k, v, mask, None)
-        if commit:
-            cache.committed = cache.length
-        x = x + F.linear(attn[0].transpose(0, 1).reshape(q, hq * d), lay.o_proj.weight, lay.o_proj.bias)
-        gate, up = F.linear(rms_norm(x, lay.post_attention_layernorm), w_gu).chunk(2, dim=-1)
-        return rms_norm(x + F.linear(F.silu(gate) * up, lay.down_proj.weight, lay.down_proj.bias), self.norm)
+            start, mask = (0 if w is None else max(0, c0 - w + 1)), None
+            if q > 1 or w is not None:  # causal over the new entries (and a sliding band with a window)
+                cols = torch.arange(start, cache.length, device=dev)
+                rows = torch.arange(c0, c0 + q, device=dev).unsqueeze(1)
+                allowed = cols <= rows
+                if w is not None:
+                    allowed &= cols > rows - w
+                mask = allowed.view(1, 1, q, -1)
+            attn = folded_sdpa(qs, cache.k[:, :, start: cache.length], cache.v[:, :, start: cache.length], mask, None)
+        cache.committed = cache.length
+        return self._finish(fused, x, attn)
+
+    def tree_step(self, tokens: torch.Tensor, parent_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  slots: torch.Tensor, visible: torch.Tensor, cache_k: torch.Tensor,
+                  cache_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One level of the draft tree at static shapes, with no data-dependent shape and no host read, so that it
+        compiles whole (`compile_tree`) and suits CUDA-graph capture.
+
+        tokens (k,) the level's nodes, parent_states (k, H) their parents' draft states, cos/sin (1, 1, D) the
+        level's rotation, slots (k,) int64 the cache slots their keys and values are written to, visible (k, C)
+        bool over all C slots of the cache (the committed entries each node sees, its ancestors and itself),
+        cache_k/cache_v (1, Hkv, C, D) the `DraftCache` buffers (written in place). Returns the nodes' states (k, H)
+        and their children's log-probabilities (k, V) float32. Source: EAGLE-2's tree expansion, one level a call.
+        """
+        return self._tree_level(self.layer.fused(), tokens, parent_states, cos, sin, slots, visible, cache_k, cache_v)
+
+    def _tree_level(self, fused, tokens, parent_states, cos, sin, slots, visible, cache_k, cache_v):
+        x = self.fuse(self.embed(tokens), parent_states)
+        qs, ks, vs = self._attend_inputs(fused, x, cos, sin)
+        cache_k.index_copy_(2, slots, ks)
+        cache_v.index_copy_(2, slots, vs)
+        states = self._finish(fused, x, folded_sdpa(qs, cache_k, cache_v, visible[None, None], None))
+        return states, torch.log_softmax(self.logits(states).float(), dim=-1)
+
+    def compile_tree(self, mode: str = "default") -> "SparrowDraft":
+        """Run the tree levels through `torch.compile(tree_step, fullgraph=True, dynamic=True)`: one graph for every
+        cache size and tree width, compiled at the first tree (`sparrow.warm_up` pays it at load; later processes
+        read torch's on-disk cache). mode: torch.compile's ("reduce-overhead" asks for CUDA graphs on a GPU). On 2
+        CPU cores (AVX2) a tree of 4 levels takes 5.1-5.3 instead of 5.5-5.8 ms, after 15 s of compilation: worth it
+        in a long-running process only. Returns self."""
+        level = torch.compile(self._tree_level, fullgraph=True, dynamic=True, mode=mode)
+        self.tree_fn = lambda *args: level(self.layer.fused(), *args)  # the fused weights made outside the graph
+        return self
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pos (3, q) draft positions -> cos, sin (q, 1, head_dim) for `step` (mRoPE sections as the layer's)."""
@@ -452,7 +481,8 @@ class DraftRunner:
         self.keep = keep
         capacity = int(keep.sum()) + 1 + capacity_new + tree.top_k * tree.depth + 8
         self.cache = DraftCache(draft.config, capacity, target.device, target.dtype)
-        self.tree_depth, self.anc, self.eye = tree.depth, None, None  # ancestry buffer of the tree entries
+        self.slot_ids = torch.arange(capacity, device=target.device)  # (C,)
+        self.tree_depth, self.visible, self.eye = tree.depth, None, None  # what each tree entry sees (tree_step)
         self.tree_rope = None  # cos, sin of the tree levels' positions (levels, 1, head_dim), made at each tree's root
 
     def _positions(self, target_pos: torch.Tensor) -> torch.Tensor:
@@ -489,8 +519,7 @@ class DraftRunner:
         return self._commit(x, self._positions((idx + self.target.rope_delta).expand(3, -1)))
 
     def _commit(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        self.cache.rollback()
-        states = self.draft.step(x, pos, self.cache, None, commit=True)
+        states = self.draft.step(x, pos, self.cache)
         self.root_state, self.root_pos = states[-1:], pos[:, -1:]
         self.front_states, self.depth = None, 0
         return torch.log_softmax(self.draft.logits(states[-1]).float(), dim=-1)
@@ -500,28 +529,39 @@ class DraftRunner:
         committed entries and its own ancestors among the tree entries. tokens (k,) the frontier, parent_slot (k,)
         each one's parent in the previous frontier (None: the root). Returns (k, V) log-probabilities.
 
-        The tree entries' ancestry lives in one buffer (k * levels, k * levels), allocated at the first expansion of
-        this shape: level d's rows are its parents' rows plus itself, written in place (no growth by concatenation)."""
-        k, d = tokens.shape[0], self.depth
-        if self.anc is None or self.anc.shape[0] < k * (d + 1) or self.eye.shape[0] != k:
-            size = max(k * (d + 1), k * (self.tree_depth - 1))
-            grown = torch.zeros(size, size, dtype=torch.bool, device=tokens.device)
-            if self.anc is not None and d:
-                grown[: k * d, : k * d] = self.anc[: k * d, : k * d]
-            self.anc, self.eye = grown, torch.eye(k, dtype=torch.bool, device=tokens.device)
-        rows = self.anc[k * d: k * (d + 1), : k * (d + 1)]  # (k, entries so far + k): this level's ancestry
+        Level d's entries take cache slots committed + k*d .. + k; what each node sees is one row over all C slots of
+        the cache, in a buffer (k * levels, C) made at the tree's root: the committed entries (with a window, its
+        last `window`), then its parent's row over the tree slots plus itself, written in place. The draft's
+        `tree_step` (or its compiled form, `SparrowDraft.compile_tree`) runs at the same shapes every cycle.
+        RuntimeError when the tree outgrows the cache (a deeper tree than this runner was made for)."""
+        k, d, cache = tokens.shape[0], self.depth, self.cache
+        c = cache.committed
+        col = c + k * d  # this level's first slot
+        if col + k > cache.capacity:
+            raise RuntimeError(f"draft cache capacity {cache.capacity} exceeded by the tree's level {d + 1}")
+        if d == 0 or self.visible.shape[0] < k * (d + 1):  # a new tree (or one deeper than planned)
+            levels = max(self.tree_depth - 1, d + 1)
+            seen = self.slot_ids < c
+            if self.draft.config.window is not None:
+                seen &= self.slot_ids >= c - self.draft.config.window
+            grown = seen.expand(k * levels, -1).clone()  # (k * levels, C)
+            if d:
+                grown[: k * d] = self.visible[: k * d]
+            self.visible = grown
+            steps = torch.arange(1, levels + 1, device=tokens.device)  # a level's nodes share one position
+            self.tree_rope = self.draft.rope(self.root_pos + steps)  # cos, sin (levels, 1, D)
+            if self.eye is None or self.eye.shape[0] != k:
+                self.eye = torch.eye(k, dtype=torch.bool, device=tokens.device)
+        rows = self.visible[k * d: k * (d + 1)]  # (k, C)
         if parent_slot is None:
-            parent_states = self.root_state.expand(k, -1)
+            parent_states = self.root_state.expand(k, -1).contiguous()  # the layout of the other levels' (one graph)
         else:
             parent_states = self.front_states[parent_slot]
-            rows[:, : k * d] = self.anc[k * (d - 1) + parent_slot, : k * d]
-        rows[:, k * d:] = self.eye
-        if d == 0 or d >= self.tree_rope[0].shape[0]:  # a level's nodes share one position: all levels' at once
-            levels = torch.arange(1, max(self.tree_depth, d + 2), device=tokens.device)
-            self.tree_rope = self.draft.rope(self.root_pos + levels)  # cos, sin (levels, 1, D)
-        self.depth = d + 1
-        x = self.draft.fuse(self.draft.embed(tokens), parent_states)
+            rows[:, c: col] = self.visible[k * (d - 1) + parent_slot, c: col]
+        rows[:, col: col + k] = self.eye
+        cache.length, self.depth = col + k, d + 1
         cos, sin = self.tree_rope
-        states = self.draft.step(x, None, self.cache, rows, commit=False, rope=(cos[d: d + 1], sin[d: d + 1]))
+        states, logp = self.draft.tree_fn(tokens, parent_states, cos[d: d + 1], sin[d: d + 1],
+                                          self.slot_ids[col: col + k], rows, cache.k, cache.v)
         self.front_states = states
-        return torch.log_softmax(self.draft.logits(states).float(), dim=-1)
+        return logp
