@@ -123,7 +123,7 @@ def random_tree_mask(N: int, n: int, g: torch.Generator, device) -> torch.Tensor
 
 
 @torch.inference_mode()
-def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype) -> dict:
+def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype, compile_mode=None) -> dict:
     H = model.config.text_config.hidden_size
     lm = model.model
     cache = random_prompt_cache(model, L, max(tree_sizes) + 16, device, dtype)
@@ -158,7 +158,10 @@ def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype)
                   positions=torch.arange(L, device=device).expand(3, -1), visual_mask=vis)
     fake_target = SimpleNamespace(device=device, dtype=dtype, rope_delta=0)
     ids = torch.zeros(L, dtype=torch.long, device=device)
-    for mode in ("sparrow", "eagle"):
+    variants = [("sparrow", ""), ("eagle", "")] + ([("sparrow", "_compiled")] if compile_mode else [])
+    for mode, suffix in variants:
+        if suffix:  # the same draft, its tree levels compiled (the CUDA graphs of mode reduce-overhead)
+            draft = make_draft(model, device, dtype).compile_tree(compile_mode)
         for N in tree_sizes:
             tree = TreeConfig(top_k=8, depth=5 if N <= 40 else 8, tokens=N)
             runner = DraftRunner(draft, fake_target, pre, mode, 256, tree)
@@ -175,7 +178,11 @@ def measure(model, L: int, visual: int, tree_sizes, repeats: int, device, dtype)
                     runner.cache.length = runner.cache.committed
                     state["i"] -= 4 * 30
 
-            row[f"draft_{mode}_{N}_ms"] = timed(cycle, device, repeats)
+            if suffix:
+                t0 = time.perf_counter()
+                cycle()  # compiles at the first tree
+                row[f"compile_{N}_s"] = round(time.perf_counter() - t0, 2)
+            row[f"draft_{mode}_{N}{suffix}_ms"] = timed(cycle, device, repeats)
     return row
 
 
@@ -186,13 +193,16 @@ def main():
     ap.add_argument("--shape", choices=list(SHAPES), default="7b")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="benchmarks/results/gpu_timing")
+    ap.add_argument("--compile-draft", metavar="MODE",
+                    help="also time the sparrow draft with its tree levels compiled in this torch.compile mode "
+                         "(reduce-overhead: CUDA graphs)")
     a = ap.parse_args()
     device, dtype = device_for(a.shape)
     model = build_target(a.shape, device, dtype)
     sizes = [int(x) for x in a.tree_tokens.split(",")]
     rows = []
     for v in [int(x) for x in a.visual_tokens.split(",")]:
-        row = measure(model, v + TEXT_TOKENS, v, sizes, a.repeats, device, dtype)
+        row = measure(model, v + TEXT_TOKENS, v, sizes, a.repeats, device, dtype, a.compile_draft)
         for tau in (3, 4, 5):
             for mode in ("sparrow", "eagle"):
                 best = max(sizes, key=lambda N: tau / (row[f"draft_{mode}_{N}_ms"] + row[f"verify_{N}_ms"]))
@@ -203,6 +213,7 @@ def main():
         print(json.dumps({k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items()}), flush=True)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
             "torch": torch.__version__, "dtype": str(dtype), "shape": a.shape, **SHAPES[a.shape],
+            "compile_draft": a.compile_draft,
             "note": "random weights; projected DSR assumes the given tau at the best measured tree size "
                     "(verify cost does not depend on which tokens are drafted)"}
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
@@ -210,11 +221,12 @@ def main():
     N = 30 if 30 in sizes else sizes[len(sizes) // 2]
     lines = [f"{meta['device']}, {a.shape} target, {dtype}; ms (medians of {a.repeats})", "",
              f"| visual tokens | decode | verify {N}+1 | verify {N}+1 split | draft sparrow | draft eagle | "
-             "DSR sparrow tau 3/4/5 | DSR eagle tau 3/4/5 |", "|---|---|---|---|---|---|---|---|"]
+             "draft sparrow compiled | DSR sparrow tau 3/4/5 | DSR eagle tau 3/4/5 |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['visual_tokens']} | {r['decode_ms']:.2f} | {r[f'verify_{N}_ms']:.2f} | "
                      f"{r[f'verify_{N}_split_ms']:.2f} | "
                      f"{r[f'draft_sparrow_{N}_ms']:.2f} | {r[f'draft_eagle_{N}_ms']:.2f} | "
+                     f"{r.get(f'draft_sparrow_{N}_compiled_ms', float('nan')):.2f} | "
                      + "/".join(f"{r[f'dsr_sparrow_tau{t}']:.2f}" for t in (3, 4, 5)) + " | "
                      + "/".join(f"{r[f'dsr_eagle_tau{t}']:.2f}" for t in (3, 4, 5)) + " |")
     open(a.out + ".md", "w").write("\n".join(lines) + "\n")

@@ -9,11 +9,12 @@ from sparrow.verify import accept_greedy
 V = 12
 
 
-def table_logp(seed: int):
-    """Deterministic draft: log-probabilities of the children of a node depend on the node's token path."""
+def table_logp(seed: int, sharpness: float = 2.0):
+    """Deterministic draft: log-probabilities of the children of a node depend on the node's token path (a larger
+    `sharpness`: a more confident draft, whose trees are deep chains)."""
     def logp(path: tuple) -> torch.Tensor:
         g = torch.Generator().manual_seed(hash((seed,) + path) % 2**31)
-        return torch.log_softmax(torch.randn(V, generator=g) * 2, dim=-1)
+        return torch.log_softmax(torch.randn(V, generator=g) * sharpness, dim=-1)
     return logp
 
 
@@ -35,8 +36,8 @@ def brute_force(logp, cfg: TreeConfig):
                 children.append((score + float(lp[tok]), path + (tok,), order)); order += 1
         cands += children
         frontier = sorted(children, key=lambda c: (-c[0], c[2]))[:k]
-    kept = sorted(cands, key=lambda c: (-c[0], c[2]))[: cfg.tokens]
-    return {c[1] for c in kept}
+    ranked = sorted(cands, key=lambda c: (-c[0], c[2]))
+    return {c[1]: rank for rank, c in enumerate(ranked[: cfg.tokens])}  # kept token paths -> their score rank
 
 
 def tree_of(logp, cfg: TreeConfig, root: int = 99):
@@ -56,10 +57,12 @@ def tree_of(logp, cfg: TreeConfig, root: int = 99):
 
 
 @pytest.mark.parametrize("cfg", [TreeConfig(1, 5, 5), TreeConfig(3, 3, 8), TreeConfig(4, 4, 20), TreeConfig(8, 3, 30),
-                                 TreeConfig(5, 6, 200)])
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_tree_matches_brute_force(cfg, seed):
-    logp = table_logp(seed)
+                                 TreeConfig(5, 6, 200), TreeConfig(8, 5, 4), TreeConfig(8, 6, 6)])
+@pytest.mark.parametrize("seed,sharpness", [(0, 2.0), (1, 2.0), (2, 2.0), (3, 0.3), (4, 6.0)])
+def test_tree_matches_brute_force(cfg, seed, sharpness):
+    """The kept nodes and their score ranks are EAGLE-2's, computed per node with the full top-k everywhere (the
+    tree's narrower frontier for few tokens and its early stop must not change them)."""
+    logp = table_logp(seed, sharpness)
     tree = tree_of(logp, cfg)
     n = len(tree)
     # token path of every node from parents
@@ -68,7 +71,9 @@ def test_tree_matches_brute_force(cfg, seed):
         p = int(tree.parents[i])
         assert 0 <= p < i, "parents must precede children"
         node_path.append(node_path[p] + (int(tree.tokens[i]),))
-    assert set(node_path[1:]) == brute_force(logp, cfg)
+    want = brute_force(logp, cfg)
+    assert set(node_path[1:]) == set(want)
+    assert [int(r) for r in tree.ranks[1:]] == [want[p] for p in node_path[1:]]
     assert len(set(node_path)) == n
     # depths, ancestor mask and paths against per-node definitions
     for i in range(n):
@@ -83,6 +88,29 @@ def test_tree_matches_brute_force(cfg, seed):
     for row in tree.paths:
         nodes = row[row >= 0].tolist()
         assert nodes[0] == 0 and all(int(tree.parents[b]) == a for a, b in zip(nodes, nodes[1:]))
+
+
+def test_expansion_stops_where_no_deeper_node_can_be_kept():
+    """A flat draft (every child as likely) gives a 4-token tree of depth 5 in fewer expansions than depth - 1: the
+    first level's 4 nodes score above every deeper candidate; a confident one is expanded to the full depth."""
+    calls = []
+
+    def expand(tokens, parent_slot):
+        calls.append(len(tokens))
+        return torch.log_softmax(torch.zeros(len(tokens), V), dim=-1)
+
+    tree = build_tree(0, torch.log_softmax(torch.zeros(V), dim=-1), expand, TreeConfig(8, 5, 4))
+    assert calls == [] and len(tree) == 5 and int(tree.depths.max()) == 1
+    calls.clear()
+    sharp = torch.full((V,), -20.0)
+    sharp[3] = 0.0
+
+    def confident(tokens, parent_slot):
+        calls.append(len(tokens))
+        return sharp.log_softmax(-1).expand(len(tokens), -1)
+
+    tree = build_tree(0, sharp.log_softmax(-1), confident, TreeConfig(8, 5, 4))
+    assert calls == [4, 4, 4] and int(tree.depths.max()) == 4
 
 
 def test_siblings_in_descending_draft_probability():

@@ -3,7 +3,7 @@ machine and the acceptance the draft shows, down to plain decode steps when spec
 
 Expected speed of a cycle with a tree of N draft tokens (EAGLE-2's "auto" configuration, made online):
 
-    rate(N) = tau(N) / (verify(N) + draft)      tokens per second;  rate(0) = 1 / decode   (a plain step)
+    rate(N) = tau(N) / (verify(N) + draft(N))   tokens per second;  rate(0) = 1 / decode   (a plain step)
 
 and each cycle takes a plain step unless the best N is expected 10% faster (`MARGIN`), else the N with the best
 rate when tau(N) is raised by 1 / sqrt(cycles that measured it) (`BONUS`: sizes seen rarely get tried).
@@ -16,7 +16,8 @@ rate when tau(N) is raised by 1 / sqrt(cycles that measured it) (`BONUS`: sizes 
   it for every N <= M at once: the dynamic tree of N nodes is the M-tree's nodes of score rank < N
   (`Tree.ranks`), so the accepted path of the N-tree is the M-path's prefix of ranks < N (exact for greedy
   decoding). Kept as moving averages, so the choice follows the acceptance as it changes;
-- draft: the draft's seconds a cycle (tree expansion and catch-up), a moving average.
+- draft(N): the draft's seconds a cycle (tree expansion and catch-up) at size N, a moving average per size (a
+  small tree stops expanding early; a size not yet drafted takes the average over all sizes).
 
 When plain decoding wins, the policy takes plain steps (the draft catches up on them later) and tries one cycle
 with the smallest tree after 4, 8, 16... of them, so that it speculates again when the drafts are accepted again.
@@ -88,11 +89,15 @@ def cache_file() -> str:
 
 
 def cost_key(target, context: int) -> str:
-    """What a measurement depends on: the checkpoint, device, dtype, CPU threads and the context length, in
-    half-octave buckets (costs at 3,000 and 3,400 positions are one measurement)."""
+    """What a measurement depends on: the checkpoint, the device (the GPU's name, or the CPU's vector instruction
+    set, so a home directory shared by several machines keeps one measurement each), dtype, CPU threads and the
+    context length, in half-octave buckets (costs at 3,000 and 3,400 positions are one measurement)."""
     bucket = round(2 ** (round(2 * math.log2(max(context, 1))) / 2))
     where = os.path.realpath(target.path) if getattr(target, "path", None) else f"model-{id(target.model)}"
-    return f"{where}|{target.device}|{str(target.dtype)[6:]}|threads={torch.get_num_threads()}|context~{bucket}"
+    dev = target.device
+    kind = torch.cuda.get_device_name(dev) if dev.type == "cuda" else torch.backends.cpu.get_cpu_capability()
+    return (f"{where}|{dev} {kind}|{str(target.dtype)[6:]}|threads={torch.get_num_threads()}|"
+            f"context~{bucket}")
 
 
 def cached_verify_costs(target, cache, sizes) -> dict[int, float]:
@@ -133,7 +138,8 @@ class TreePolicy:
         self.costs, self.sizes = costs, sorted(sizes)
         self.tau: dict[int, float] = {}
         self.seen: dict[int, int] = {}  # cycles that measured tau[n]
-        self.draft_s: float | None = None
+        self.draft_s: float | None = None  # seconds of drafting a cycle, moving average over every size
+        self.draft_at: dict[int, float] = {}  # the same per size
         self.since_largest = 0  # speculative cycles since the last at the largest size
         self.plain_left = 0
         self.probe = False  # after a run of plain steps: one cycle with the smallest tree
@@ -149,7 +155,7 @@ class TreePolicy:
         if n == 0:
             return 1.0 / (self.costs[0] * self.scale[0])
         tau = self.tau[n] + (BONUS / math.sqrt(self.seen[n]) if optimistic else 0.0)
-        return tau / (self.costs[n] * self.scale[1] + (self.draft_s or 0.0))
+        return tau / (self.costs[n] * self.scale[1] + self.draft_at.get(n, self.draft_s or 0.0))
 
     def choose(self) -> int:
         largest = self.sizes[-1]
@@ -185,6 +191,7 @@ class TreePolicy:
             w = max(1.0 / self.seen[m], ALPHA)
             self.tau[m] = (1 - w) * self.tau.get(m, 0.0) + w * got
         self.draft_s = draft_s if self.draft_s is None else (1 - ALPHA) * self.draft_s + ALPHA * draft_s
+        self.draft_at[n] = (1 - ALPHA) * self.draft_at[n] + ALPHA * draft_s if n in self.draft_at else draft_s
         self._rescale(1, verify_s, self.costs[n])
         self.since_largest = 0 if n == self.sizes[-1] else self.since_largest + 1
         if max(self.rate(m) for m in self.sizes if m in self.tau) > MARGIN * self.rate(0):

@@ -110,16 +110,26 @@ def build_tree(root_token: int, root_logp: torch.Tensor, expand: Expand, cfg: Tr
         root_logp: (V,) draft log-probabilities of the root's children.
         expand: expand(frontier_tokens (k,), parent_slot (k,) | None) -> (k, V) draft log-probabilities of each
             frontier node's children. parent_slot[i] is the index, in the previous frontier, of node i's parent
-            (None for the first frontier, whose parent is the root). Called depth - 1 times.
+            (None for the first frontier, whose parent is the root). Called at most depth - 1 times.
         cfg: top_k, depth, tokens.
     Returns: a `Tree` of 1 + min(tokens, candidates) nodes.
+
+    Two shortcuts give the same tree (the same nodes and ranks, up to exactly equal scores) for less drafting: the frontier and each node's
+    children are at most `tokens` wide (a kept level holds at most `tokens` nodes, each among the best `tokens` of
+    its level and of its siblings), and on a CPU, where the check's host read is free, expansion stops once the best
+    frontier node scores no more than the `tokens`-th best candidate so far (a deeper candidate never scores more
+    than its frontier ancestor, and ties go to earlier candidates).
     """
-    k, dev = min(cfg.top_k, root_logp.shape[-1]), root_logp.device
+    n_keep, dev = cfg.tokens, root_logp.device
+    k = min(cfg.top_k, n_keep, root_logp.shape[-1])
     score, tok = root_logp.topk(k)
     scores, toks, parents = [score], [tok], [torch.full((k,), -1, device=dev)]
     front_id, front_score, front_tok, parent_slot = torch.arange(k, device=dev), score, tok, None
     offset = k
     for _ in range(cfg.depth - 1):
+        if dev.type == "cpu" and offset >= n_keep:  # can a deeper node still be kept? (front_score descends)
+            if bool(front_score[0] <= torch.cat(scores).topk(n_keep).values[-1]):
+                break
         child_lp, child_tok = expand(front_tok, parent_slot).topk(k, dim=-1)  # (k, k)
         cum = (front_score.unsqueeze(1) + child_lp).flatten()
         scores.append(cum)
