@@ -378,7 +378,7 @@ class SparrowDraft(nn.Module):
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pos (3, q) draft positions -> cos, sin (q, 1, head_dim) for `step` (mRoPE sections as the layer's)."""
         cos, sin = self.layer.rope(pos.unsqueeze(1), self.fc.weight.dtype)  # (1, 1, q, D)
-        return cos[0].transpose(0, 1), sin[0].transpose(0, 1)
+        return cos[0, 0].unsqueeze(1), sin[0, 0].unsqueeze(1)  # (q, 1, D), strides free of q
 
     @staticmethod
     def _window_chunk(qs: torch.Tensor, cache: DraftCache, r0: int, w: int) -> torch.Tensor:
