@@ -231,8 +231,9 @@ def cmd_generate(a) -> int:
         draft = load_draft(a.draft, target, **overrides)
         if a.compile_draft:
             draft.compile_tree()
-    if target.device.type == "cuda" or a.compile_draft:  # a first CUDA generation runs 3-10x slower, a compiled
-        # draft compiles at its first tree: pay that here, not in the answer
+    # a first CUDA generation runs 3-10x slower, and a compiled draft compiles at its first tree: paid here, not in
+    # the answer
+    if target.device.type == "cuda" or a.compile_draft:
         warm_up(target, draft, None if a.method == "ar" else a.method)
     video = None
     if a.video:

@@ -114,11 +114,11 @@ def build_tree(root_token: int, root_logp: torch.Tensor, expand: Expand, cfg: Tr
         cfg: top_k, depth, tokens.
     Returns: a `Tree` of 1 + min(tokens, candidates) nodes.
 
-    Two shortcuts give the same tree (the same nodes and ranks, up to exactly equal scores) for less drafting: the frontier and each node's
-    children are at most `tokens` wide (a kept level holds at most `tokens` nodes, each among the best `tokens` of
-    its level and of its siblings), and on a CPU, where the check's host read is free, expansion stops once the best
-    frontier node scores no more than the `tokens`-th best candidate so far (a deeper candidate never scores more
-    than its frontier ancestor, and ties go to earlier candidates).
+    Two shortcuts give the same tree (the same nodes and ranks, up to exactly equal scores) for less drafting: the
+    frontier and each node's children are at most `tokens` wide (a kept level holds at most `tokens` nodes, each
+    among the best `tokens` of its level and of its siblings), and on a CPU, where the check's host read is free,
+    expansion stops once the best frontier node scores no more than the `tokens`-th best candidate so far (a deeper
+    candidate never scores more than its frontier ancestor, and ties go to earlier candidates).
     """
     n_keep, dev = cfg.tokens, root_logp.device
     k = min(cfg.top_k, n_keep, root_logp.shape[-1])
