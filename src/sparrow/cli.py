@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tree_args(g)
     g.add_argument("--compile-draft", action="store_true",
                    help="compile the draft's tree step with torch.compile at load (about 15 s the first time on a "
-                        "CPU, then torch's disk cache; a few percent faster drafting: for long runs)")
+                        "CPU, then torch's disk cache; meant for GPUs, where it cuts kernel launches)")
     g.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")

@@ -232,6 +232,7 @@ class SparrowDraft(nn.Module):
         self.norm = RMSNorm(h, eps=config.rms_norm_eps)
         self._frozen = None  # (embed_tokens, lm_head) of the target
         self.tree_fn = self.tree_step  # what DraftRunner calls for a tree level: tree_step, or its compiled form
+        self.compiled = False  # compile_tree was called
         self.visual_keep: torch.Tensor | None = None
         with torch.no_grad():
             self.visual_proj.weight.copy_(torch.eye(h))
@@ -368,11 +369,13 @@ class SparrowDraft(nn.Module):
     def compile_tree(self, mode: str = "default") -> "SparrowDraft":
         """Run the tree levels through `torch.compile(tree_step, fullgraph=True, dynamic=True)`: one graph for every
         cache size and tree width, compiled at the first tree (`sparrow.warm_up` pays it at load; later processes
-        read torch's on-disk cache). mode: torch.compile's ("reduce-overhead" asks for CUDA graphs on a GPU). On 2
-        CPU cores (AVX2) a tree of 4 levels takes 5.1-5.3 instead of 5.5-5.8 ms, after 15 s of compilation: worth it
-        in a long-running process only. Returns self."""
+        read torch's on-disk cache). mode: torch.compile's ("reduce-overhead" asks for CUDA graphs on a GPU, where a
+        level's dozens of kernel launches are the cost). On 2 CPU cores (AVX2) a level alone runs 0.66 instead of
+        1.0 ms, but whole trees came out between 8% faster and 25% slower than eager over runs, after 15 s of
+        compilation: off by default. Returns self."""
         level = torch.compile(self._tree_level, fullgraph=True, dynamic=True, mode=mode)
         self.tree_fn = lambda *args: level(self.layer.fused(), *args)  # the fused weights made outside the graph
+        self.compiled = True
         return self
 
     def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,6 +484,9 @@ class DraftRunner:
         self.keep = keep
         capacity = int(keep.sum()) + 1 + capacity_new + tree.top_k * tree.depth + 8
         self.cache = DraftCache(draft.config, capacity, target.device, target.dtype)
+        if draft.compiled:  # CUDA graphs keep the cache's in-place writes (a new cache: one re-recording)
+            for buf in (self.cache.k, self.cache.v):
+                torch._dynamo.mark_static_address(buf, guard=False)
         self.slot_ids = torch.arange(capacity, device=target.device)  # (C,)
         self.tree_depth, self.visible, self.eye = tree.depth, None, None  # what each tree entry sees (tree_step)
         self.tree_rope = None  # cos, sin of the tree levels' positions (levels, 1, head_dim), made at each tree's root
