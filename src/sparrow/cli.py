@@ -234,6 +234,9 @@ def cmd_generate(a) -> int:
     # a first CUDA generation runs 3-10x slower, and a compiled draft compiles at its first tree: paid here, not in
     # the answer
     if target.device.type == "cuda" or a.compile_draft:
+        if a.compile_draft and draft is not None:
+            print("compiling the draft's tree step (torch.compile: about 15 s the first time, seconds after)...",
+                  file=sys.stderr, flush=True)
         warm_up(target, draft, None if a.method == "ar" else a.method)
     video = None
     if a.video:
