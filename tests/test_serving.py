@@ -45,6 +45,8 @@ def test_export_refuses_what_vllm_cannot_run(tmp_path):
 def test_engine_vllm_errors_are_one_line(capsys):
     assert main(["generate", "--engine", "vllm", "--tree-tokens", "8"]) == 2
     assert "--num-speculative-tokens" in capsys.readouterr().err
+    assert main(["generate", "--engine", "vllm", "--compile-draft"]) == 2
+    assert "vLLM compiles its own" in capsys.readouterr().err
     if not HAS_VLLM:
         assert main(["generate", "--engine", "vllm"]) == 2
         assert "scripts/install-vllm.sh" in capsys.readouterr().err

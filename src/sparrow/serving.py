@@ -310,6 +310,8 @@ def cmd_generate_vllm(a) -> int:
     if a.position_mode is not None or a.window is not None:
         raise SparrowError("--engine vllm runs the draft as trained (compact positions, no window): drop "
                            "--position-mode / --window")
+    if a.compile_draft:
+        raise SparrowError("--compile-draft compiles the HF engine's draft; vLLM compiles its own (drop the flag)")
     at_least(1, ("--num-speculative-tokens", a.num_speculative_tokens), ("--max-new-tokens", a.max_new_tokens))
     if a.check_hf and a.temperature > 0:
         raise SparrowError("--check-hf compares greedy outputs token for token; drop --temperature")
