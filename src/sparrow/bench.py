@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from .cli import Help
-from .decode import GenerateOutput, Prompt, generate, prefill_prompt
+from .decode import GenerateOutput, Prompt, generate, prefill_prompt, warm_up
 from .errors import SparrowError, at_least, positive_list
 from .timing import Clock, Stats
 from .tree import TreeConfig
@@ -575,8 +575,6 @@ def main(argv=None) -> int:
     spec = a.methods or ",".join(["ar", *drafts] + (["hf-assisted"] if assistant else []))
     methods = parse_methods(spec, drafts, target, assistant)
     if a.compile_draft:
-        from .decode import warm_up
-
         for m in methods:
             if m.draft is not None:
                 warm_up(target, m.draft.compile_tree(), m.mode)
